@@ -1,0 +1,782 @@
+"""``JobCluster``: the client face, and the engine behind it.
+
+The route of a job::
+
+    user thread                      dispy-loop thread (asyncio)              node
+    -----------                      ---------------------------              ----
+    submit(*args)
+      pickle args (protocol 5,
+      out-of-band buffers)
+      DispyJob -> _incoming ----wake--> _Engine.wake -> Scheduler.submit
+                                        Scheduler.assign -> _NodeLink.send_jobs
+                                          JOBS frame (batched) ------------> Session -> job process
+                                        _NodeLink.on_message(RESULTS) <------ RESULTS (batched)
+                                          unpickle result, Scheduler.ended
+                                          job.future.set_result  -> ACK -----> result dropped
+    job() / wait() <---------------------  (callbacks run on the cluster's callback thread)
+
+Everything a node does for the cluster goes over one long-lived,
+authenticated connection per node (``_NodeLink``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+import weakref
+
+from . import _loop, config, serialize, transport
+from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
+from ._local import LocalNode
+from .core import jobstate
+from .core.scheduler import Scheduler
+from .errors import (
+    AuthenticationFailed,
+    ComputationError,
+    ConnectionClosed,
+    DispyError,
+    IncompatibleVersion,
+    ProtocolError,
+    SubmitError,
+)
+from .protocol import Kind, derive_key, field, split_segments
+
+logger = logging.getLogger("dispy")
+
+#: Most bytes of job arguments put in one JOBS frame.
+BATCH_BYTES = 8 << 20
+FILE_CHUNK = 8 << 20
+_END_EVENT = {
+    jobstate.Finished: jobstate.FINISH,
+    jobstate.Terminated: jobstate.FAIL,
+    jobstate.Cancelled: jobstate.CANCEL,
+    jobstate.Abandoned: jobstate.ABANDON,
+}
+
+
+class _Permanent(DispyError):
+    """A node that will not work for this cluster however often we try."""
+
+
+def _parse_nodes(nodes, node_port: int) -> tuple[list[tuple[str, int, NodeAllocate | None]], bool]:
+    """Turn the ``nodes`` argument into (host, port, allocation) entries; and whether
+    a local node must be started."""
+    if nodes is None:
+        env = os.environ.get("DISPY_NODES", "").strip()
+        nodes = [n.strip() for n in env.split(",") if n.strip()] if env else ["*"]
+    if isinstance(nodes, str | NodeAllocate | DispyNode):
+        nodes = [nodes]
+    out, local = [], False
+    for spec in nodes:
+        alloc = None
+        if isinstance(spec, NodeAllocate):
+            alloc, host, port = spec, spec.host, spec.port or node_port
+        elif isinstance(spec, DispyNode):
+            host, port = spec.ip_addr, spec.port or node_port
+        elif isinstance(spec, str):
+            host, port = spec.strip(), node_port
+            if host.count(":") == 1:
+                host, p = host.split(":")
+                try:
+                    port = int(p)
+                except ValueError:
+                    raise ValueError(f"node {spec!r}: port {p!r} is not a number") from None
+        else:
+            raise TypeError(
+                f"nodes entries must be host names, addresses, NodeAllocate or DispyNode, "
+                f"not {type(spec).__name__}"
+            )
+        if host == "local":
+            local = True
+            continue
+        if "*" in host or "?" in host:
+            if host != "*":
+                logger.warning(
+                    "node pattern %r: broadcast discovery is not available in this version; "
+                    "list nodes by name or address, or use nodes='local'",
+                    host,
+                )
+                continue
+            # '*' without broadcast discovery: a node on this machine, by unicast
+            host = "127.0.0.1"
+        out.append((host, port, alloc))
+    return out, local
+
+
+class _NodeLink:
+    """The client's connection to one node, for one cluster."""
+
+    def __init__(self, engine: _Engine, host: str, port: int, alloc: NodeAllocate | None) -> None:
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.alloc = alloc
+        self.key = (host, port)
+        self.node = DispyNode(host, port)
+        self.chan: transport.Channel | None = None
+        self.failure: str | None = None  # permanent failure, if any
+        self.ready = False
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._acks: list[int] = []
+        self._ack_scheduled = False
+        self._closing = False
+        self.task: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def run(self) -> None:
+        delay = 0.5
+        warned = False
+        while not self._closing:
+            try:
+                await self._session()
+                delay = 0.5
+            except _Permanent as exc:
+                self.failure = str(exc)
+                logger.error("%s", exc)
+                self.engine.node_failed(self)
+                return
+            except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
+                if self._closing:
+                    return
+                if not warned:
+                    logger.warning(
+                        "cannot use node %s:%s: %s; is dispynode running there? retrying",
+                        self.host,
+                        self.port,
+                        getattr(exc, "strerror", None) or exc,
+                    )
+                    warned = True
+            finally:
+                self._lost()
+            if self._closing:
+                return
+            await asyncio.sleep(delay)  # back-off before reconnecting
+            delay = min(delay * 2, 10.0)
+
+    async def _session(self) -> None:
+        engine = self.engine
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM
+            )
+        except socket.gaierror as exc:
+            raise _Permanent(
+                f"node {self.host!r}: unknown host name ({exc.strerror}); check the spelling, "
+                "or give its IP address"
+            ) from None
+        addr = infos[0][4][0]
+        try:
+            chan = await transport.connect(addr, self.port, engine.key)
+        except AuthenticationFailed as exc:
+            raise _Permanent(
+                f"node {self.host}:{self.port} refused this cluster's secret ({exc}); "
+                "use the same secret as the node (JobCluster(..., secret=...) and dispynode -s)"
+            ) from None
+        except IncompatibleVersion as exc:
+            raise _Permanent(f"node {self.host}:{self.port}: {exc}") from None
+        self.chan = chan
+        self.node.ip_addr = addr
+        chan.on_message = self.on_message
+        closed = asyncio.get_running_loop().create_future()
+        chan.on_close = lambda exc: closed.done() or closed.set_result(exc)
+        chan.start()
+        info = await self._request(Kind.INFO_REQ, {}, Kind.INFO)
+        cpus = field(info, "cpus", int)
+        self.node.name = field(info, "name", str)
+        self.node.platform = info.get("platform", "")
+        self.node.avail_info = _avail(info.get("avail"))
+        self.node.update_time = time.time()
+        if self.alloc is not None:
+            cpus = self.alloc.allocate(
+                engine.cluster, addr, self.node.name, cpus, self.node.avail_info, self.node.platform
+            )
+            if cpus <= 0:
+                logger.info("node %s not allocated (NodeAllocate returned %s)", self.key, cpus)
+                chan.close()
+                self._closing = True
+                return
+        self.node.cpus = self.node.avail_cpus = cpus
+        await self._send_computation()
+        self.ready = True
+        engine.node_ready(self)
+        exc = await closed
+        if not self._closing:
+            raise ConnectionClosed(f"connection to node {self.host}:{self.port} lost: {exc}")
+
+    async def _send_computation(self) -> None:
+        pkg = self.engine.package
+        cid = self.engine.cid
+        for rel, path in pkg.files:
+            size = os.path.getsize(path)
+            mode = os.stat(path).st_mode & 0o777
+            offset = 0
+            while True:
+                chunk = await asyncio.to_thread(_read_chunk, path, offset, FILE_CHUNK)
+                self.chan.send(
+                    Kind.FILE, {"c": cid, "n": pkg.name, "p": rel, "o": offset, "m": mode}, [chunk]
+                )
+                await self.chan.drain()
+                offset += len(chunk)
+                if offset >= size or not chunk:
+                    break
+        reply = await self._request(
+            Kind.COMPUTE, {"c": cid, "n": pkg.name}, Kind.COMPUTE_REPLY, [pkg.spec_bytes]
+        )
+        if not reply.get("ok"):
+            raise _Permanent(
+                f"node {self.node.name} ({self.host}:{self.port}) could not set up the "
+                f"computation: {reply.get('r', 'no reason given')}"
+            )
+
+    async def _request(self, kind: int, ctl: dict, reply_kind: int, payload=()) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[reply_kind] = fut
+        self.chan.send(kind, ctl, payload)
+        return await fut
+
+    # -- messages from the node -------------------------------------------------
+    def on_message(self, msg) -> None:
+        kind = msg.kind
+        if kind == Kind.RESULTS:
+            self.engine.results(self, msg.ctl, msg.payload)
+            return
+        fut = self._waiters.pop(kind, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg.ctl)
+        elif kind == Kind.ERROR:
+            logger.warning("node %s: %s", self.node.name, msg.ctl.get("r"))
+        elif kind not in (Kind.PONG, Kind.STATUS):
+            raise ProtocolError(f"unexpected message kind {kind} from node")
+
+    def ack(self, uid: int) -> None:
+        self._acks.append(uid)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_acks)
+
+    def _send_acks(self) -> None:
+        self._ack_scheduled = False
+        acks, self._acks = self._acks, []
+        if self.chan is not None and not self.chan.is_closed:
+            self.chan.send(Kind.ACK, {"c": self.engine.cid, "j": acks})
+
+    # -- jobs to the node ------------------------------------------------------------
+    def send_jobs(self, jobs: list) -> None:
+        entries, lens, flat, size = [], [], [], 0
+        for job in jobs:
+            entries.append([job._uid, len(job._segs)])
+            for s in job._segs:
+                n = memoryview(s).nbytes
+                lens.append(n)
+                flat.append(s)
+                size += n
+            if size >= BATCH_BYTES:
+                self._send_batch(entries, lens, flat)
+                entries, lens, flat, size = [], [], [], 0
+        if entries:
+            self._send_batch(entries, lens, flat)
+
+    def _send_batch(self, entries, lens, flat) -> None:
+        try:
+            self.chan.send(Kind.JOBS, {"c": self.engine.cid, "j": entries, "s": lens}, flat)
+        except ConnectionClosed:
+            pass  # the loss handler requeues or abandons them
+
+    def cancel(self, job) -> None:
+        if self.chan is not None and not self.chan.is_closed:
+            self.chan.send(Kind.CANCEL, {"c": self.engine.cid, "j": [job._uid]})
+
+    def _lost(self) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(f"node {self.host}:{self.port} disconnected"))
+        self._waiters.clear()
+        if self.chan is not None:
+            self.node.tx += self.chan.bytes_sent
+            self.node.rx += self.chan.bytes_received
+            self.chan.abort()
+            self.chan = None
+        if self.ready:
+            self.ready = False
+            self.engine.node_lost(self)
+
+    async def close(self, terminate: bool) -> None:
+        self._closing = True
+        chan = self.chan
+        if chan is not None and not chan.is_closed and self.ready:
+            try:
+                await asyncio.wait_for(
+                    self._request(Kind.CLOSE, {"c": self.engine.cid, "t": terminate}, Kind.CLOSED),
+                    30,
+                )
+            except (ConnectionClosed, TimeoutError) as exc:
+                logger.debug("closing computation on %s: %s", self.key, exc)
+        if self.chan is not None:
+            self.node.tx += self.chan.bytes_sent
+            self.node.rx += self.chan.bytes_received
+            self.chan.close()
+            await self.chan.wait_closed()
+            self.chan = None
+        if self.task is not None:
+            self.task.cancel()
+
+
+def _read_chunk(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _avail(d) -> DispyNodeAvailInfo | None:
+    if not isinstance(d, dict):
+        return None
+    return DispyNodeAvailInfo(
+        d.get("cpu", 0.0), d.get("memory", 0), d.get("disk", 0), d.get("swap", 0.0)
+    )
+
+
+class _Engine:
+    """The cluster's state on the loop thread: scheduler, node links, live jobs."""
+
+    def __init__(self, cluster: JobCluster, package, key: bytes, specs, reentrant: bool) -> None:
+        self.cluster = cluster
+        self.package = package
+        self.key = key
+        self.cid = uuid.uuid4().hex
+        self.specs = specs
+        self.sched = Scheduler(reentrant=reentrant)
+        self.links: dict[tuple, _NodeLink] = {}
+        self.live: dict[int, DispyJob] = {}
+        self.fatal: str | None = None
+
+    async def start(self) -> None:
+        for host, port, alloc in self.specs:
+            link = _NodeLink(self, host, port, alloc)
+            if link.key in self.links:
+                continue
+            self.links[link.key] = link
+            link.task = asyncio.get_running_loop().create_task(link.run())
+        if not self.links:
+            self.fatal = "no nodes to use: give nodes=[...] names or addresses, or nodes='local'"
+            logger.error("%s", self.fatal)
+
+    # -- submissions -----------------------------------------------------------
+    def take(self, jobs: list) -> None:
+        for job in jobs:
+            if self.fatal is not None:
+                self._abandon(job, self.fatal)
+                continue
+            self.live[job._uid] = job
+            if not self.sched.submit(job, job._pinned):
+                self.live.pop(job._uid, None)
+                self._abandon(job, f"node {job._pinned} is not set up for this cluster")
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        for node, batch in self.sched.assign():
+            link = self.links[node.key]
+            now = time.time()
+            for job in batch:
+                job.ip_addr = link.node.ip_addr
+                job.start_time = now
+                self.cluster._status_changed(job, link.node)
+            link.node.busy = len(node.running)
+            link.send_jobs(batch)
+
+    def cancel(self, job: DispyJob) -> None:
+        if self.sched.cancel_queued(job):
+            job.exception = "cancelled before it started"
+            self._complete(job, None)
+            return
+        link = self.links.get(job._node)
+        if link is not None and job.status in (jobstate.Running, jobstate.ProvisionalResult):
+            link.cancel(job)
+
+    # -- results ---------------------------------------------------------------------
+    def results(self, link: _NodeLink, ctl: dict, payload) -> None:
+        segs = split_segments(payload, field(ctl, "s", list))
+        pos = 0
+        node = link.node
+        for entry in field(ctl, "r", list):
+            if not isinstance(entry, dict):
+                raise ProtocolError("result entry is not a map")
+            n = field(entry, "n", int)
+            part = segs[pos : pos + n]
+            pos += n
+            uid = field(entry, "j", int)
+            link.ack(uid)
+            job = self.live.get(uid)
+            if job is None:
+                logger.debug("result for job %s that already ended; ignored", uid)
+                continue
+            st = field(entry, "st", int)
+            event = _END_EVENT.get(st)
+            if event is None:
+                raise ProtocolError(f"unknown job status {st}")
+            result, exc_text = None, entry.get("x")
+            if st == jobstate.Finished:
+                try:
+                    result = serialize.loads(part)
+                except Exception as exc:
+                    event = jobstate.FAIL
+                    exc_text = (
+                        f"the job's result cannot be unpickled on the client: {exc} "
+                        "(its class must be importable here)"
+                    )
+            if not self.sched.ended(job, event):
+                logger.debug("late result for job %s ignored", uid)
+                continue
+            job.result = result
+            job.exception = exc_text
+            job.stdout = entry.get("o", "")
+            job.stderr = entry.get("e", "")
+            t0, t1 = entry.get("t0"), entry.get("t1")
+            if t0:
+                job.start_time = t0
+            job.end_time = t1 or time.time()
+            job.ip_addr = node.ip_addr
+            node.jobs_done += 1
+            if t0 and t1:
+                node.cpu_time += t1 - t0
+            self._complete(job, node)
+        node.busy = len(self.sched.nodes[link.key].running) if link.key in self.sched.nodes else 0
+        self.dispatch()
+
+    def _complete(self, job: DispyJob, node) -> None:
+        self.live.pop(job._uid, None)
+        job._segs = None
+        if not job.future.done():
+            job.future.set_result(job.result)
+        self.cluster._job_ended(job, node)
+
+    def _abandon(self, job: DispyJob, reason: str) -> None:
+        if job.status not in jobstate.TERMINAL:
+            job.status = jobstate.next_status(job.status, jobstate.ABANDON)
+        job.exception = reason
+        job.end_time = time.time()
+        self._complete(job, None)
+
+    # -- nodes -----------------------------------------------------------------------
+    def node_ready(self, link: _NodeLink) -> None:
+        self.sched.add_node(link.key, link.node.cpus)
+        logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
+        self.cluster._node_status(DispyNode.Initialized, link.node)
+        self.dispatch()
+
+    def node_lost(self, link: _NodeLink) -> None:
+        for job, status in self.sched.remove_node(link.key):
+            if status == jobstate.Abandoned:
+                job.exception = (
+                    f"node {link.node.name} ({link.host}:{link.port}) was lost while running "
+                    "the job (use reentrant=True to run such jobs again elsewhere)"
+                )
+                job.end_time = time.time()
+                self._complete(job, link.node)
+        self.cluster._node_status(DispyNode.Closed, link.node)
+        self.dispatch()
+
+    def node_failed(self, link: _NodeLink) -> None:
+        if all(lk.failure is not None for lk in self.links.values()):
+            reasons = "; ".join(lk.failure for lk in self.links.values())
+            self.fatal = f"no node can run this cluster's jobs: {reasons}"
+            for job in self.sched.abandon_all():
+                job.exception = self.fatal
+                job.end_time = time.time()
+                self._complete(job, None)
+
+    async def close(self, terminate: bool) -> None:
+        await asyncio.gather(*(lk.close(terminate) for lk in self.links.values()))
+        for job in list(self.live.values()):
+            job.status = (
+                jobstate.Abandoned if job.status != jobstate.Created else jobstate.Cancelled
+            )
+            job.exception = "the cluster was closed before the job ended"
+            self._complete(job, None)
+
+
+class JobCluster:
+    """Run ``computation`` (a function, or the path of a program) on nodes.
+
+    ``nodes``: names or addresses of ``dispynode`` hosts (``'host'`` or
+    ``'host:port'``), ``NodeAllocate`` objects, or ``'local'`` to start a
+    node on this machine.  Default: the ``DISPY_NODES`` environment
+    variable (comma separated), else ``['*']``.
+
+    ``depends``: classes, functions, modules and file paths the computation
+    needs; sent once per node.  ``setup`` runs once per node before any job
+    (its globals are seen by the jobs), ``cleanup`` when the cluster closes.
+    ``secret`` must match the nodes' secret.
+
+    Raises ``ComputationError`` if the computation or a dependency cannot be
+    sent (a missing file, say), with the reason.
+    """
+
+    def __init__(
+        self,
+        computation,
+        nodes=None,
+        depends=(),
+        job_status=None,
+        cluster_status=None,
+        ip_addr=None,
+        port=None,
+        node_port=None,
+        ext_ip_addr=None,
+        ipv4_udp_multicast=False,
+        dest_path=None,
+        loglevel=None,
+        setup=None,
+        cleanup=True,
+        ping_interval=None,
+        pulse_interval=None,
+        poll_interval=None,
+        reentrant=False,
+        secret="",
+        keyfile=None,
+        certfile=None,
+        recover_file=None,
+        callback=None,
+    ) -> None:
+        if loglevel is not None:
+            logger.setLevel(loglevel)
+        if setup is not None and not callable(setup):
+            raise ComputationError("setup must be a function or functools.partial")
+        if cleanup is not None and not isinstance(cleanup, bool) and not callable(cleanup):
+            raise ComputationError("cleanup must be a function, functools.partial or a bool")
+        self._callback = callback or job_status
+        self._cluster_status = cluster_status
+        self.dest_path = dest_path
+        self.name = getattr(computation, "__name__", None) or os.path.basename(str(computation))
+        package = serialize.package_computation(computation, depends, setup, cleanup)
+        if not secret:
+            secret = os.environ.get("DISPY_SECRET", "")
+        specs, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
+        self._local: LocalNode | None = None
+        if want_local:
+            self._local = LocalNode(secret=secret or None).start()
+            secret = self._local.secret
+            specs.append(("127.0.0.1", self._local.port, None))
+        self._key = derive_key(secret)
+        self._lock = threading.Lock()
+        self._incoming: collections.deque = collections.deque()
+        self._wake_scheduled = False
+        self._done_cond = threading.Condition()
+        self._unfinished = 0
+        self._closed = False
+        self._start_time = time.time()
+        self._cb_queue: queue.SimpleQueue | None = None
+        self._cb_thread: threading.Thread | None = None
+        if self._callback is not None or self._cluster_status is not None:
+            self._cb_queue = queue.SimpleQueue()
+            self._cb_thread = threading.Thread(
+                target=self._run_callbacks, name=f"dispy-callbacks-{self.name}", daemon=True
+            )
+            self._cb_thread.start()
+        self._engine = _Engine(self, package, self._key, specs, reentrant)
+        self._loop = _loop.get_loop()
+        _loop.run(self._engine.start()).result()
+        _open_clusters.add(self)
+
+    # -- jobs ------------------------------------------------------------------------
+    def submit(self, *args, **kwargs) -> DispyJob:
+        """Queue a job running ``computation(*args, **kwargs)``; return its DispyJob.
+
+        Raises ``SubmitError`` if the arguments cannot be pickled or the
+        cluster is closed.
+        """
+        return self._submit(None, args, kwargs)
+
+    def submit_node(self, node, *args, **kwargs) -> DispyJob | None:
+        """Like ``submit``, but run the job on ``node`` (a DispyNode or host string).
+
+        Returns None (and logs why) if that node is not set up for this cluster.
+        """
+        key = self._node_key(node)
+        if key is None:
+            logger.warning("submit_node: node %r is not a node of this cluster", node)
+            return None
+        return self._submit(key, args, kwargs)
+
+    def _node_key(self, node):
+        host = node.ip_addr if isinstance(node, DispyNode) else str(node)
+        for key, link in self._engine.links.items():
+            if host in (link.host, link.node.ip_addr, link.node.name, f"{key[0]}:{key[1]}"):
+                return key
+        return None
+
+    def _submit(self, node_key, args, kwargs) -> DispyJob:
+        if self._closed:
+            raise SubmitError("cluster is closed: create a new JobCluster to submit jobs")
+        kwargs.pop("dispy_job_depends", None)  # per-job files: not supported yet
+        segs = serialize.dumps_args(args, kwargs)
+        job = DispyJob(args, kwargs, segs, self)
+        job._pinned = node_key
+        job.submit_time = time.time()
+        with self._done_cond:
+            self._unfinished += 1
+        with self._lock:
+            self._incoming.append(job)
+            wake = not self._wake_scheduled
+            self._wake_scheduled = True
+        if wake:
+            self._loop.call_soon_threadsafe(self._wake)
+        return job
+
+    def _wake(self) -> None:
+        with self._lock:
+            jobs = list(self._incoming)
+            self._incoming.clear()
+            self._wake_scheduled = False
+        self._engine.take(jobs)
+
+    def cancel(self, job: DispyJob) -> int:
+        """Cancel a job: a queued job ends Cancelled at once, a running one is
+        terminated on its node.  Returns 0, or -1 if the job already ended."""
+        if job.status in jobstate.TERMINAL:
+            return -1
+        self._loop.call_soon_threadsafe(self._engine.cancel, job)
+        return 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has ended; False if ``timeout`` passed first."""
+        with self._done_cond:
+            return self._done_cond.wait_for(lambda: self._unfinished == 0, timeout)
+
+    # -- called on the loop thread ---------------------------------------------------
+    def _job_ended(self, job: DispyJob, node) -> None:
+        with self._done_cond:
+            self._unfinished -= 1
+            if self._unfinished == 0:
+                self._done_cond.notify_all()
+        if self._cb_queue is not None:
+            self._cb_queue.put(("job", job, node, job.status))
+
+    def _status_changed(self, job: DispyJob, node) -> None:
+        if self._cluster_status is not None:
+            self._cb_queue.put(("status", job, node, job.status))
+
+    def _node_status(self, status: int, node: DispyNode) -> None:
+        if self._cluster_status is not None:
+            self._cb_queue.put(("node", None, node, status))
+
+    def _run_callbacks(self) -> None:
+        while True:
+            item = self._cb_queue.get()
+            if item is None:
+                return
+            what, job, node, status = item
+            try:
+                if what == "job":
+                    if self._callback is not None:
+                        self._callback(job)
+                    if self._cluster_status is not None:
+                        self._cluster_status(status, node, job)
+                else:
+                    self._cluster_status(status, node, job)
+            except Exception:
+                logger.exception("callback raised an exception (ignored)")
+
+    # -- information -----------------------------------------------------------------
+    def status(self):
+        """(list of DispyNode, number of jobs not yet ended)."""
+        nodes = [lk.node for lk in self._engine.links.values() if lk.ready or lk.node.jobs_done]
+        return nodes, self._unfinished
+
+    def stats(self) -> dict:
+        nodes, _ = self.status()
+        wall = time.time() - self._start_time
+        cpu = sum(n.cpu_time for n in nodes)
+        return {
+            "nodes": {
+                f"{n.ip_addr}": {
+                    "name": n.name,
+                    "cpus": n.cpus,
+                    "jobs": n.jobs_done,
+                    "sec_per_job": n.cpu_time / n.jobs_done if n.jobs_done else 0.0,
+                    "node_time": n.cpu_time,
+                }
+                for n in nodes
+            },
+            "jobs": sum(n.jobs_done for n in nodes),
+            "total_job_time": cpu,
+            "wall_time": wall,
+            "speedup": cpu / wall if wall > 0 else 0.0,
+        }
+
+    def print_status(self, wall_time: float | None = None) -> None:
+        """Print per node: CPUs, jobs done, seconds per job, node time; and the speedup."""
+        s = self.stats()
+        print()
+        print(f"{'Node':>24} | {'CPUs':>4} | {'Jobs':>6} | {'Sec/Job':>8} | {'Node Time Sec':>13}")
+        print("-" * 70)
+        for ip, n in s["nodes"].items():
+            label = f"{ip} ({n['name']})" if n["name"] != ip else ip
+            print(
+                f"{label[-24:]:>24} | {n['cpus']:>4} | {n['jobs']:>6} | "
+                f"{n['sec_per_job']:>8.3f} | {n['node_time']:>13.3f}"
+            )
+        print()
+        wall = wall_time if wall_time is not None else s["wall_time"]
+        print(
+            f"Total job time: {s['total_job_time']:.3f} sec, wall time: {wall:.3f} sec, "
+            f"speedup: {s['total_job_time'] / wall if wall > 0 else 0:.3f}"
+        )
+        print()
+
+    # -- closing -----------------------------------------------------------------------
+    def close(self, timeout: float | None = None, terminate: bool = False) -> None:
+        """Wait for jobs (up to ``timeout``), run cleanup on the nodes and disconnect.
+
+        With ``terminate=True`` running jobs are stopped instead of awaited.
+        """
+        if self._closed:
+            return
+        if not terminate:
+            self.wait(timeout)
+        self._closed = True
+        _open_clusters.discard(self)
+        try:
+            _loop.run(self._engine.close(terminate or timeout is not None)).result()
+        finally:
+            if self._cb_queue is not None:
+                self._cb_queue.put(None)
+                if threading.current_thread() is not self._cb_thread:
+                    self._cb_thread.join()
+            if self._local is not None:
+                self._local.stop()
+                self._local = None
+
+    def shutdown(self) -> None:
+        """Close the cluster, terminating jobs that are still running."""
+        self.close(terminate=True)
+
+    def __enter__(self) -> JobCluster:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(terminate=exc_type is not None)
+        return False
+
+
+_open_clusters: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clusters() -> None:
+    """A program that ends without close() (dispy's examples do): let its jobs
+    finish, as a dispy user expects, then run cleanup and disconnect."""
+    for cluster in list(_open_clusters):
+        try:
+            cluster.close()
+        except Exception:
+            logger.debug("closing %s at exit failed", cluster.name, exc_info=True)

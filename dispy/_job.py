@@ -1,0 +1,179 @@
+"""The objects a dispy user handles: DispyJob, DispyNode, NodeAllocate."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fnmatch
+import itertools
+
+from .core import jobstate
+
+
+class DispyJob:
+    """A submitted job.
+
+    ``status`` is one of the class constants; ``result``, ``stdout``,
+    ``stderr``, ``exception`` (the remote traceback text), ``ip_addr``,
+    ``start_time`` and ``end_time`` are filled in when the job ends.
+    ``id`` is free for the user (dispy never reads it).  ``job()`` waits
+    for the end and returns the result (None if the job failed).
+    """
+
+    Created = jobstate.Created
+    Running = jobstate.Running
+    ProvisionalResult = jobstate.ProvisionalResult
+    Cancelled = jobstate.Cancelled
+    Terminated = jobstate.Terminated
+    Abandoned = jobstate.Abandoned
+    Finished = jobstate.Finished
+
+    _ids = itertools.count(1)
+
+    __slots__ = (
+        "id",
+        "status",
+        "result",
+        "stdout",
+        "stderr",
+        "exception",
+        "ip_addr",
+        "start_time",
+        "end_time",
+        "submit_time",
+        "future",
+        "_uid",
+        "_args",
+        "_kwargs",
+        "_segs",
+        "_pinned",
+        "_node",
+        "_cluster",
+        "__weakref__",
+    )
+
+    def __init__(self, args: tuple, kwargs: dict, segs: list, cluster) -> None:
+        self.id = None
+        self.status = jobstate.Created
+        self.result = None
+        self.stdout = None
+        self.stderr = None
+        self.exception = None
+        self.ip_addr = None
+        self.start_time = None
+        self.end_time = None
+        self.submit_time = None
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self._uid = next(DispyJob._ids)
+        self._args = args
+        self._kwargs = kwargs
+        self._segs = segs
+        self._pinned = None
+        self._node = None
+        self._cluster = cluster
+
+    def __call__(self, clear: bool = False, timeout: float | None = None):
+        """Wait for the job to end (at most ``timeout`` seconds); return its result.
+
+        Returns None if the job failed (see ``exception``) or did not end in time.
+        """
+        try:
+            self.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return None
+        except BaseException:
+            return None
+        result = self.result
+        if clear:
+            self.result = None
+        return result
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Wait for the end; True if the job ended within ``timeout``."""
+        try:
+            concurrent.futures.wait([self.future], timeout)
+        finally:
+            pass
+        return self.future.done()
+
+    def __lt__(self, other: DispyJob) -> bool:
+        return self._uid < other._uid
+
+    def __repr__(self) -> str:
+        return f"<DispyJob id={self.id!r} status={jobstate.NAMES.get(self.status, self.status)}>"
+
+
+class DispyNodeAvailInfo:
+    """A node's free resources: ``cpu`` (% busy), ``memory`` and ``disk`` (bytes
+    available), ``swap`` (% used)."""
+
+    __slots__ = ("cpu", "memory", "disk", "swap")
+
+    def __init__(self, cpu=0.0, memory=0, disk=0, swap=0.0) -> None:
+        self.cpu, self.memory, self.disk, self.swap = cpu, memory, disk, swap
+
+    def __repr__(self) -> str:
+        return (
+            f"DispyNodeAvailInfo(cpu={self.cpu}, memory={self.memory}, "
+            f"disk={self.disk}, swap={self.swap})"
+        )
+
+
+class DispyNode:
+    """A node as the client sees it (also passed to ``cluster_status`` callbacks)."""
+
+    Initialized = jobstate.Created - 1
+    Closed = jobstate.Created - 2
+    AvailInfo = jobstate.Created - 3
+
+    def __init__(self, ip_addr: str, port: int, name: str = "", cpus: int = 0) -> None:
+        self.ip_addr = ip_addr
+        self.port = port
+        self.name = name or ip_addr
+        self.cpus = cpus
+        self.avail_cpus = cpus
+        self.busy = 0
+        self.jobs_done = 0
+        self.cpu_time = 0.0
+        self.tx = 0
+        self.rx = 0
+        self.update_time = 0.0
+        self.platform = ""
+        self.avail_info: DispyNodeAvailInfo | None = None
+
+    def __repr__(self) -> str:
+        return f"<DispyNode {self.name} {self.ip_addr}:{self.port} cpus={self.cpus}>"
+
+
+class NodeAllocate:
+    """Which nodes a cluster uses, and how many of their CPUs.
+
+    ``host`` is a name, an address, or a wildcard pattern like ``'192.168.2.*'``;
+    override ``allocate`` to decide per node (return the number of CPUs to use,
+    0 or less to skip the node).
+    """
+
+    def __init__(
+        self, host: str, port: int | None = None, cpus: int = 0, depends=(), setup_args=()
+    ):
+        self.host = host
+        self.port = port
+        self.cpus = cpus
+        self.depends = list(depends)
+        self.setup_args = tuple(setup_args)
+
+    def allocate(
+        self, cluster, ip_addr: str, name: str, cpus: int, avail_info=None, platform=""
+    ) -> int:
+        if not (
+            fnmatch.fnmatchcase(ip_addr, self.host)
+            or (name and fnmatch.fnmatchcase(name, self.host))
+        ):
+            return 0
+        if self.cpus > 0:
+            return min(self.cpus, cpus)
+        if self.cpus < 0:
+            return max(cpus + self.cpus, 0)
+        return cpus
+
+    def __repr__(self) -> str:
+        return f"NodeAllocate({self.host!r}, port={self.port}, cpus={self.cpus})"

@@ -1,0 +1,51 @@
+"""The client's event loop: one daemon thread per process, shared by all clusters.
+
+The public API (``JobCluster``) is plain blocking Python; everything that
+touches the network runs here.  ``run(coro)`` submits a coroutine from any
+other thread and returns a ``concurrent.futures.Future``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def main() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            threading.Thread(target=main, name="dispy-loop", daemon=True).start()
+            started.wait()
+            _loop = loop
+        return _loop
+
+
+def run(coro) -> concurrent.futures.Future:
+    return asyncio.run_coroutine_threadsafe(coro, get_loop())
+
+
+def call(fn, *args) -> None:
+    get_loop().call_soon_threadsafe(fn, *args)
+
+
+def in_loop_thread() -> bool:
+    loop = _loop
+    if loop is None:
+        return False
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -1,0 +1,24 @@
+"""Defaults shared by the client and the daemons."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+#: TCP/UDP ports documented by dispy: client, node, shared scheduler.
+CLIENT_PORT = 51347
+NODE_PORT = 51348
+SCHEDULER_PORT = 51349
+
+#: Largest frame body accepted after authentication (bytes); configurable
+#: per connection.  Large enough for a multi-GB numpy array, bounded so a
+#: hostile length field cannot make us allocate without limit.
+MAX_FRAME_SIZE = 4 << 30
+#: Largest control (msgpack) part of a frame.
+MAX_CONTROL_SIZE = 16 << 20
+#: Seconds a peer has to complete the handshake.
+HANDSHAKE_TIMEOUT = 10.0
+
+#: Where a node keeps computations' files unless --dest_path says otherwise.
+# (a folder named like a package, e.g. /tmp/dispy, would shadow it for programs run from /tmp)
+DEFAULT_DEST_PATH = os.path.join(tempfile.gettempdir(), "dispy-node")

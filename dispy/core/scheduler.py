@@ -1,0 +1,157 @@
+"""Which job goes to which node, and what happens to jobs when a node goes.
+
+No I/O: the face (``JobCluster``'s engine) tells the scheduler what happened
+(a node is ready, a job ended, a node was lost) and sends what ``assign``
+returns.  Job statuses change only through ``jobstate.next_status``.
+
+Each node gets up to ``cpus * prefetch`` jobs at once: ``cpus`` run while
+the rest wait on the node, so a node never idles for a network round trip
+between two short jobs.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
+
+from . import jobstate
+
+
+class NodeState:
+    """What the scheduler knows of one node."""
+
+    __slots__ = ("key", "cpus", "running", "ready", "pinned", "prefetch")
+
+    def __init__(self, key, cpus: int, prefetch: int = 2) -> None:
+        self.key = key
+        self.cpus = cpus
+        self.prefetch = prefetch
+        self.running: dict[int, object] = {}
+        self.ready = False
+        self.pinned: collections.deque = collections.deque()
+
+    @property
+    def capacity(self) -> int:
+        return self.cpus * self.prefetch
+
+    def free(self) -> int:
+        return self.capacity - len(self.running) if self.ready else 0
+
+
+class Scheduler:
+    """Queue and allocation for one cluster.
+
+    Jobs are objects with ``status``, ``_uid``, ``_pinned`` (a node key or
+    None) and ``_node`` attributes (``DispyJob``).
+    """
+
+    def __init__(self, reentrant: bool = False, prefetch: int = 2) -> None:
+        self.reentrant = reentrant
+        self.prefetch = prefetch
+        self.pending: collections.deque = collections.deque()
+        self.nodes: dict[object, NodeState] = {}
+
+    # -- nodes ----------------------------------------------------------------
+    def add_node(self, key, cpus: int) -> NodeState:
+        node = self.nodes.get(key)
+        if node is None:
+            node = self.nodes[key] = NodeState(key, cpus, self.prefetch)
+        node.cpus = cpus
+        node.ready = True
+        return node
+
+    def set_cpus(self, key, cpus: int) -> None:
+        self.nodes[key].cpus = max(0, cpus)
+
+    def remove_node(self, key) -> list[tuple[object, int]]:
+        """The node is gone: requeue or abandon its jobs; return (job, new status) pairs."""
+        node = self.nodes.pop(key, None)
+        if node is None:
+            return []
+        changed = []
+        for job in list(node.running.values()) + list(node.pinned):
+            may_rerun = self.reentrant and job._pinned is None
+            if job.status == jobstate.Created:  # pinned, not yet sent
+                event = jobstate.ABANDON
+            else:
+                event = jobstate.REQUEUE if may_rerun else jobstate.ABANDON
+            job.status = jobstate.next_status(job.status, event)
+            job._node = None
+            if job.status == jobstate.Created:
+                self.pending.appendleft(job)
+            changed.append((job, job.status))
+        return changed
+
+    # -- jobs -------------------------------------------------------------------
+    def submit(self, job, node_key=None) -> bool:
+        """Queue a job (for one node if ``node_key``); False if that node is unknown."""
+        if node_key is not None:
+            node = self.nodes.get(node_key)
+            if node is None:
+                return False
+            job._pinned = node_key
+            node.pinned.append(job)
+        else:
+            self.pending.append(job)
+        return True
+
+    def assign(self) -> list[tuple[NodeState, list]]:
+        """Give queued jobs to nodes with free slots; mark them Running."""
+        out = []
+        for node in self.nodes.values():
+            free = node.free()
+            if free <= 0 or not (node.pinned or self.pending):
+                continue
+            batch = []
+            while free > 0 and node.pinned:
+                batch.append(node.pinned.popleft())
+                free -= 1
+            while free > 0 and self.pending:
+                batch.append(self.pending.popleft())
+                free -= 1
+            for job in batch:
+                job.status = jobstate.next_status(job.status, jobstate.DISPATCH)
+                job._node = node.key
+                node.running[job._uid] = job
+            out.append((node, batch))
+        return out
+
+    def ended(self, job, event: str) -> bool:
+        """A job's node reported its end; False (and nothing changes) if it already ended."""
+        try:
+            job.status = jobstate.next_status(job.status, event)
+        except jobstate.InvalidTransition:
+            return False
+        node = self.nodes.get(job._node)
+        if node is not None:
+            node.running.pop(job._uid, None)
+        return True
+
+    def cancel_queued(self, job) -> bool:
+        """Cancel a job that has not been sent to a node; False if it was sent."""
+        if job.status != jobstate.Created:
+            return False
+        try:
+            self.pending.remove(job)
+        except ValueError:
+            node = self.nodes.get(job._pinned)
+            if node is None or job not in node.pinned:
+                return False
+            node.pinned.remove(job)
+        job.status = jobstate.next_status(job.status, jobstate.CANCEL)
+        return True
+
+    def abandon_all(self) -> list:
+        """No node can run queued jobs: abandon them; return them."""
+        jobs = list(self.pending)
+        self.pending.clear()
+        for node in self.nodes.values():
+            jobs.extend(node.pinned)
+            node.pinned.clear()
+        for job in jobs:
+            job.status = jobstate.next_status(job.status, jobstate.ABANDON)
+        return jobs
+
+    def running_jobs(self) -> Iterable:
+        for node in self.nodes.values():
+            yield from node.running.values()

@@ -1,0 +1,33 @@
+"""The dispy wire protocol, without I/O: frames, handshake, message kinds.
+
+Everything that parses bytes from the network lives in this package, so it
+can be tested and fuzzed with no sockets.
+"""
+
+from ._connection import (
+    PROTOCOL_VERSIONS,
+    Connection,
+    HandshakeComplete,
+    Message,
+    derive_key,
+)
+from ._framing import Frame, FrameDecoder, FrameEncoder, FrameWriter
+from ._messages import Kind, field, join_segments, pack_ctl, split_segments, unpack_ctl
+
+__all__ = [
+    "PROTOCOL_VERSIONS",
+    "Connection",
+    "Frame",
+    "FrameDecoder",
+    "FrameEncoder",
+    "FrameWriter",
+    "HandshakeComplete",
+    "Kind",
+    "Message",
+    "derive_key",
+    "field",
+    "join_segments",
+    "pack_ctl",
+    "split_segments",
+    "unpack_ctl",
+]

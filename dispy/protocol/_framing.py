@@ -1,0 +1,300 @@
+"""Frames: the unit that crosses every dispy connection.  No I/O here.
+
+Layout of one frame (all integers big-endian)::
+
+    header   20 bytes  magic b"DSPY" | layout version u8 | kind u8 | flags u16
+                       | control length u32 | body length u64
+    body     body-length bytes: control part (a msgpack map) then payload
+    tag      32 bytes, only once the connection is authenticated:
+             HMAC-SHA256(direction key, sequence number u64 | header | body)
+
+The sequence number is not sent: each side counts the frames of each
+direction, so a replayed, dropped or reordered frame fails its tag.
+
+``FrameDecoder`` receives bytes through a buffer interface
+(``get_buffer`` / ``buffer_updated``), made for ``asyncio.BufferedProtocol``
+and for blocking ``socket.recv_into``: small frames are parsed out of one
+staging buffer (many frames per system call), and the body of a large frame
+is received straight into a buffer of its own size, so a 100 MB array is
+never copied on the way in.  Its tag is checked incrementally as the bytes
+arrive; no frame is handed up before its tag has been verified.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from dataclasses import dataclass
+from hashlib import sha256
+
+from ..errors import FrameTooLarge, ProtocolError
+
+MAGIC = b"DSPY"
+LAYOUT_VERSION = 1
+HEADER = struct.Struct("!4sBBHIQ")
+HEADER_SIZE = HEADER.size
+TAG_SIZE = 32
+_SEQ = struct.Struct("!Q")
+
+#: Body size above which a frame gets a buffer of its own (received in place).
+BIG_BODY = 128 * 1024
+#: Size of the staging buffer that holds small frames; must exceed BIG_BODY + header + tag.
+STAGING_SIZE = 512 * 1024
+
+
+@dataclass(slots=True)
+class Frame:
+    """One decoded frame: ``ctl`` is the raw control part, ``payload`` the rest."""
+
+    kind: int
+    ctl: bytes
+    payload: memoryview
+
+
+def _new_mac(key: bytes, seq: int, header: bytes):
+    mac = hmac.new(key, _SEQ.pack(seq), sha256)
+    mac.update(header)
+    return mac
+
+
+class FrameWriter:
+    """Writes one frame in pieces: ``head`` first, then payload chunks, then ``tag()``.
+
+    Lets a transport stream a large payload while the tag is computed chunk
+    by chunk, instead of hashing 100 MB in one call on the event loop.
+    """
+
+    __slots__ = ("head", "_mac")
+
+    def __init__(self, head: bytes, mac) -> None:
+        self.head = head
+        self._mac = mac
+
+    def update(self, chunk) -> None:
+        if self._mac is not None:
+            self._mac.update(chunk)
+
+    def tag(self) -> bytes:
+        return self._mac.digest() if self._mac is not None else b""
+
+
+class FrameEncoder:
+    """Builds outgoing frames and counts their sequence numbers."""
+
+    def __init__(self) -> None:
+        self.key: bytes | None = None
+        self.seq = 0
+
+    def start(self, kind: int, ctl: bytes, payload_len: int) -> FrameWriter:
+        if not 0 <= kind <= 255:
+            raise ValueError(f"frame kind {kind} out of range 0..255")
+        header = HEADER.pack(MAGIC, LAYOUT_VERSION, kind, 0, len(ctl), len(ctl) + payload_len)
+        mac = None
+        if self.key is not None:
+            mac = _new_mac(self.key, self.seq, header)
+            mac.update(ctl)
+            self.seq += 1
+        return FrameWriter(header + ctl, mac)
+
+    def encode(self, kind: int, ctl: bytes, payload=()) -> list:
+        """The whole frame as a list of buffers (payload buffers are not copied)."""
+        w = self.start(kind, ctl, sum(_nbytes(p) for p in payload))
+        out = [w.head]
+        for p in payload:
+            w.update(p)
+            out.append(p)
+        tag = w.tag()
+        if tag:
+            out.append(tag)
+        return out
+
+
+def _nbytes(buf) -> int:
+    # len() of a numpy array or array.array counts items, not bytes
+    return memoryview(buf).nbytes
+
+
+class FrameDecoder:
+    """Turns received bytes into ``Frame`` objects, checking sizes and tags.
+
+    ``key`` is None before authentication (then only ``max_body_unauth``-sized
+    frames are accepted and no tag is expected) and the direction key after.
+    ``trusted=True`` is only for local socket pairs between a node and its
+    own job processes: no tag, full size limit.
+    """
+
+    def __init__(
+        self,
+        max_body: int,
+        max_ctl: int,
+        *,
+        max_body_unauth: int = 4096,
+        trusted: bool = False,
+    ) -> None:
+        self.max_body = max_body
+        self.max_ctl = max_ctl
+        self.max_body_unauth = max_body_unauth
+        self.trusted = trusted
+        self.key: bytes | None = None
+        self.seq = 0
+        self._buf = bytearray(STAGING_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        # a large frame being received into its own buffer
+        self._big: bytearray | None = None
+        self._big_pos = 0
+        self._big_head: tuple | None = None  # (kind, ctl_len)
+        self._big_mac = None
+        self._awaiting_tag = False
+        self.bytes_received = 0
+
+    # -- buffer interface ---------------------------------------------------
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes must be written."""
+        if self._big is not None and not self._awaiting_tag:
+            return memoryview(self._big)[self._big_pos :]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Record that ``nbytes`` were written into the last ``get_buffer()``."""
+        self.bytes_received += nbytes
+        if self._big is not None and not self._awaiting_tag:
+            new = memoryview(self._big)[self._big_pos : self._big_pos + nbytes]
+            if self._big_mac is not None:
+                self._big_mac.update(new)
+            self._big_pos += nbytes
+            if self._big_pos == len(self._big):
+                self._awaiting_tag = True
+        else:
+            self._end += nbytes
+
+    def feed(self, data) -> list[Frame]:
+        """Convenience for tests and blocking code: copy ``data`` in, return whole frames."""
+        frames = []
+        data = memoryview(data).cast("B")
+        while data:
+            buf = self.get_buffer()
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            self.buffer_updated(n)
+            data = data[n:]
+            while (f := self.next_frame()) is not None:
+                frames.append(f)
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return (self._end - self._start) + (self._big_pos if self._big is not None else 0)
+
+    # -- parsing ------------------------------------------------------------
+    def next_frame(self) -> Frame | None:
+        """The next complete, verified frame, or None if more bytes are needed.
+
+        Raises ``ProtocolError`` (or ``FrameTooLarge``) for a bad frame; the
+        connection must then be closed, nothing more from it is trustworthy.
+        """
+        tag_size = self._tag_size()
+        if self._big is not None:
+            if not self._awaiting_tag or self._end - self._start < tag_size:
+                return None
+            frame = self._finish_big(tag_size)
+            return frame
+        avail = self._end - self._start
+        if avail < HEADER_SIZE:
+            self._maybe_reset()
+            return None
+        header = bytes(self._view[self._start : self._start + HEADER_SIZE])
+        kind, ctl_len, body_len = self._check_header(header)
+        total = HEADER_SIZE + body_len + tag_size
+        if avail >= total:
+            b0 = self._start + HEADER_SIZE
+            body = bytes(self._view[b0 : b0 + body_len])
+            if tag_size:
+                mac = _new_mac(self.key, self.seq, header)
+                mac.update(body)
+                self._verify(mac, self._view[b0 + body_len : b0 + body_len + tag_size])
+            self._start += total
+            self._maybe_reset()
+            mv = memoryview(body)
+            return Frame(kind, body[:ctl_len], mv[ctl_len:])
+        if body_len > BIG_BODY:
+            self._begin_big(header, kind, ctl_len, body_len)
+            return None
+        if self._start + total > len(self._buf):
+            self._compact()
+        return None
+
+    def _tag_size(self) -> int:
+        return TAG_SIZE if (self.key is not None and not self.trusted) else 0
+
+    def _check_header(self, header: bytes) -> tuple[int, int, int]:
+        magic, version, kind, flags, ctl_len, body_len = HEADER.unpack(header)
+        if magic != MAGIC:
+            raise ProtocolError(
+                f"not a dispy peer: frame starts with {magic!r}, expected {MAGIC!r}"
+            )
+        if version != LAYOUT_VERSION:
+            raise ProtocolError(f"unknown frame layout version {version} (this side speaks 1)")
+        if flags != 0:
+            raise ProtocolError(f"frame has unknown flags 0x{flags:04x}")
+        limit = self.max_body if (self.key is not None or self.trusted) else self.max_body_unauth
+        if body_len > limit:
+            raise FrameTooLarge(
+                f"frame of {body_len} bytes exceeds the limit of {limit} bytes"
+                + ("" if self.key is not None or self.trusted else " before authentication")
+            )
+        if ctl_len > body_len:
+            raise ProtocolError(f"control part ({ctl_len} bytes) longer than body ({body_len})")
+        if ctl_len > self.max_ctl:
+            raise FrameTooLarge(
+                f"control part of {ctl_len} bytes exceeds the limit of {self.max_ctl} bytes"
+            )
+        return kind, ctl_len, body_len
+
+    def _begin_big(self, header: bytes, kind: int, ctl_len: int, body_len: int) -> None:
+        big = bytearray(body_len)
+        have = min(self._end - self._start - HEADER_SIZE, body_len)
+        b0 = self._start + HEADER_SIZE
+        big[:have] = self._view[b0 : b0 + have]
+        mac = None
+        if self._tag_size():
+            mac = _new_mac(self.key, self.seq, header)
+            mac.update(memoryview(big)[:have])
+        self._big, self._big_pos, self._big_head, self._big_mac = big, have, (kind, ctl_len), mac
+        self._awaiting_tag = have == body_len
+        self._start = b0 + have
+        self._maybe_reset()
+
+    def _finish_big(self, tag_size: int) -> Frame:
+        big, (kind, ctl_len), mac = self._big, self._big_head, self._big_mac
+        if tag_size:
+            self._verify(mac, self._view[self._start : self._start + tag_size])
+            self._start += tag_size
+        self._big = self._big_head = self._big_mac = None
+        self._big_pos = 0
+        self._awaiting_tag = False
+        self._maybe_reset()
+        mv = memoryview(big)
+        return Frame(kind, bytes(mv[:ctl_len]), mv[ctl_len:])
+
+    def _verify(self, mac, tag) -> None:
+        if not hmac.compare_digest(mac.digest(), bytes(tag)):
+            raise ProtocolError(
+                f"frame {self.seq} failed authentication (tampered, replayed, reordered, "
+                "or sent with another key)"
+            )
+        self.seq += 1
+
+    def _maybe_reset(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if self._start:
+            self._buf[:n] = self._buf[self._start : self._end]
+            self._start, self._end = 0, n

@@ -1,0 +1,120 @@
+"""Message kinds and the helpers that pack and check control parts.
+
+A control part is a msgpack map (never pickle): parsing it cannot run code.
+User data (computations, arguments, results) travels in the payload as a
+list of *segments* (a pickle stream and its out-of-band buffers); the
+control part names each segment's length under the key ``"s"``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import msgpack
+
+from ..errors import ProtocolError
+
+
+class Kind(IntEnum):
+    """Frame kinds.  Below 16: the handshake, the only kinds read before authentication."""
+
+    HELLO = 1
+    AUTH = 2
+    AUTH_OK = 3
+    AUTH_FAIL = 4
+
+    # client <-> node, after authentication
+    INFO_REQ = 16  # client asks for the node's description
+    INFO = 17  # node: name, cpus, platform, resources
+    COMPUTE = 18  # client: a computation (pickled spec) to set up
+    COMPUTE_REPLY = 19  # node: set up, or why not
+    FILE = 20  # client: a file (or a piece of one) for a computation
+    JOBS = 21  # client: a batch of jobs
+    RESULTS = 22  # node: a batch of job ends
+    ACK = 23  # client: these results are safe here, drop them
+    CANCEL = 24  # client: cancel these jobs
+    CLOSE = 25  # client: close a computation
+    CLOSED = 26  # node: computation closed
+    STATUS = 27  # node: job started / provisional result
+    PING = 28
+    PONG = 29
+    ERROR = 30  # either side: a request failed; ``r`` says why
+
+    # node daemon <-> its computation process and job processes (local socket pairs)
+    C_LOAD = 48  # daemon: load this computation and run setup
+    C_READY = 49  # computation process: setup done (or failed)
+    C_FORK = 50  # daemon: fork one job process per passed socket
+    C_FORKED = 51  # computation process: pids of the new job processes
+    C_EXITED = 52  # computation process: a job process ended, with its status
+    C_CLEANUP = 53  # daemon: run cleanup and exit
+    W_JOB = 56  # daemon -> job process: run this job
+    W_RESULT = 57  # job process: the job's end
+    W_HELLO = 58  # job process: my pid
+
+
+HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.AUTH, Kind.AUTH_OK, Kind.AUTH_FAIL})
+
+
+def pack_ctl(ctl: dict) -> bytes:
+    return msgpack.packb(ctl, use_bin_type=True)
+
+
+def unpack_ctl(data: bytes) -> dict:
+    """Decode a control part; anything but a map with string keys is a ProtocolError."""
+    if not data:
+        return {}
+    try:
+        ctl = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"control part is not valid msgpack: {exc}") from None
+    if not isinstance(ctl, dict):
+        raise ProtocolError(f"control part is a {type(ctl).__name__}, expected a map")
+    return ctl
+
+
+def field(ctl: dict, name: str, types, *, default=...):
+    """Read one field of a control map, checking its type."""
+    try:
+        value = ctl[name]
+    except KeyError:
+        if default is not ...:
+            return default
+        raise ProtocolError(f"message lacks field {name!r}") from None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        raise ProtocolError(f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def join_segments(groups) -> tuple[list[int], list]:
+    """Flatten groups of buffers; return (lengths, buffers) for a payload."""
+    lens: list[int] = []
+    flat: list = []
+    for group in groups:
+        for buf in group:
+            mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+            if mv.ndim != 1 or mv.itemsize != 1:
+                mv = mv.cast("B")
+            lens.append(mv.nbytes)
+            flat.append(mv)
+    return lens, flat
+
+
+def split_segments(payload: memoryview, lens) -> list[memoryview]:
+    """Cut a payload into the segments its control part announced (checked)."""
+    if not isinstance(lens, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lens
+    ):
+        raise ProtocolError("segment lengths must be a list of non-negative integers")
+    if sum(lens) != len(payload):
+        raise ProtocolError(
+            f"segment lengths add up to {sum(lens)} bytes but the payload has {len(payload)}"
+        )
+    out, pos = [], 0
+    for n in lens:
+        out.append(payload[pos : pos + n])
+        pos += n
+    return out

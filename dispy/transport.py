@@ -1,0 +1,404 @@
+"""The one connection type every dispy program uses: TCP (or a local socket
+pair) on asyncio, carrying the sans-IO ``protocol.Connection``.
+
+::
+
+    peer bytes --> ChannelProtocol.get_buffer/buffer_updated  (zero-copy for big frames)
+                     --> protocol.Connection (handshake, sizes, tags)
+                     --> Channel.on_message(Message)          (owner's callback)
+    owner --> Channel.send(kind, ctl, payload)
+                     small frames are gathered and written once per loop turn;
+                     a payload above STREAM_THRESHOLD is streamed in chunks
+                     (tag computed chunk by chunk, write flow control honoured)
+
+Errors: a frame that breaks the protocol closes this channel only, with the
+reason logged and passed to ``on_close``; the process serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from collections.abc import Callable
+
+from . import config
+from .errors import AuthenticationFailed, ConnectionClosed, DispyError, ProtocolError
+from .protocol import Connection, HandshakeComplete, Message
+
+logger = logging.getLogger("dispy.transport")
+
+#: Payloads above this many bytes are streamed in chunks instead of queued at once.
+STREAM_THRESHOLD = 1 << 20
+CHUNK = 1 << 20
+
+
+class ChannelProtocol(asyncio.BufferedProtocol):
+    """asyncio glue: moves bytes between the socket and the sans-IO connection."""
+
+    def __init__(self, conn: Connection, peer_hint: str = "", on_made=None) -> None:
+        self.conn = conn
+        self._on_made = on_made
+        self.channel: Channel | None = None
+        self.transport: asyncio.Transport | None = None
+        self.handshake: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self.peer = peer_hint
+        self._pending_msgs: list = []
+
+    # asyncio callbacks -----------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and not self.peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if self.conn.trusted:
+            self.handshake.set_result(None)
+            if self._on_made is not None:
+                self._on_made(self)
+        else:
+            self.conn.initiate()
+            self._flush_conn()
+
+    def get_buffer(self, sizehint: int):
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self.conn.buffer_updated(nbytes)
+        except (ProtocolError, AuthenticationFailed) as exc:
+            self._flush_conn()
+            self._fail(exc)
+            return
+        self._flush_conn()
+        for ev in events:
+            if isinstance(ev, Message):
+                if self.channel is not None:
+                    self.channel._deliver(ev)
+                else:  # arrived in the same read as the handshake's end
+                    self._pending_msgs.append(ev)
+            elif isinstance(ev, HandshakeComplete) and not self.handshake.done():
+                self.handshake.set_result(ev.version)
+
+    def eof_received(self):
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc) -> None:
+        self._can_write.set()
+        if not self.handshake.done():
+            self.handshake.set_exception(
+                ConnectionClosed(f"connection to {self.peer} closed during the handshake")
+            )
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        if self.channel is not None:
+            self.channel._lost(exc)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # helpers ---------------------------------------------------------------
+    def _flush_conn(self) -> None:
+        out = self.conn.take_output()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def _fail(self, exc: Exception) -> None:
+        logger.warning("closing connection with %s: %s", self.peer or "peer", exc)
+        if not self.handshake.done():
+            self.handshake.set_exception(exc)
+        if self.channel is not None:
+            self.channel.error = exc
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Channel:
+    """An open (authenticated, or trusted local) connection.
+
+    Set ``on_message(msg)`` and ``on_close(exc)`` to receive; call ``send``.
+    """
+
+    def __init__(self, proto: ChannelProtocol) -> None:
+        self._proto = proto
+        self.conn = proto.conn
+        self.peer = proto.peer
+        self.on_message: Callable[[Message], None] | None = None
+        self.on_close: Callable[[Exception | None], None] | None = None
+        self.error: Exception | None = None
+        self._queue: collections.deque = collections.deque()
+        self._flush_scheduled = False
+        self._streaming = False
+        self._loop = asyncio.get_running_loop()
+        self.bytes_sent = 0
+        proto.channel = self
+        self._held = proto._pending_msgs
+        proto._pending_msgs = []
+
+    @property
+    def bytes_received(self) -> int:
+        return self.conn.decoder.bytes_received
+
+    def start(self) -> None:
+        """Deliver messages that arrived before ``on_message`` was set."""
+        held, self._held = self._held, []
+        for msg in held:
+            self._deliver(msg)
+        if self._proto.closed.done():
+            self._lost(self._proto.closed.result())
+
+    @property
+    def is_closed(self) -> bool:
+        t = self._proto.transport
+        return t is None or t.is_closing()
+
+    def send(self, kind: int, ctl: dict, payload=()) -> None:
+        """Queue a message; it is written at the end of this loop turn, in order."""
+        if self.is_closed:
+            raise ConnectionClosed(f"connection to {self.peer} is closed")
+        self._queue.append((kind, ctl, payload))
+        if not self._flush_scheduled and not self._streaming:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        await self._proto._can_write.wait()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._streaming:
+            return
+        transport = self._proto.transport
+        if transport is None or transport.is_closing():
+            self._queue.clear()
+            return
+        out = []
+        while self._queue:
+            kind, ctl, payload = self._queue[0]
+            size = sum(memoryview(p).nbytes for p in payload)
+            if size > STREAM_THRESHOLD:
+                break
+            self._queue.popleft()
+            self.conn.send(kind, ctl, payload)
+            out.extend(self.conn.take_output())
+        if out:
+            data = b"".join(out)
+            self.bytes_sent += len(data)
+            transport.write(data)
+        if self._queue:  # a large payload is next
+            self._streaming = True
+            self._loop.create_task(self._stream_next())
+
+    async def _stream_next(self) -> None:
+        try:
+            kind, ctl, payload = self._queue.popleft()
+            views = [memoryview(p).cast("B") for p in payload]
+            writer = self.conn.start_frame(kind, ctl, sum(v.nbytes for v in views))
+            transport = self._proto.transport
+            transport.write(writer.head)
+            for v in views:
+                for pos in range(0, v.nbytes, CHUNK):
+                    chunk = v[pos : pos + CHUNK]
+                    writer.update(chunk)
+                    await self._proto._can_write.wait()
+                    if transport.is_closing():
+                        return
+                    transport.write(chunk)
+                    self.bytes_sent += chunk.nbytes
+            tag = writer.tag()
+            if tag:
+                transport.write(tag)
+        except Exception as exc:  # a broken channel must not be half-written silently
+            logger.warning("sending to %s failed: %s", self.peer, exc)
+            self.close()
+        finally:
+            self._streaming = False
+            if self._queue and not self.is_closed:
+                self._flush()
+
+    def _deliver(self, msg: Message) -> None:
+        if self.on_message is None:
+            self._held.append(msg)
+            return
+        try:
+            self.on_message(msg)
+        except DispyError as exc:
+            self._proto._fail(exc)
+        except Exception:
+            logger.exception("handling message %s from %s failed", msg.kind, self.peer)
+            self._proto._fail(ProtocolError(f"message {msg.kind} could not be handled"))
+
+    def _lost(self, exc) -> None:
+        cb, self.on_close = self.on_close, None
+        if cb is not None:
+            cb(self.error or exc)
+
+    def close(self) -> None:
+        t = self._proto.transport
+        if t is not None and not t.is_closing():
+            # write what is queued first, so a final message is not lost
+            if self._queue and not self._streaming:
+                self._flush()
+            t.close()
+
+    def abort(self) -> None:
+        t = self._proto.transport
+        if t is not None:
+            t.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._proto.closed)
+
+
+def _tune(sock: socket.socket | None) -> None:
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def connect(
+    host: str,
+    port: int,
+    key: bytes,
+    *,
+    timeout: float = config.HANDSHAKE_TIMEOUT,
+    max_frame: int = config.MAX_FRAME_SIZE,
+    ssl=None,
+) -> Channel:
+    """Open a TCP connection and authenticate; raises AuthenticationFailed,
+    ProtocolError, ConnectionClosed or OSError (refused, unreachable...)."""
+    loop = asyncio.get_running_loop()
+    conn = Connection("client", key, max_frame=max_frame)
+    transport, proto = await asyncio.wait_for(
+        loop.create_connection(
+            lambda: ChannelProtocol(conn, f"{host}:{port}"), host, port, ssl=ssl
+        ),
+        timeout,
+    )
+    _tune(transport.get_extra_info("socket"))
+    try:
+        await asyncio.wait_for(asyncio.shield(proto.handshake), timeout)
+    except TimeoutError:
+        transport.abort()
+        raise ConnectionClosed(
+            f"{host}:{port} did not complete the dispy handshake in {timeout:g} s "
+            "(is it a dispynode?)"
+        ) from None
+    except BaseException:
+        transport.abort()
+        raise
+    return Channel(proto)
+
+
+async def serve(
+    host: str | list[str] | None,
+    port: int,
+    key: bytes,
+    on_channel: Callable[[Channel], None],
+    *,
+    timeout: float = config.HANDSHAKE_TIMEOUT,
+    max_frame: int = config.MAX_FRAME_SIZE,
+    ssl=None,
+) -> asyncio.Server:
+    """Listen; call ``on_channel`` with each peer that authenticates.
+
+    Peers that fail the handshake or stay silent past ``timeout`` are
+    dropped with a logged reason; the server keeps serving.
+    """
+    loop = asyncio.get_running_loop()
+
+    def factory():
+        proto = ChannelProtocol(Connection("server", key, max_frame=max_frame))
+        loop.create_task(_await_handshake(proto))
+        return proto
+
+    async def _await_handshake(proto: ChannelProtocol) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.handshake), timeout)
+        except TimeoutError:
+            logger.warning("%s did not authenticate in %g s; dropped", proto.peer, timeout)
+            if proto.transport is not None:
+                proto.transport.abort()
+            return
+        except Exception as exc:
+            logger.info("connection from %s rejected: %s", proto.peer, exc)
+            return
+        _tune(proto.transport.get_extra_info("socket"))
+        on_channel(Channel(proto))
+
+    return await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True)
+
+
+async def serve_unix(path: str, on_channel: Callable[[Channel], None]) -> asyncio.Server:
+    """Listen on a local (unix) socket for a node's own job processes.
+
+    The channel is trusted framing (no handshake): the first message must
+    carry the token that only the node's computation process knows, and the
+    owner checks it before anything else.
+    """
+    loop = asyncio.get_running_loop()
+
+    def factory():
+        conn = Connection("server", None, trusted=True)
+        return ChannelProtocol(conn, "local", on_made=lambda p: on_channel(Channel(p)))
+
+    return await loop.create_unix_server(factory, path)
+
+
+async def open_local(sock: socket.socket) -> Channel:
+    """Wrap one end of a local socket pair (node daemon <-> its own processes)."""
+    loop = asyncio.get_running_loop()
+    conn = Connection("server", None, trusted=True)
+    _, proto = await loop.create_unix_connection(lambda: ChannelProtocol(conn, "local"), sock=sock)
+    return Channel(proto)
+
+
+class BlockingChannel:
+    """The trusted local channel for plain blocking code (job processes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn = Connection("client", None, trusted=True)
+        self._events: collections.deque = collections.deque()
+
+    def send(self, kind: int, ctl: dict, payload=()) -> None:
+        self.conn.send(kind, ctl, payload)
+        bufs = [memoryview(b).cast("B") for b in self.conn.take_output()]
+        while bufs:
+            n = self.sock.sendmsg(bufs[:512])
+            while n:
+                if n >= bufs[0].nbytes:
+                    n -= bufs[0].nbytes
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+
+    def recv(self) -> Message:
+        """The next message; raises ConnectionClosed at end of stream."""
+        while not self._events:
+            buf = self.conn.get_buffer()
+            n = self.sock.recv_into(buf)
+            if n == 0:
+                raise ConnectionClosed("local channel closed")
+            self._events.extend(self.conn.buffer_updated(n))
+        return self._events.popleft()
+
+    def recv_available(self) -> list:
+        """One read from the socket; the messages it completed (maybe none)."""
+        buf = self.conn.get_buffer()
+        n = self.sock.recv_into(buf)
+        if n == 0:
+            raise ConnectionClosed("local channel closed")
+        events = list(self._events) + self.conn.buffer_updated(n)
+        self._events.clear()
+        return events
+
+    def close(self) -> None:
+        self.sock.close()

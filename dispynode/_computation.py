@@ -1,0 +1,302 @@
+"""The computation process and its job processes (run on the node).
+
+::
+
+    dispynode (asyncio)                     computation process (``main`` below)
+      |-- control socket pair -------------->  C_LOAD: unpickle the computation,
+      |   (C_LOAD, C_FORK, C_CLEANUP)            run setup once (its globals live here)
+      |<-- C_READY, C_FORKED, C_EXITED ------    C_FORK: fork job processes, which
+      |                                          inherit setup's globals (copy-on-write)
+      |                                               |
+      |<== unix socket per job process ==============/  W_HELLO (token), then
+            W_JOB (arguments, not unpickled by the daemon) / W_RESULT
+
+Job processes are warm: each runs jobs one after another, so a tiny job
+costs a message, not a process start.  A job that crashes its process ends as
+Terminated; the computation process reports the exit status and the daemon
+asks for a replacement.  The job's arguments and result are pickles the node
+daemon only forwards; they are unpickled here, in the job process.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import types
+
+from dispy import serialize
+from dispy.core import jobstate
+from dispy.errors import ConnectionClosed
+from dispy.protocol import Kind, split_segments
+from dispy.transport import BlockingChannel
+
+
+def _format_exc(exc: BaseException, skip: int = 1) -> str:
+    tb = exc.__traceback__
+    for _ in range(skip):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class _Runner:
+    """Runs one job in this (job) process and returns (status, result, exc_text)."""
+
+    def __init__(self, spec, comp_dir: str) -> None:
+        self.spec = spec
+        self.comp_dir = comp_dir
+        if spec.program:
+            prog = os.path.join(comp_dir, spec.program)
+            self.cmd = [sys.executable, prog] if prog.endswith(".py") else [prog]
+
+    def run(self, args, kwargs):
+        if self.spec.program:
+            proc = subprocess.run(
+                self.cmd + [str(a) for a in args],
+                cwd=self.comp_dir,
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+            )
+            sys.stdout.write(proc.stdout.decode(errors="replace"))
+            sys.stderr.write(proc.stderr.decode(errors="replace"))
+            return jobstate.Finished, proc.returncode, None
+        try:
+            return jobstate.Finished, self.spec.func(*args, **kwargs), None
+        except BaseException as exc:  # the user's code may raise anything, SystemExit too
+            return jobstate.Terminated, None, _format_exc(exc)
+
+
+def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str) -> None:
+    """Body of a forked job process; never returns."""
+    code = 0
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(addr)
+        chan = BlockingChannel(sock)
+        chan.send(Kind.W_HELLO, {"c": cid, "t": token, "p": os.getpid()})
+        runner = _Runner(spec, comp_dir)
+        real_out, real_err = sys.stdout, sys.stderr
+        while True:
+            try:
+                msg = chan.recv()
+            except ConnectionClosed:
+                break
+            if msg.kind != Kind.W_JOB:
+                continue
+            ctl = msg.ctl
+            jid = ctl["j"]
+            out, err = io.StringIO(), io.StringIO()
+            t0 = time.time()
+            try:
+                args, kwargs = serialize.loads(split_segments(msg.payload, ctl["s"]))
+            except Exception as exc:
+                hint = ""
+                if "on <module '__main__'" in str(exc):
+                    hint = "; define that class or function in depends=[...] of the cluster"
+                status, result = jobstate.Terminated, None
+                exc_text = f"cannot unpickle the job's arguments on the node: {exc}{hint}"
+            else:
+                del msg
+                sys.stdout, sys.stderr = out, err
+                try:
+                    status, result, exc_text = runner.run(args, kwargs)
+                finally:
+                    sys.stdout, sys.stderr = real_out, real_err
+                del args, kwargs
+            t1 = time.time()
+            try:
+                segs = serialize.dumps(result)
+            except Exception as exc:
+                status, segs = jobstate.Terminated, serialize.dumps(None)
+                exc_text = f"the job's result cannot be pickled: {exc}"
+            reply = {
+                "j": jid,
+                "st": status,
+                "t0": t0,
+                "t1": t1,
+                "s": [memoryview(s).nbytes for s in segs],
+            }
+            if out.tell():
+                reply["o"] = out.getvalue()
+            if err.tell():
+                reply["e"] = err.getvalue()
+            if exc_text:
+                reply["x"] = exc_text
+            chan.send(Kind.W_RESULT, reply, segs)
+            del result, segs
+    except BaseException:  # report anything on the node's stderr, then die quietly
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _install_main(spec, ctl: dict) -> None:
+    """Give this process a fresh ``__main__`` holding the computation's names, so
+    pickles that refer to ``__main__.SomeClass`` resolve here as on the client."""
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    extra = {
+        "dispy_node_name": ctl.get("node_name", ""),
+        "dispy_node_ip_addr": ctl.get("node_ip", ""),
+        "dispy_job_path": os.getcwd(),
+    }
+    g = getattr(spec.func, "__globals__", None)
+    for target in (main.__dict__, g):
+        if target is None:
+            continue
+        target.update(extra)
+        for name, obj in spec.objects.items():
+            target.setdefault(name, obj)
+    if spec.func is not None:
+        main.__dict__.setdefault(getattr(spec.func, "__name__", "compute"), spec.func)
+
+
+def _setup_failure(ctl_chan: BlockingChannel, text: str) -> None:
+    ctl_chan.send(Kind.C_READY, {"ok": False, "r": text})
+    os._exit(3)
+
+
+def main(argv: list[str]) -> None:
+    ctl_sock = socket.socket(fileno=int(argv[1]))
+    chan = BlockingChannel(ctl_sock)
+    msg = chan.recv()
+    ctl = msg.ctl
+    comp_dir = ctl["dir"]
+    os.chdir(comp_dir)
+    sys.path.insert(0, comp_dir)
+    import cloudpickle  # only needed here, not in the daemon
+
+    # a fresh __main__ before unpickling: by-value code may refer to it
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        spec = cloudpickle.loads(msg.payload)
+    except BaseException as exc:
+        _setup_failure(
+            chan,
+            f"cannot load the computation on the node: {_format_exc(exc, 0)}"
+            "(modules it needs must be installed on the node or listed in depends)",
+        )
+    del msg
+    _install_main(spec, ctl)
+    if spec.setup is not None:
+        try:
+            ret = spec.setup()
+        except BaseException as exc:
+            _setup_failure(chan, f"setup raised an exception:\n{_format_exc(exc)}")
+        if ret not in (0, None):
+            _setup_failure(chan, f"setup returned {ret!r} (0 or None means success)")
+    chan.send(Kind.C_READY, {"ok": True})
+    _serve(chan, ctl, spec, comp_dir)
+
+
+def _serve(chan: BlockingChannel, ctl: dict, spec, comp_dir: str) -> None:
+    addr, token, cid = ctl["addr"], ctl["token"], ctl["cid"]
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    signal.set_wakeup_fd(wfd)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sel = selectors.DefaultSelector()
+    sel.register(chan.sock, selectors.EVENT_READ, "ctl")
+    sel.register(rfd, selectors.EVENT_READ, "sig")
+    children: set[int] = set()
+    while True:
+        for key, _ in sel.select():
+            if key.data == "sig":
+                os.read(rfd, 512)
+                _reap(chan, children)
+                continue
+            try:
+                events = chan.recv_available()
+            except ConnectionClosed:
+                events = None
+            if events is None:  # the daemon is gone: stop everything
+                _stop(children, 0)
+                os._exit(0)
+            for msg in events:
+                if msg.kind == Kind.C_FORK:
+                    pids = []
+                    for _ in range(msg.ctl["n"]):
+                        pid = os.fork()
+                        if pid == 0:
+                            sel.close()
+                            os.close(rfd)
+                            os.close(wfd)
+                            signal.set_wakeup_fd(-1)
+                            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                            chan.sock.close()
+                            _job_process(addr, token, cid, spec, comp_dir)
+                        children.add(pid)
+                        pids.append(pid)
+                    chan.send(Kind.C_FORKED, {"p": pids})
+                elif msg.kind == Kind.C_CLEANUP:
+                    _stop(children, msg.ctl.get("grace", 3.0))
+                    text = None
+                    if spec.cleanup is not None:
+                        try:
+                            spec.cleanup()
+                        except BaseException as exc:
+                            text = f"cleanup raised an exception:\n{_format_exc(exc)}"
+                    chan.send(Kind.C_READY, {"ok": text is None, "r": text or ""})
+                    os._exit(0)
+
+
+def _reap(chan: BlockingChannel, children: set[int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        chan.send(Kind.C_EXITED, {"p": pid, "c": os.waitstatus_to_exitcode(status)})
+
+
+def _stop(children: set[int], grace: float) -> None:
+    """Terminate job processes: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while children:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid:
+            children.discard(pid)
+            continue
+        if time.monotonic() > deadline:
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for pid in list(children):
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            break
+        time.sleep(0.01)  # bounded by the grace period; waitpid has no timeout
+
+
+if __name__ == "__main__":
+    main(sys.argv)

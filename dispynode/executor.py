@@ -1,0 +1,316 @@
+"""The node daemon's handle on a computation process and its job processes.
+
+::
+
+    Computation  --socket pair--> computation process (``_computation.main``)
+        | setup(): spawn, C_LOAD, wait C_READY, C_FORK n
+        | close(): C_CLEANUP, wait for exit (kill after a grace period)
+        `-- Worker (one per job process, connected on the node's unix socket)
+              run(job): W_JOB; on W_RESULT -> NodeServer.job_ended
+              process died mid-job -> job ends Terminated (or Cancelled) with the
+              exit status that the computation process reports (C_EXITED)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from dispy import transport
+from dispy.core import jobstate
+from dispy.errors import ConnectionClosed
+from dispy.protocol import Kind, split_segments
+
+if TYPE_CHECKING:
+    from .server import NodeJob, NodeServer, Session
+
+logger = logging.getLogger("dispynode")
+
+#: Seconds to wait for a job process's exit status after its socket closed.
+EXIT_STATUS_WAIT = 2.0
+#: Seconds a closing computation's processes get before SIGKILL.
+CLOSE_GRACE = 3.0
+_NONE = b"N."  # pickle of None
+
+
+def safe_relpath(path: str) -> str:
+    """A client-given file path, checked to stay inside the computation's folder."""
+    norm = os.path.normpath(path)
+    if not path or os.path.isabs(path) or norm.startswith("..") or "\0" in path:
+        raise ValueError(f"file path {path!r} must be relative and stay inside the computation")
+    return norm
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class Worker:
+    """Daemon side of one job process."""
+
+    def __init__(self, comp: Computation, chan: transport.Channel, pid: int) -> None:
+        self.comp = comp
+        self.chan = chan
+        self.pid = pid
+        self.job: NodeJob | None = None
+        self.exit_code: int | None = None
+        self.gone = False
+        chan.on_message = self._on_message
+        chan.on_close = self._on_close
+
+    def run(self, job: NodeJob) -> None:
+        self.job = job
+        job.worker = self
+        self.chan.send(Kind.W_JOB, {"j": job.jid, "s": job.lens}, job.payload)
+        job.payload = None
+
+    def _on_message(self, msg) -> None:
+        if msg.kind != Kind.W_RESULT or self.job is None:
+            return
+        ctl = msg.ctl
+        job, self.job = self.job, None
+        info = {k: ctl[k] for k in ("st", "t0", "t1", "o", "e", "x") if k in ctl}
+        segs = split_segments(msg.payload, ctl["s"])
+        self.comp.worker_idle(self)
+        self.comp.node.job_ended(job, info, segs)
+        self.comp.job_left()
+
+    def _on_close(self, exc) -> None:
+        self.gone = True
+        self.comp.worker_gone(self)
+        if self.job is not None:
+            if self.exit_code is None:
+                asyncio.get_running_loop().call_later(EXIT_STATUS_WAIT, self._end_job)
+            else:
+                self._end_job()
+
+    def exited(self, code: int) -> None:
+        self.exit_code = code
+        if self.gone and self.job is not None:
+            self._end_job()
+
+    def _end_job(self) -> None:
+        job, self.job = self.job, None
+        if job is None:
+            return
+        if job.cancelled:
+            info = {"st": jobstate.Cancelled, "x": "cancelled while running"}
+        else:
+            how = describe_exit(self.exit_code) if self.exit_code is not None else "ended"
+            info = {
+                "st": jobstate.Terminated,
+                "x": f"the job's process (pid {self.pid}) {how} while running the job",
+            }
+        self.comp.node.job_ended(job, info, [_NONE])
+        self.comp.job_left()
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Computation:
+    """A computation set up on this node for one client session."""
+
+    def __init__(self, node: NodeServer, session: Session, cid: str, name: str) -> None:
+        self.node = node
+        self.session = session
+        self.cid = cid
+        self.name = name
+        self.dir = os.path.join(node.dest_path, f"{_safe_name(name)}_{cid}")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.token = os.urandom(32)
+        self.ready = False
+        self.closed = False
+        self.error = ""
+        self.jobs_done = 0
+        self.workers: dict[int, Worker] = {}
+        self._idle: list[Worker] = []
+        self._dying: dict[int, Worker] = {}
+        self._proc: subprocess.Popen | None = None
+        self._ctl: transport.Channel | None = None
+        self._reply: asyncio.Future | None = None
+        self._drained = asyncio.Event()
+        node.computations[cid] = self
+
+    # -- files ----------------------------------------------------------------
+    def write_file(self, rel: str, offset: int, data, mode: int) -> None:
+        """Runs in a thread (disk I/O off the loop)."""
+        path = os.path.join(self.dir, rel)
+        real = os.path.realpath(path)
+        if not real.startswith(os.path.realpath(self.dir) + os.sep):
+            raise ValueError(f"file path {rel!r} escapes the computation's folder")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(path, flags, mode)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    # -- setup ----------------------------------------------------------------
+    async def setup(self, spec: bytes) -> None:
+        if self.ready or self._proc is not None:
+            raise ValueError(f"computation {self.cid} is already set up")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "dispynode._computation", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._ctl = await transport.open_local(ours)
+        self._ctl.on_message = self._on_ctl
+        self._ctl.on_close = self._on_ctl_close
+        self._ctl.start()
+        self._reply = asyncio.get_running_loop().create_future()
+        self._ctl.send(
+            Kind.C_LOAD,
+            {
+                "cid": self.cid,
+                "dir": self.dir,
+                "addr": self.node.worker_addr,
+                "token": self.token,
+                "node_name": self.node.name,
+                "node_ip": self.node.ip_addr,
+            },
+            [spec],
+        )
+        ok, reason = await self._reply
+        if ok:
+            self.ready = True
+            self._ctl.send(Kind.C_FORK, {"n": self.node.cpus})
+            logger.info("computation %s (%s) set up for %s", self.name, self.cid, self.session.peer)
+        else:
+            self.error = (
+                f"setup of computation {self.name!r} failed on node {self.node.name}: {reason}"
+            )
+            logger.warning("%s", self.error)
+            await self._wait_exit()
+
+    def _on_ctl(self, msg) -> None:
+        kind, ctl = msg.kind, msg.ctl
+        if kind == Kind.C_READY:
+            if self._reply is not None and not self._reply.done():
+                self._reply.set_result((bool(ctl.get("ok")), ctl.get("r", "")))
+        elif kind == Kind.C_EXITED:
+            pid, code = ctl["p"], ctl["c"]
+            worker = self.workers.get(pid) or self._dying.pop(pid, None)
+            if worker is not None:
+                worker.exited(code)
+            if not self.closed and self.ready:
+                if code != 0 or worker is not None:
+                    self._ctl.send(Kind.C_FORK, {"n": 1})  # replace it
+
+    def _on_ctl_close(self, exc) -> None:
+        if self._reply is not None and not self._reply.done():
+            code = self._proc.poll() if self._proc else None
+            how = describe_exit(code) if code is not None else "ended"
+            self._reply.set_result((False, f"the computation process {how}"))
+        if not self.closed and self.ready:
+            self.ready = False
+            self.error = f"the computation process of {self.name!r} ended unexpectedly"
+            logger.warning("%s", self.error)
+            for w in list(self.workers.values()):
+                w.kill(signal.SIGKILL)
+
+    # -- workers ----------------------------------------------------------------
+    def add_worker(self, worker: Worker) -> None:
+        if self.closed:
+            worker.chan.close()
+            return
+        self.workers[worker.pid] = worker
+        self._idle.append(worker)
+        worker.chan.start()
+        self.node.dispatch()
+
+    def idle_worker(self) -> Worker | None:
+        return self._idle.pop() if self._idle else None
+
+    def worker_idle(self, worker: Worker) -> None:
+        if not worker.gone:
+            self._idle.append(worker)
+
+    def worker_gone(self, worker: Worker) -> None:
+        self.workers.pop(worker.pid, None)
+        if worker.job is not None:  # its exit status (C_EXITED) says what happened
+            self._dying[worker.pid] = worker
+        if worker in self._idle:
+            self._idle.remove(worker)
+
+    def cancel_running(self, jid: int) -> None:
+        for w in self.workers.values():
+            if w.job is not None and w.job.jid == jid:
+                w.job.cancelled = True
+                w.kill(signal.SIGTERM)
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, w.kill, signal.SIGKILL)
+                return
+
+    # -- close ------------------------------------------------------------------
+    async def close(self, terminate: bool = False) -> str:
+        """Run cleanup and stop the processes; return cleanup's error text, if any."""
+        if self.closed:
+            return ""
+        self.closed = True
+        self.ready = False
+        self.node.computations.pop(self.cid, None)
+        error = ""
+        if self._ctl is not None and not self._ctl.is_closed:
+            if not terminate:
+                await self._drain_running()
+            self._reply = asyncio.get_running_loop().create_future()
+            try:
+                self._ctl.send(Kind.C_CLEANUP, {"grace": CLOSE_GRACE})
+                ok, error = await asyncio.wait_for(self._reply, CLOSE_GRACE + 30)
+            except (ConnectionClosed, TimeoutError):
+                error = "cleanup did not finish"
+        await self._wait_exit()
+        if self._ctl is not None:
+            self._ctl.close()
+        for w in list(self.workers.values()):
+            w.chan.close()
+        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+        return error
+
+    async def _drain_running(self) -> None:
+        """Wait for jobs running on this computation's workers to end (close without terminate)."""
+        while any(w.job is not None for w in self.workers.values()):
+            self._drained.clear()
+            await self._drained.wait()
+
+    def job_left(self) -> None:
+        if not any(w.job is not None for w in self.workers.values()):
+            self._drained.set()
+
+    async def _wait_exit(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.wait), CLOSE_GRACE + 5)
+        except TimeoutError:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return keep[:40] or "computation"

@@ -1,0 +1,179 @@
+"""``dispynode``: the daemon that runs jobs for dispy clients.
+
+::
+
+    dispynode [-i ADDR]... [--node_port PORT] [-c CPUS] [-s SECRET] [--dest_path DIR]
+
+    main() --> NodeServer (server.py, asyncio) --> per client: Session
+                                               --> per computation: Computation
+                                                   (executor.py) --> computation
+                                                   process --> job processes
+
+Prints one line ``dispynode ready: ...`` on stdout once it listens (tools and
+tests wait for it), then serves until SIGINT/SIGTERM, ``quit`` on standard
+input (unless --daemon), or --serve clients have come and gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from dispy import config
+
+from .server import NodeServer, install_signal_handlers
+
+logger = logging.getLogger("dispynode")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dispynode",
+        description="Run jobs for dispy clients (JobCluster) on this machine.",
+    )
+    p.add_argument(
+        "-i",
+        "--ip_addr",
+        "--host",
+        dest="ip_addr",
+        action="append",
+        default=[],
+        help="address to listen on (repeatable; default: all addresses)",
+    )
+    p.add_argument("--ext_ip_addr", help="address clients should use (behind NAT)")
+    p.add_argument(
+        "-c",
+        "--cpus",
+        type=int,
+        default=0,
+        help="CPUs to use for jobs (default all; negative: all but that many)",
+    )
+    p.add_argument(
+        "--node_port", type=int, default=config.NODE_PORT, help="TCP port (default %(default)s)"
+    )
+    p.add_argument(
+        "-s",
+        "--secret",
+        default=None,
+        help="shared secret (visible in ps; prefer --secret_file or $DISPY_SECRET)",
+    )
+    p.add_argument("--secret_file", help="read the shared secret from this file")
+    p.add_argument("--name", help="node name reported to clients (default: host name)")
+    p.add_argument(
+        "--dest_path", default=config.DEFAULT_DEST_PATH, help="where computations' files go"
+    )
+    p.add_argument(
+        "--max_file_size",
+        type=int,
+        default=0,
+        help="largest file a client may send (bytes; 0: no limit)",
+    )
+    p.add_argument(
+        "--clean", action="store_true", help="remove files left under dest_path by earlier runs"
+    )
+    p.add_argument("--serve", type=int, default=-1, help="exit after serving this many clients")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
+    p.add_argument("--quit_on_eof", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    ncpu = os.cpu_count() or 1
+    if args.cpus <= 0:
+        args.cpus = max(1, ncpu + args.cpus)
+    elif args.cpus > ncpu:
+        logger.warning("--cpus %d is more than this machine's %d CPUs", args.cpus, ncpu)
+    if not 0 <= args.node_port <= 65535:
+        p.error(f"--node_port {args.node_port} is not a port number (0-65535)")
+    if args.secret_file:
+        try:
+            with open(args.secret_file) as f:
+                args.secret = f.read().strip()
+        except OSError as exc:
+            p.error(f"cannot read --secret_file: {exc}")
+    if args.secret is None:
+        args.secret = os.environ.get("DISPY_SECRET", "")
+    return args
+
+
+async def _stdin_commands(node: NodeServer, quit_on_eof: bool) -> None:
+    """Read ``status`` / ``quit`` from standard input (dispy's interactive node)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except (ValueError, OSError):
+        return  # stdin is not a pipe or terminal we can watch
+    while True:
+        line = await reader.readline()
+        if not line:
+            if quit_on_eof:
+                node.stopped.set()
+            return
+        cmd = line.decode(errors="replace").strip().lower()
+        if cmd in ("quit", "exit"):
+            node.stopped.set()
+            return
+        if cmd == "status":
+            print(
+                f"{node.name}: {node.cpus} CPUs, {node.running} running, {len(node.queue)} queued, "
+                f"{node.jobs_done} done, {len(node.sessions)} clients",
+                flush=True,
+            )
+
+
+async def run(args: argparse.Namespace) -> int:
+    node = NodeServer(
+        ip_addrs=args.ip_addr,
+        port=args.node_port,
+        secret=args.secret,
+        cpus=args.cpus,
+        dest_path=args.dest_path,
+        name=args.name,
+        ext_ip_addr=args.ext_ip_addr,
+        max_file_size=args.max_file_size,
+        serve=args.serve,
+    )
+    if args.clean:
+        node.clean()
+    try:
+        await node.start()
+    except OSError as exc:
+        print(
+            f"dispynode: cannot listen on {args.ip_addr or 'all addresses'} port {args.node_port}: "
+            f"{exc.strerror or exc} (is another dispynode using it? try --node_port)",
+            file=sys.stderr,
+        )
+        return 2
+    install_signal_handlers(node)
+    addrs = " ".join(f"{h}:{p}" for h, p in node.bound)
+    print(f"dispynode ready: name={node.name} cpus={node.cpus} addr={addrs}", flush=True)
+    logger.info("serving on %s with %d CPUs, files under %s", addrs, node.cpus, node.dest_path)
+    stdin_task = None
+    if not args.daemon or args.quit_on_eof:
+        stdin_task = asyncio.get_running_loop().create_task(_stdin_commands(node, args.quit_on_eof))
+    await node.stopped.wait()
+    if stdin_task is not None:
+        stdin_task.cancel()
+    await node.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s dispynode %(levelname)s %(message)s",
+    )
+    try:
+        import uvloop  # optional, faster event loop where installed
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

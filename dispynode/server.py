@@ -1,0 +1,423 @@
+"""The node daemon's event-loop side: client sessions, computations, job dispatch.
+
+::
+
+    client --TCP (authenticated)--> Session --FILE/COMPUTE--> Computation (executor.py)
+                                      |                         |-- computation process
+                                      |--JOBS--> NodeServer.queue   `-- job processes
+                                      |             | dispatch: one job per idle job process,
+                                      |             v at most `cpus` at once
+                                      |          Worker --W_JOB--> job process
+                                      |<-RESULTS-- Worker <-W_RESULT-- (forwarded, not unpickled)
+                                      `--ACK-->  result dropped from the session's unacked set
+
+The daemon never unpickles user data: arguments and results are forwarded
+as the bytes the client and the job process made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import time
+
+import psutil
+
+from dispy import transport
+from dispy._version import __version__
+from dispy.core import jobstate
+from dispy.errors import ConnectionClosed, ProtocolError
+from dispy.protocol import Kind, derive_key, field, split_segments
+
+from .executor import Computation, Worker, safe_relpath
+
+logger = logging.getLogger("dispynode")
+
+
+class NodeJob:
+    """A job as the node sees it: where it came from, its argument segments, its worker."""
+
+    __slots__ = ("comp", "jid", "lens", "payload", "worker", "cancelled", "t0")
+
+    def __init__(self, comp: Computation, jid: int, lens: list, payload) -> None:
+        self.comp = comp
+        self.jid = jid
+        self.lens = lens
+        self.payload = payload
+        self.worker: Worker | None = None
+        self.cancelled = False
+        self.t0 = 0.0
+
+
+class Session:
+    """One authenticated client connection and the computations it set up."""
+
+    def __init__(self, node: NodeServer, chan: transport.Channel) -> None:
+        self.node = node
+        self.chan = chan
+        self.peer = chan.peer
+        self.comps: dict[str, Computation] = {}
+        self.unacked: dict[tuple[str, int], tuple] = {}
+        self._out: list = []
+        self._flush_scheduled = False
+        self._ops: asyncio.Queue = asyncio.Queue()
+        self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+        chan.on_message = self.on_message
+        chan.on_close = self.on_close
+        chan.start()
+
+    # -- messages from the client ---------------------------------------------
+    def on_message(self, msg) -> None:
+        kind, ctl = msg.kind, msg.ctl
+        if kind == Kind.JOBS:
+            self._jobs(ctl, msg.payload)
+        elif kind == Kind.ACK:
+            cid = field(ctl, "c", str)
+            for jid in field(ctl, "j", list):
+                self.unacked.pop((cid, jid), None)
+        elif kind == Kind.INFO_REQ:
+            self.chan.send(Kind.INFO, self.node.info())
+        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE):
+            self._ops.put_nowait((kind, ctl, msg.payload))
+        elif kind == Kind.CANCEL:
+            comp = self.comps.get(field(ctl, "c", str))
+            if comp is not None:
+                for jid in field(ctl, "j", list):
+                    self.node.cancel(comp, jid)
+        elif kind == Kind.PING:
+            self.chan.send(Kind.PONG, {})
+        else:
+            raise ProtocolError(f"unexpected message kind {kind} from a client")
+
+    def _jobs(self, ctl: dict, payload) -> None:
+        cid = field(ctl, "c", str)
+        comp = self.comps.get(cid)
+        segs = split_segments(payload, field(ctl, "s", list))
+        pos = 0
+        jobs = []
+        for entry in field(ctl, "j", list):
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise ProtocolError("job entry must be [job id, segment count]")
+            jid, n = entry
+            if not isinstance(jid, int) or not isinstance(n, int) or n < 1 or pos + n > len(segs):
+                raise ProtocolError("bad job entry")
+            part = segs[pos : pos + n]
+            pos += n
+            if comp is None or not comp.ready:
+                why = comp.error if comp is not None else "computation not set up on this node"
+                self.send_result(cid, jid, {"st": jobstate.Terminated, "x": why}, [b"N."])
+                continue
+            lens = [p.nbytes for p in part]
+            # keep one buffer per job: the payload of a batch frame holds many jobs
+            jobs.append(NodeJob(comp, jid, lens, part))
+        self.node.enqueue(jobs)
+
+    async def _run_ops(self) -> None:
+        """FILE, COMPUTE and CLOSE in arrival order (they touch the disk and processes)."""
+        while True:
+            kind, ctl, payload = await self._ops.get()
+            try:
+                if kind == Kind.FILE:
+                    await self._file(ctl, payload)
+                elif kind == Kind.COMPUTE:
+                    await self._compute(ctl, payload)
+                elif kind == Kind.CLOSE:
+                    await self._close_comp(ctl)
+            except (ProtocolError, ValueError) as exc:
+                logger.warning("request from %s refused: %s", self.peer, exc)
+                self._reply_error(kind, ctl, str(exc))
+            except ConnectionClosed:
+                return
+            except Exception as exc:
+                logger.exception("request %s from %s failed", kind, self.peer)
+                self._reply_error(kind, ctl, f"{type(exc).__name__}: {exc}")
+
+    def _reply_error(self, kind, ctl, reason: str) -> None:
+        if self.chan.is_closed:
+            return
+        cid = ctl.get("c", "") if isinstance(ctl.get("c"), str) else ""
+        if kind == Kind.COMPUTE:
+            self.chan.send(Kind.COMPUTE_REPLY, {"c": cid, "ok": False, "r": reason})
+        else:
+            self.chan.send(Kind.ERROR, {"c": cid, "r": reason})
+
+    def _comp_for_files(self, cid: str, name: str) -> Computation:
+        comp = self.comps.get(cid)
+        if comp is None:
+            if len(cid) > 64 or not cid.isalnum():
+                raise ProtocolError("computation id must be alphanumeric, at most 64 characters")
+            comp = Computation(self.node, self, cid, name)
+            self.comps[cid] = comp
+        return comp
+
+    async def _file(self, ctl: dict, payload) -> None:
+        cid = field(ctl, "c", str)
+        comp = self._comp_for_files(cid, field(ctl, "n", str, default="computation"))
+        rel = safe_relpath(field(ctl, "p", str))
+        offset = field(ctl, "o", int, default=0)
+        mode = field(ctl, "m", int, default=0o644) & 0o777
+        size = offset + len(payload)
+        if size > self.node.max_file_size:
+            raise ValueError(
+                f"file {rel!r} ({size} bytes) exceeds this node's limit of "
+                f"{self.node.max_file_size} bytes (dispynode --max_file_size)"
+            )
+        data = bytes(payload) if len(payload) < 65536 else payload
+        await asyncio.to_thread(comp.write_file, rel, offset, data, mode)
+
+    async def _compute(self, ctl: dict, payload) -> None:
+        cid = field(ctl, "c", str)
+        comp = self._comp_for_files(cid, field(ctl, "n", str))
+        await comp.setup(bytes(payload))
+        reply = {"c": cid, "ok": comp.ready}
+        if not comp.ready:
+            reply["r"] = comp.error
+        if not self.chan.is_closed:
+            self.chan.send(Kind.COMPUTE_REPLY, reply)
+
+    async def _close_comp(self, ctl: dict) -> None:
+        cid = field(ctl, "c", str)
+        comp = self.comps.pop(cid, None)
+        error = ""
+        if comp is not None:
+            self.node.drop_jobs(comp, terminate=bool(ctl.get("t", False)))
+            error = await comp.close(terminate=bool(ctl.get("t", False)))
+        if not self.chan.is_closed:
+            self.chan.send(Kind.CLOSED, {"c": cid, "r": error or ""})
+
+    # -- results to the client ------------------------------------------------
+    def send_result(self, cid: str, jid: int, info: dict, segs) -> None:
+        entry = dict(info)
+        entry["c"], entry["j"] = cid, jid
+        self.unacked[(cid, jid)] = (entry, segs)
+        if self.chan.is_closed:
+            return
+        self._out.append((entry, segs))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.chan.is_closed:
+            return
+        entries, lens, flat = [], [], []
+        for entry, segs in out:
+            e = dict(entry)
+            e["n"] = len(segs)
+            entries.append(e)
+            for s in segs:
+                mv = memoryview(s)
+                lens.append(mv.nbytes)
+                flat.append(mv)
+        try:
+            self.chan.send(Kind.RESULTS, {"r": entries, "s": lens}, flat)
+        except ConnectionClosed:
+            pass
+
+    def send_status(self, cid: str, jid: int, status: int, t0: float) -> None:
+        if not self.chan.is_closed:
+            self.chan.send(Kind.STATUS, {"c": cid, "j": jid, "st": status, "t0": t0})
+
+    # -- end ----------------------------------------------------------------
+    def on_close(self, exc) -> None:
+        if exc is not None:
+            logger.info("client %s disconnected: %s", self.peer, exc)
+        self._ops_task.cancel()
+        asyncio.get_running_loop().create_task(self._close_all())
+
+    async def _close_all(self) -> None:
+        comps, self.comps = list(self.comps.values()), {}
+        for comp in comps:
+            self.node.drop_jobs(comp, terminate=True)
+        await asyncio.gather(*(c.close(terminate=True) for c in comps), return_exceptions=True)
+        self.node.session_ended(self)
+
+
+class NodeServer:
+    """Accepts clients, runs their computations, keeps at most ``cpus`` jobs running."""
+
+    def __init__(
+        self,
+        *,
+        ip_addrs: list[str],
+        port: int,
+        secret: str,
+        cpus: int,
+        dest_path: str,
+        name: str | None = None,
+        ext_ip_addr: str | None = None,
+        max_file_size: int = 0,
+        serve: int = -1,
+    ) -> None:
+        self.ip_addrs = ip_addrs
+        self.port = port
+        self.key = derive_key(secret)
+        self.cpus = cpus
+        self.dest_path = os.path.abspath(dest_path)
+        self.name = name or socket.gethostname()
+        self.ext_ip_addr = ext_ip_addr
+        self.max_file_size = max_file_size or (1 << 40)
+        self.serve_limit = serve
+        self.sessions: set[Session] = set()
+        self.computations: dict[str, Computation] = {}
+        self.queue: collections.deque[NodeJob] = collections.deque()
+        self.running = 0
+        self.jobs_done = 0
+        self.worker_addr = f"\0dispynode-{os.getpid()}-{os.urandom(8).hex()}"
+        self.stopped = asyncio.Event()
+        self._servers: list[asyncio.Server] = []
+        self.bound: list[tuple[str, int]] = []
+        self.served = 0
+
+    async def start(self) -> None:
+        os.makedirs(self.dest_path, mode=0o700, exist_ok=True)
+        psutil.cpu_percent(None)
+        hosts = self.ip_addrs or [None]
+        for host in hosts:
+            srv = await transport.serve(host, self.port, self.key, self._on_client)
+            self._servers.append(srv)
+            for sock in srv.sockets:
+                self.bound.append(sock.getsockname()[:2])
+            if self.port == 0 and self.bound:  # the other addresses use the same port
+                self.port = self.bound[0][1]
+        self._servers.append(await transport.serve_unix(self.worker_addr, self._on_worker))
+
+    @property
+    def ip_addr(self) -> str:
+        if self.ext_ip_addr:
+            return self.ext_ip_addr
+        for host, _ in self.bound:
+            if host not in ("0.0.0.0", "::"):
+                return host
+        return socket.gethostbyname(socket.gethostname()) if self.bound else ""
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "ip": self.ip_addr,
+            "cpus": self.cpus,
+            "platform": platform.platform(),
+            "version": __version__,
+            "avail": self.avail_info(),
+        }
+
+    def avail_info(self) -> dict:
+        try:
+            disk = psutil.disk_usage(self.dest_path).free
+        except OSError:
+            disk = 0
+        return {
+            "cpu": psutil.cpu_percent(None),
+            "memory": psutil.virtual_memory().available,
+            "disk": disk,
+            "swap": psutil.swap_memory().percent,
+        }
+
+    # -- clients --------------------------------------------------------------
+    def _on_client(self, chan: transport.Channel) -> None:
+        logger.info("client %s authenticated", chan.peer)
+        self.sessions.add(Session(self, chan))
+
+    def session_ended(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.served += 1
+        if 0 < self.serve_limit <= self.served:
+            logger.info("served %d clients (--serve); exiting", self.served)
+            self.stopped.set()
+
+    # -- job processes ------------------------------------------------------
+    def _on_worker(self, chan: transport.Channel) -> None:
+        def first(msg) -> None:
+            ctl = msg.ctl
+            comp = self.computations.get(ctl.get("c")) if msg.kind == Kind.W_HELLO else None
+            token = ctl.get("t")
+            if (
+                comp is None
+                or not isinstance(token, bytes)
+                or not hmac.compare_digest(token, comp.token)
+            ):
+                logger.warning("local connection without a valid token; closed")
+                chan.close()
+                return
+            comp.add_worker(Worker(comp, chan, field(ctl, "p", int)))
+
+        chan.on_message = first
+        chan.start()
+
+    # -- the queue ------------------------------------------------------------
+    def enqueue(self, jobs: list[NodeJob]) -> None:
+        self.queue.extend(jobs)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        queue = self.queue
+        scanned = 0
+        while queue and self.running < self.cpus and scanned < len(queue):
+            job = queue[0]
+            worker = job.comp.idle_worker()
+            if worker is None:
+                queue.rotate(-1)
+                scanned += 1
+                continue
+            queue.popleft()
+            scanned = 0
+            self.running += 1
+            job.t0 = time.time()
+            worker.run(job)
+
+    def job_ended(self, job: NodeJob, info: dict, segs) -> None:
+        """A job left its worker (result, crash or cancel); report it, run the next."""
+        self.running -= 1
+        self.jobs_done += 1
+        comp = job.comp
+        comp.jobs_done += 1
+        comp.session.send_result(comp.cid, job.jid, info, segs)
+        self.dispatch()
+
+    def cancel(self, comp: Computation, jid: int) -> None:
+        for job in self.queue:
+            if job.comp is comp and job.jid == jid:
+                self.queue.remove(job)
+                comp.session.send_result(
+                    comp.cid, jid, {"st": jobstate.Cancelled, "x": "cancelled"}, [b"N."]
+                )
+                return
+        comp.cancel_running(jid)
+
+    def drop_jobs(self, comp: Computation, terminate: bool) -> None:
+        """Forget queued jobs of a closing computation (their client is told they are cancelled)."""
+        keep = collections.deque(j for j in self.queue if j.comp is not comp)
+        dropped = len(self.queue) - len(keep)
+        self.queue = keep
+        if dropped:
+            logger.info("dropped %d queued jobs of closed computation %s", dropped, comp.name)
+
+    # -- lifetime -------------------------------------------------------------
+    async def shutdown(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        sessions = list(self.sessions)
+        for s in sessions:
+            s.chan.close()
+        comps = [c for s in sessions for c in s.comps.values()]
+        await asyncio.gather(*(c.close(terminate=True) for c in comps), return_exceptions=True)
+
+    def clean(self) -> None:
+        """--clean: remove what earlier runs left under dest_path."""
+        if os.path.isdir(self.dest_path):
+            shutil.rmtree(self.dest_path, ignore_errors=True)
+
+
+def install_signal_handlers(node: NodeServer) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.stopped.set)

@@ -1,0 +1,108 @@
+"""Computations used by the tests (a user module: dispy ships its source to nodes)."""
+
+import os
+import time
+
+
+def double(x):
+    return x * 2
+
+
+def add(a, b=0):
+    return a + b
+
+
+def echo_print(x):
+    print("out", x)
+    import sys
+
+    print("err", x, file=sys.stderr)
+    return x
+
+
+def fail(msg):
+    raise ValueError(msg)
+
+
+def crash(code):
+    os._exit(code)
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def array_sum(arr):
+    return float(arr.sum())
+
+
+def array_double(arr):
+    return arr * 2
+
+
+def make_array(n):
+    import numpy as np
+
+    return np.arange(n, dtype="f8")
+
+
+def unpicklable_result(x):
+    import threading
+
+    return threading.Lock()
+
+
+def setup_global(value):
+    global SETUP_VALUE
+    SETUP_VALUE = value
+    return 0
+
+
+def read_setup_global(x):
+    return (SETUP_VALUE, x)
+
+
+def bad_setup():
+    raise RuntimeError("setup exploded")
+
+
+def read_file(name):
+    with open(name) as f:
+        return f.read()
+
+
+def whoami():
+    return os.getpid()
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def norm2(self):
+        return self.x * self.x + self.y * self.y
+
+
+def point_norm2(p):
+    return p.norm2()
+
+
+def setup_counter():
+    import multiprocessing.sharedctypes
+
+    global counter
+    counter = multiprocessing.sharedctypes.Value("i", 0)  # with an RLock
+    return 0
+
+
+def bump_counter(delay):
+    time.sleep(delay)
+    with counter.get_lock():
+        counter.value += 1
+        return (os.getpid(), counter.value)
+
+
+def write_marker(path):
+    with open(path, "w") as f:
+        f.write("cleanup ran")

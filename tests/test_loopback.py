@@ -1,0 +1,255 @@
+"""Loopback integration: real dispynode daemons on 127.0.0.1, real JobClusters.
+
+The seed examples 6.2-6.6 run unchanged as programs; the rest of the
+foundation's promises are checked through the API.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+
+import numpy as np
+import pytest
+
+import dispy
+from dispy import DispyJob
+
+from . import jobs
+from .conftest import EXAMPLES, run_example
+
+
+def cluster_for(node, computation, **kw):
+    return dispy.JobCluster(computation, nodes=[node.address], secret=node.secret, **kw)
+
+
+# -- the seed examples, as programs ----------------------------------------------------
+
+
+def test_example_program(node):
+    out = run_example("program.py", node)
+    lines = [ln for ln in out.splitlines() if ": exit " in ln]
+    assert len(lines) == 50
+    for ln in lines:
+        i, rest = ln.split(": exit ")
+        assert rest == f"0, output {int(i) ** 2}"
+
+
+def test_example_canonical(node):
+    out = run_example("sample.py", node)
+    pat = re.compile(r"^(\S+) executed job (\d+) at ([\d.]+) with (\d+)$")
+    found = [pat.match(ln) for ln in out.splitlines() if " executed job " in ln]
+    assert len(found) == 20 and all(found)
+    assert sorted(int(m.group(2)) for m in found) == list(range(20))
+    assert all(5 <= int(m.group(4)) <= 20 for m in found)
+    assert "speedup" in out  # print_status ran
+
+
+def test_example_objects(node):
+    out = run_example("obj_instances.py", node)
+    lines = [ln for ln in out.splitlines() if " / " in ln]
+    assert len(lines) == 10
+    for ln in lines:
+        head, stdout = ln.split(" / ")
+        # job.stdout holds what obj.show() printed on the node
+        assert stdout == head
+
+
+def test_example_setup_cleanup(node):
+    data_file = os.path.join(EXAMPLES, "node_setup.py")
+    out = run_example("node_setup.py", node)
+    with open(data_file, "rb") as f:
+        data = f.read()
+    algs = sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))
+    lines = [ln for ln in out.splitlines() if " : " in ln]
+    assert len(lines) == 10
+    for ln in lines:
+        n, alg, digest = ln.split(" : ")[0].split(": ") + [ln.split(" : ")[1]]
+        assert alg == algs[int(n) % len(algs)]
+        assert digest == hashlib.new(alg, data).hexdigest()
+
+
+def test_example_shared_variable(node):
+    out = run_example("node_shvars.py", node)
+    values = [int(ln.split(": ")[1]) for ln in out.splitlines() if re.match(r"^\d+: \d+$", ln)]
+    assert len(values) == 10
+    # each job adds 1..10 to one counter shared by all jobs on the node
+    assert max(values) >= 10 + 1
+
+
+# -- the API ----------------------------------------------------------------------------
+
+
+def test_submit_and_results(node):
+    with cluster_for(node, jobs.add) as cluster:
+        js = []
+        for i in range(30):
+            job = cluster.submit(i, b=100)
+            job.id = i
+            js.append(job)
+        assert cluster.wait(timeout=60)
+        for job in js:
+            assert job.status == DispyJob.Finished
+            assert job() == job.id + 100
+            assert job.start_time <= job.end_time
+            assert job.ip_addr == "127.0.0.1"
+        nodes, pending = cluster.status()
+        assert pending == 0 and nodes[0].jobs_done == 30
+
+
+def test_stdout_stderr_and_exception(node):
+    with cluster_for(node, jobs.echo_print) as cluster:
+        job = cluster.submit(7)
+        assert job() == 7
+        assert job.stdout == "out 7\n" and job.stderr == "err 7\n"
+    with cluster_for(node, jobs.fail) as cluster:
+        job = cluster.submit("boom")
+        assert job() is None
+        assert job.status == DispyJob.Terminated
+        assert "ValueError: boom" in job.exception and "Traceback" in job.exception
+
+
+def test_crashing_job_does_not_take_node_down(node):
+    with cluster_for(node, jobs.crash) as cluster:
+        job = cluster.submit(3)
+        assert job(timeout=60) is None
+        assert job.status == DispyJob.Terminated
+        assert "exited with status 3" in job.exception
+    # the node serves on
+    with cluster_for(node, jobs.double) as cluster:
+        assert cluster.submit(21)(timeout=60) == 42
+
+
+def test_warm_processes_are_reused(node):
+    with cluster_for(node, jobs.whoami) as cluster:
+        pids = [cluster.submit()() for _ in range(20)]
+    assert len(set(pids)) <= 2  # 2 CPUs: the same two job processes ran all 20 jobs
+
+
+def test_numpy_arrays_both_ways(node):
+    arr = np.random.default_rng(1).random(2_000_000)
+    with cluster_for(node, jobs.array_double) as cluster:
+        out = cluster.submit(arr)(timeout=60)
+    assert isinstance(out, np.ndarray) and np.array_equal(out, arr * 2)
+
+
+def test_setup_globals_and_cleanup(node, tmp_path):
+    marker = tmp_path / "cleanup-ran"
+    cluster = cluster_for(
+        node,
+        jobs.read_setup_global,
+        setup=functools.partial(jobs.setup_global, "from setup"),
+        cleanup=functools.partial(jobs.write_marker, str(marker)),
+    )
+    assert [cluster.submit(i)() for i in range(3)] == [("from setup", i) for i in range(3)]
+    cluster.close()
+    assert marker.read_text() == "cleanup ran"
+
+
+def test_shared_ctypes_from_setup(node):
+    with cluster_for(node, jobs.bump_counter, setup=jobs.setup_counter) as cluster:
+        results = [j() for j in [cluster.submit(0.05) for _ in range(10)]]
+    assert sorted(v for _, v in results) == list(range(1, 11))
+    assert len({pid for pid, _ in results}) == 2  # two processes, one counter
+
+
+def test_depends_file_in_job_directory(node, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("hello node")
+    with cluster_for(node, jobs.read_file, depends=[str(data)]) as cluster:
+        assert cluster.submit("data.txt")(timeout=60) == "hello node"
+
+
+def test_depends_class_from_module(node):
+    with cluster_for(node, jobs.point_norm2, depends=[jobs.Point]) as cluster:
+        assert cluster.submit(jobs.Point(3, 4))(timeout=60) == 25
+
+
+def test_two_nodes_on_one_host(node_factory):
+    a, b = node_factory(cpus=1, secret="two"), node_factory(cpus=1, secret="two")
+    with dispy.JobCluster(
+        jobs.sleep_for, nodes=[a.address, b.address], secret="two"
+    ) as cluster:
+        js = [cluster.submit(0.1) for _ in range(8)]
+        cluster.wait(timeout=60)
+        ports = {j.ip_addr for j in js}
+        nodes, _ = cluster.status()
+    assert all(j.status == DispyJob.Finished for j in js)
+    assert ports == {"127.0.0.1"}
+    assert sorted(n.jobs_done for n in nodes) and all(n.jobs_done > 0 for n in nodes)
+
+
+def test_cancel_queued_job(node):
+    with cluster_for(node, jobs.sleep_for) as cluster:
+        running = [cluster.submit(0.5) for _ in range(4)]  # fills 2 CPUs x prefetch 2
+        queued = cluster.submit(0.5)
+        assert cluster.cancel(queued) == 0
+        assert queued(timeout=30) is None
+        assert queued.status == DispyJob.Cancelled
+        assert all(j(timeout=30) == 0.5 for j in running)
+
+
+def test_context_manager_does_not_swallow(node):
+    with pytest.raises(KeyError), cluster_for(node, jobs.double) as cluster:
+        cluster.submit(1)
+        raise KeyError("mine")
+
+
+def test_print_status(node, capsys):
+    with cluster_for(node, jobs.double) as cluster:
+        for i in range(4):
+            cluster.submit(i)
+        cluster.wait()
+        cluster.print_status()
+    out = capsys.readouterr().out
+    assert "127.0.0.1" in out and "speedup" in out
+
+
+# -- errors a user must understand ----------------------------------------------------------
+
+
+def test_unpicklable_argument_is_a_clear_error(node):
+    import threading
+
+    with cluster_for(node, jobs.double) as cluster:
+        with pytest.raises(dispy.SubmitError, match="argument 0 of submit"):
+            cluster.submit(threading.Lock())
+
+
+def test_unpicklable_result(node):
+    with cluster_for(node, jobs.unpicklable_result) as cluster:
+        job = cluster.submit(1)
+        assert job(timeout=60) is None
+        assert job.status == DispyJob.Terminated
+        assert "result cannot be pickled" in job.exception
+
+
+def test_missing_depends_file():
+    with pytest.raises(dispy.ComputationError, match="depends file .*no-such-file.* not found"):
+        dispy.JobCluster(jobs.double, nodes=["127.0.0.1:1"], depends=["no-such-file.dat"])
+
+
+def test_wrong_secret_abandons_jobs_with_reason(node):
+    with dispy.JobCluster(jobs.double, nodes=[node.address], secret="not-it") as cluster:
+        job = cluster.submit(1)
+        assert job(timeout=30) is None
+        assert job.status == DispyJob.Abandoned
+        assert "secret" in job.exception
+
+
+def test_unknown_node_name(node):
+    with dispy.JobCluster(jobs.double, nodes=["no-such-host.invalid"]) as cluster:
+        job = cluster.submit(1)
+        assert job(timeout=30) is None
+        assert job.status == DispyJob.Abandoned
+        assert "unknown host name" in job.exception
+
+
+def test_failing_setup_is_reported(node):
+    with cluster_for(node, jobs.double, setup=jobs.bad_setup) as cluster:
+        job = cluster.submit(1)
+        assert job(timeout=30) is None
+        assert job.status == DispyJob.Abandoned
+        assert "setup raised" in job.exception and "setup exploded" in job.exception
