@@ -87,14 +87,6 @@ class DispyJob:
             self.result = None
         return result
 
-    def finish(self, timeout: float | None = None) -> bool:
-        """Wait for the end; True if the job ended within ``timeout``."""
-        try:
-            concurrent.futures.wait([self.future], timeout)
-        finally:
-            pass
-        return self.future.done()
-
     def __lt__(self, other: DispyJob) -> bool:
         return self._uid < other._uid
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import select
 import selectors
 import signal
 import socket
@@ -78,6 +79,7 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str) -> None
     """Body of a forked job process; never returns."""
     code = 0
     try:
+        _die_with_parent()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(addr)
         chan = BlockingChannel(sock)
@@ -141,6 +143,17 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str) -> None
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this job process if the computation process dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _install_main(spec, ctl: dict) -> None:
@@ -225,7 +238,7 @@ def _serve(chan: BlockingChannel, ctl: dict, spec, comp_dir: str) -> None:
             except ConnectionClosed:
                 events = None
             if events is None:  # the daemon is gone: stop everything
-                _stop(children, 0)
+                _stop(children, 1.0, rfd)
                 os._exit(0)
             for msg in events:
                 if msg.kind == Kind.C_FORK:
@@ -244,7 +257,7 @@ def _serve(chan: BlockingChannel, ctl: dict, spec, comp_dir: str) -> None:
                         pids.append(pid)
                     chan.send(Kind.C_FORKED, {"p": pids})
                 elif msg.kind == Kind.C_CLEANUP:
-                    _stop(children, msg.ctl.get("grace", 3.0))
+                    _stop(children, msg.ctl.get("grace", 3.0), rfd)
                     text = None
                     if spec.cleanup is not None:
                         try:
@@ -267,35 +280,45 @@ def _reap(chan: BlockingChannel, children: set[int]) -> None:
         chan.send(Kind.C_EXITED, {"p": pid, "c": os.waitstatus_to_exitcode(status)})
 
 
-def _stop(children: set[int], grace: float) -> None:
-    """Terminate job processes: SIGTERM, then SIGKILL after ``grace`` seconds."""
+def _stop(children: set[int], grace: float, wakeup_fd: int) -> None:
+    """Terminate job processes: SIGTERM, then SIGKILL after ``grace`` seconds.
+
+    Waits on the SIGCHLD wake-up pipe, so it returns as soon as all are gone.
+    """
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
     while children:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid:
+        while children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
             children.discard(pid)
-            continue
-        if time.monotonic() > deadline:
+        if not children:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0 and sig == signal.SIGTERM:
+            sig = signal.SIGKILL
             for pid in children:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            for pid in list(children):
-                try:
-                    os.waitpid(pid, 0)
-                except ChildProcessError:
-                    pass
-            break
-        time.sleep(0.01)  # bounded by the grace period; waitpid has no timeout
+            deadline = time.monotonic() + grace
+            continue
+        if left <= 0:
+            break  # unkillable (stuck in the kernel): give up waiting
+        ready, _, _ = select.select([wakeup_fd], [], [], left)
+        if ready:
+            os.read(wakeup_fd, 512)
 
 
 if __name__ == "__main__":
