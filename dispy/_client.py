@@ -169,9 +169,10 @@ class _NodeLink:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 self.host, self.port, type=socket.SOCK_STREAM
             )
-        except socket.gaierror as exc:
+        except (socket.gaierror, UnicodeError) as exc:
+            why = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
             raise _Permanent(
-                f"node {self.host!r}: unknown host name ({exc.strerror}); check the spelling, "
+                f"node {self.host!r}: unknown host name ({why}); check the spelling, "
                 "or give its IP address"
             ) from None
         addr = infos[0][4][0]

@@ -6,8 +6,10 @@ listens beyond loopback and nothing broadcasts.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -59,3 +61,27 @@ def run_example(name: str, node: dispy.LocalNode, *args, timeout: float = 120) -
 def _quiet_local_node_logs(caplog):
     caplog.set_level(logging.INFO, logger="dispy")
     yield
+
+
+_real_getaddrinfo = socket.getaddrinfo
+_LOCAL_NAMES = {"localhost", socket.gethostname()}
+
+
+@pytest.fixture(autouse=True)
+def _no_dns(monkeypatch):
+    """Network safety: no test may make this machine ask a DNS server anything.
+
+    Numeric addresses and local names (answered from /etc/hosts) pass; any
+    other name fails here as an unknown host, as it would with no resolver.
+    """
+
+    def guarded(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is not None and name not in _LOCAL_NAMES:
+            try:
+                ipaddress.ip_address(name)
+            except ValueError:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
+        return _real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
