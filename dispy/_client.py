@@ -47,7 +47,7 @@ from .errors import (
     ProtocolError,
     SubmitError,
 )
-from .protocol import Kind, derive_key, field, split_segments
+from .protocol import Kind, derive_key, field, join_segments, split_segments
 
 logger = logging.getLogger("dispy")
 
@@ -273,21 +273,19 @@ class _NodeLink:
 
     # -- jobs to the node ------------------------------------------------------------
     def send_jobs(self, jobs: list) -> None:
-        entries, lens, flat, size = [], [], [], 0
+        batch, size = [], 0
         for job in jobs:
-            entries.append([job._uid, len(job._segs)])
-            for s in job._segs:
-                n = memoryview(s).nbytes
-                lens.append(n)
-                flat.append(s)
-                size += n
+            batch.append(job)
+            size += sum(memoryview(s).nbytes for s in job._segs)
             if size >= BATCH_BYTES:
-                self._send_batch(entries, lens, flat)
-                entries, lens, flat, size = [], [], [], 0
-        if entries:
-            self._send_batch(entries, lens, flat)
+                self._send_batch(batch)
+                batch, size = [], 0
+        if batch:
+            self._send_batch(batch)
 
-    def _send_batch(self, entries, lens, flat) -> None:
+    def _send_batch(self, jobs: list) -> None:
+        entries = [[job._uid, len(job._segs)] for job in jobs]
+        lens, flat = join_segments(job._segs for job in jobs)
         try:
             self.chan.send(Kind.JOBS, {"c": self.engine.cid, "j": entries, "s": lens}, flat)
         except ConnectionClosed:

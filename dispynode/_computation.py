@@ -36,7 +36,7 @@ import types
 from dispy import serialize
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
-from dispy.protocol import Kind, split_segments
+from dispy.protocol import Kind, join_segments, split_segments
 from dispy.transport import BlockingChannel
 
 
@@ -124,8 +124,8 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str) -> None
                 "st": status,
                 "t0": t0,
                 "t1": t1,
-                "s": [memoryview(s).nbytes for s in segs],
             }
+            reply["s"], segs = join_segments([segs])
             if out.tell():
                 reply["o"] = out.getvalue()
             if err.tell():

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from dispy import transport
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
-from dispy.protocol import Kind, split_segments
+from dispy.protocol import Kind, join_segments, split_segments
 
 if TYPE_CHECKING:
     from .server import NodeJob, NodeServer, Session
@@ -73,7 +73,8 @@ class Worker:
     def run(self, job: NodeJob) -> None:
         self.job = job
         job.worker = self
-        self.chan.send(Kind.W_JOB, {"j": job.jid, "s": job.lens}, job.payload)
+        lens, flat = join_segments([job.payload])
+        self.chan.send(Kind.W_JOB, {"j": job.jid, "s": lens}, flat)
         job.payload = None
 
     def _on_message(self, msg) -> None:

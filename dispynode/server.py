@@ -34,7 +34,7 @@ from dispy import transport
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed, ProtocolError
-from dispy.protocol import Kind, derive_key, field, split_segments
+from dispy.protocol import Kind, derive_key, field, join_segments, split_segments
 
 from .executor import Computation, Worker, safe_relpath
 
@@ -44,12 +44,11 @@ logger = logging.getLogger("dispynode")
 class NodeJob:
     """A job as the node sees it: where it came from, its argument segments, its worker."""
 
-    __slots__ = ("comp", "jid", "lens", "payload", "worker", "cancelled", "t0")
+    __slots__ = ("comp", "jid", "payload", "worker", "cancelled", "t0")
 
-    def __init__(self, comp: Computation, jid: int, lens: list, payload) -> None:
+    def __init__(self, comp: Computation, jid: int, payload: list) -> None:
         self.comp = comp
         self.jid = jid
-        self.lens = lens
         self.payload = payload
         self.worker: Worker | None = None
         self.cancelled = False
@@ -114,9 +113,7 @@ class Session:
                 why = comp.error if comp is not None else "computation not set up on this node"
                 self.send_result(cid, jid, {"st": jobstate.Terminated, "x": why}, [b"N."])
                 continue
-            lens = [p.nbytes for p in part]
-            # keep one buffer per job: the payload of a batch frame holds many jobs
-            jobs.append(NodeJob(comp, jid, lens, part))
+            jobs.append(NodeJob(comp, jid, part))
         self.node.enqueue(jobs)
 
     async def _run_ops(self) -> None:
@@ -209,15 +206,12 @@ class Session:
         out, self._out = self._out, []
         if self.chan.is_closed:
             return
-        entries, lens, flat = [], [], []
+        entries = []
         for entry, segs in out:
             e = dict(entry)
             e["n"] = len(segs)
             entries.append(e)
-            for s in segs:
-                mv = memoryview(s)
-                lens.append(mv.nbytes)
-                flat.append(mv)
+        lens, flat = join_segments(segs for _, segs in out)
         try:
             self.chan.send(Kind.RESULTS, {"r": entries, "s": lens}, flat)
         except ConnectionClosed:

@@ -107,9 +107,7 @@ class Connection:
     def initiate(self) -> None:
         """Queue the first handshake frame (the server speaks first)."""
         if self._state == "start":
-            self._send_raw(
-                Kind.HELLO, {"p": "dispy", "v": list(self._versions), "n": self._nonce}
-            )
+            self._send_raw(Kind.HELLO, {"p": "dispy", "v": list(self._versions), "n": self._nonce})
             self._state = "auth"
 
     # -- receiving ----------------------------------------------------------
@@ -185,7 +183,9 @@ class Connection:
             self._state = "wait_ok"
             return None
         if self._state == "wait_ok" and kind == Kind.AUTH_OK:
-            expected = _proof(self._key, b"dispy-server", self.version, self._peer_nonce, self._nonce)
+            expected = _proof(
+                self._key, b"dispy-server", self.version, self._peer_nonce, self._nonce
+            )
             if not hmac.compare_digest(expected, field(ctl, "m", bytes)):
                 raise AuthenticationFailed(
                     "peer could not prove it holds the secret: it is not the node you meant, "

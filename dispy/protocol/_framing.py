@@ -22,6 +22,7 @@ arrive; no frame is handed up before its tag has been verified.
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import struct
 from dataclasses import dataclass
@@ -40,6 +41,22 @@ _SEQ = struct.Struct("!Q")
 BIG_BODY = 128 * 1024
 #: Size of the staging buffer that holds small frames; must exceed BIG_BODY + header + tag.
 STAGING_SIZE = 512 * 1024
+
+
+#: Payloads are received at addresses that are multiples of this, and the
+#: sender pads large segments to multiples of it, so arrays that pickle
+#: protocol 5 rebuilds in place are aligned (numpy and BLAS need it).
+ALIGN = 64
+#: Segments of at least this many bytes start at an ALIGN boundary in the payload.
+ALIGN_MIN = 1024
+
+
+def aligned_buffer(size: int, offset: int) -> memoryview:
+    """A writable buffer of ``size`` bytes whose byte ``offset`` sits at an ALIGN boundary."""
+    raw = bytearray(size + ALIGN)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    shift = (-(addr + offset)) % ALIGN
+    return memoryview(raw)[shift : shift + size]
 
 
 @dataclass(slots=True)
@@ -142,7 +159,7 @@ class FrameDecoder:
         self._start = 0
         self._end = 0
         # a large frame being received into its own buffer
-        self._big: bytearray | None = None
+        self._big: memoryview | None = None
         self._big_pos = 0
         self._big_head: tuple | None = None  # (kind, ctl_len)
         self._big_mac = None
@@ -153,7 +170,7 @@ class FrameDecoder:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes must be written."""
         if self._big is not None and not self._awaiting_tag:
-            return memoryview(self._big)[self._big_pos :]
+            return self._big[self._big_pos :]
         if self._end == len(self._buf):
             self._compact()
         return self._view[self._end :]
@@ -162,7 +179,7 @@ class FrameDecoder:
         """Record that ``nbytes`` were written into the last ``get_buffer()``."""
         self.bytes_received += nbytes
         if self._big is not None and not self._awaiting_tag:
-            new = memoryview(self._big)[self._big_pos : self._big_pos + nbytes]
+            new = self._big[self._big_pos : self._big_pos + nbytes]
             if self._big_mac is not None:
                 self._big_mac.update(new)
             self._big_pos += nbytes
@@ -212,15 +229,18 @@ class FrameDecoder:
         total = HEADER_SIZE + body_len + tag_size
         if avail >= total:
             b0 = self._start + HEADER_SIZE
-            body = bytes(self._view[b0 : b0 + body_len])
+            if body_len - ctl_len >= ALIGN_MIN:  # may hold an array: align its payload
+                body = aligned_buffer(body_len, ctl_len)
+                body[:] = self._view[b0 : b0 + body_len]
+            else:
+                body = memoryview(bytes(self._view[b0 : b0 + body_len]))
             if tag_size:
                 mac = _new_mac(self.key, self.seq, header)
                 mac.update(body)
                 self._verify(mac, self._view[b0 + body_len : b0 + body_len + tag_size])
             self._start += total
             self._maybe_reset()
-            mv = memoryview(body)
-            return Frame(kind, body[:ctl_len], mv[ctl_len:])
+            return Frame(kind, bytes(body[:ctl_len]), body[ctl_len:])
         if body_len > BIG_BODY:
             self._begin_big(header, kind, ctl_len, body_len)
             return None
@@ -256,14 +276,14 @@ class FrameDecoder:
         return kind, ctl_len, body_len
 
     def _begin_big(self, header: bytes, kind: int, ctl_len: int, body_len: int) -> None:
-        big = bytearray(body_len)
+        big = aligned_buffer(body_len, ctl_len)
         have = min(self._end - self._start - HEADER_SIZE, body_len)
         b0 = self._start + HEADER_SIZE
         big[:have] = self._view[b0 : b0 + have]
         mac = None
         if self._tag_size():
             mac = _new_mac(self.key, self.seq, header)
-            mac.update(memoryview(big)[:have])
+            mac.update(big[:have])
         self._big, self._big_pos, self._big_head, self._big_mac = big, have, (kind, ctl_len), mac
         self._awaiting_tag = have == body_len
         self._start = b0 + have
@@ -278,8 +298,7 @@ class FrameDecoder:
         self._big_pos = 0
         self._awaiting_tag = False
         self._maybe_reset()
-        mv = memoryview(big)
-        return Frame(kind, bytes(mv[:ctl_len]), mv[ctl_len:])
+        return Frame(kind, bytes(big[:ctl_len]), big[ctl_len:])
 
     def _verify(self, mac, tag) -> None:
         if not hmac.compare_digest(mac.digest(), bytes(tag)):

@@ -13,6 +13,7 @@ from enum import IntEnum
 import msgpack
 
 from ..errors import ProtocolError
+from ._framing import ALIGN, ALIGN_MIN
 
 
 class Kind(IntEnum):
@@ -89,32 +90,51 @@ def _tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 
 
+_ZEROS = bytes(ALIGN)
+
+
 def join_segments(groups) -> tuple[list[int], list]:
-    """Flatten groups of buffers; return (lengths, buffers) for a payload."""
+    """Flatten groups of buffers into (lengths, buffers) for a payload.
+
+    A segment of ALIGN_MIN bytes or more is preceded by padding (a negative
+    length) so it starts at an ALIGN boundary of the payload; the receiver's
+    payload is aligned too, so arrays rebuilt from it are aligned.
+    """
     lens: list[int] = []
     flat: list = []
+    pos = 0
     for group in groups:
         for buf in group:
             mv = buf if isinstance(buf, memoryview) else memoryview(buf)
             if mv.ndim != 1 or mv.itemsize != 1:
                 mv = mv.cast("B")
-            lens.append(mv.nbytes)
+            n = mv.nbytes
+            if n >= ALIGN_MIN and pos % ALIGN:
+                pad = ALIGN - pos % ALIGN
+                lens.append(-pad)
+                flat.append(_ZEROS[:pad])
+                pos += pad
+            lens.append(n)
             flat.append(mv)
+            pos += n
     return lens, flat
 
 
 def split_segments(payload: memoryview, lens) -> list[memoryview]:
-    """Cut a payload into the segments its control part announced (checked)."""
+    """Cut a payload into the segments its control part announced (checked);
+    negative lengths are padding, skipped."""
     if not isinstance(lens, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lens
+        isinstance(n, int) and not isinstance(n, bool) and n > -ALIGN for n in lens
     ):
-        raise ProtocolError("segment lengths must be a list of non-negative integers")
-    if sum(lens) != len(payload):
+        raise ProtocolError(f"segment lengths must be a list of integers (padding above -{ALIGN})")
+    total = sum(abs(n) for n in lens)
+    if total != len(payload):
         raise ProtocolError(
-            f"segment lengths add up to {sum(lens)} bytes but the payload has {len(payload)}"
+            f"segment lengths add up to {total} bytes but the payload has {len(payload)}"
         )
     out, pos = [], 0
     for n in lens:
-        out.append(payload[pos : pos + n])
-        pos += n
+        if n >= 0:
+            out.append(payload[pos : pos + n])
+        pos += abs(n)
     return out

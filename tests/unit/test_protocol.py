@@ -44,6 +44,7 @@ from dispy.protocol import (
 )
 from dispy.protocol._connection import NONCE_SIZE
 from dispy.protocol._framing import (
+    ALIGN,
     BIG_BODY,
     HEADER,
     HEADER_SIZE,
@@ -284,10 +285,13 @@ def test_big_numpy_payload_is_sent_without_copy_and_received_in_its_own_buffer()
     for buf in out:
         events += server.receive(buf)
     (msg,) = events
-    body_size = len(pack_ctl(ctl)) + 4 + arr.nbytes
+    body_size = len(pack_ctl(ctl)) + sum(abs(n) for n in lens)
     assert isinstance(msg.payload, memoryview)
-    assert isinstance(msg.payload.obj, bytearray) and len(msg.payload.obj) == body_size
+    # received into a buffer of its own (body size + alignment slack), payload aligned
+    assert isinstance(msg.payload.obj, bytearray)
+    assert body_size <= len(msg.payload.obj) <= body_size + ALIGN
     meta, data = split_segments(msg.payload, msg.ctl["s"])
+    assert np.frombuffer(data, dtype=np.float64).ctypes.data % ALIGN == 0
     assert bytes(meta) == b"meta"
     assert bytes(data) == arr.tobytes()
     np.testing.assert_array_equal(np.frombuffer(data, dtype=np.float64), arr)
@@ -944,7 +948,8 @@ def test_big_body_is_received_in_place():
     dec.buffer_updated(first)
     assert dec.next_frame() is None
     target = dec.get_buffer()
-    assert isinstance(target.obj, bytearray) and len(target.obj) == len(body) + 1
+    assert isinstance(target.obj, bytearray)
+    assert len(body) + 1 <= len(target.obj) <= len(body) + 1 + ALIGN
     assert len(target) == len(body) + 1 - 100  # the rest of the body, straight into place
     pos = first
     body_end = len(frame) - TAG_SIZE
@@ -1272,3 +1277,13 @@ def test_fuzz_mutated_authenticated_stream(case, chunks):
     # tags chain every frame to its place in the stream: whatever is delivered is
     # exactly what the real peer sent, in order (a prefix of the expected events)
     assert got == expected[: len(got)]
+
+
+def test_large_segments_are_padded_to_an_aligned_offset_and_padding_is_skipped():
+    small, big = b"x" * 5, bytes(range(256)) * 8  # 2048 bytes: aligned
+    lens, flat = join_segments([[small, big], [small]])
+    assert lens == [5, -(ALIGN - 5), 2048, 5]
+    payload = memoryview(b"".join(bytes(b) for b in flat))
+    assert [bytes(s) for s in split_segments(payload, lens)] == [small, big, small]
+    with pytest.raises(ProtocolError):
+        split_segments(payload, [5, -ALIGN, 2048, 5])  # padding is never a whole ALIGN
