@@ -452,10 +452,12 @@ class _Engine:
         self.dispatch()
 
     def _complete(self, job: DispyJob, node) -> None:
+        """The job's one end: resolve its future, count it, queue its callbacks."""
+        if job.future.done():
+            return
         self.live.pop(job._uid, None)
         job._segs = None
-        if not job.future.done():
-            job.future.set_result(job.result)
+        job.future.set_result(job.result)
         self.cluster._job_ended(job, node)
 
     def _abandon(self, job: DispyJob, reason: str) -> None:

@@ -169,9 +169,7 @@ def test_depends_class_from_module(node):
 
 def test_two_nodes_on_one_host(node_factory):
     a, b = node_factory(cpus=1, secret="two"), node_factory(cpus=1, secret="two")
-    with dispy.JobCluster(
-        jobs.sleep_for, nodes=[a.address, b.address], secret="two"
-    ) as cluster:
+    with dispy.JobCluster(jobs.sleep_for, nodes=[a.address, b.address], secret="two") as cluster:
         js = [cluster.submit(0.1) for _ in range(8)]
         cluster.wait(timeout=60)
         ports = {j.ip_addr for j in js}

@@ -1,0 +1,54 @@
+"""The command lines: dispynode's options and the dispy program runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import dispy
+
+from . import jobs
+from .conftest import EXAMPLES
+
+
+def _run(*args, env=None, timeout=60):
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_dispy_cli_runs_program_per_argument_set(node):
+    env = dict(os.environ, DISPY_SECRET=node.secret)
+    proc = _run(
+        "-m", "dispy.cli", "-n", node.address, "-a", "3", "-a", "12",
+        os.path.join(EXAMPLES, "square.py"), env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "exit status 0\n9\n" in proc.stdout and "exit status 0\n144\n" in proc.stdout
+
+
+def test_dispy_cli_missing_program():
+    proc = _run("-m", "dispy.cli", "-n", "local", "/no/such/program")
+    assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_dispynode_bad_port_is_a_clear_error():
+    proc = _run("-m", "dispynode", "--node_port", "70000", "--daemon")
+    assert proc.returncode == 2 and "not a port number" in proc.stderr
+
+
+def test_dispynode_port_in_use(node):
+    proc = _run("-m", "dispynode", "-i", "127.0.0.1", "--node_port", str(node.port), "--daemon")
+    assert proc.returncode == 2 and "try --node_port" in proc.stderr
+
+
+def test_dispynode_negative_cpus_and_serve(node_factory):
+    ncpu = os.cpu_count()
+    n = node_factory(cpus=-1 if ncpu > 1 else 1, secret="s", extra_args=("--serve", "1"))
+    with dispy.JobCluster(jobs.double, nodes=[n.address], secret="s") as cluster:
+        assert cluster.submit(2)(timeout=30) == 4
+        nodes, _ = cluster.status()
+        assert nodes[0].cpus == max(1, ncpu - 1)
+    # --serve 1: the node exits once its one client is gone
+    assert n.proc.wait(30) == 0
