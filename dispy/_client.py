@@ -180,8 +180,8 @@ class _NodeLink:
             chan = await transport.connect(addr, self.port, engine.key)
         except AuthenticationFailed as exc:
             raise _Permanent(
-                f"node {self.host}:{self.port} refused this cluster's secret ({exc}); "
-                "use the same secret as the node (JobCluster(..., secret=...) and dispynode -s)"
+                f"authentication with node {self.host}:{self.port} failed ({exc}); "
+                "use the same secret on both sides (JobCluster(..., secret=...) and dispynode -s)"
             ) from None
         except IncompatibleVersion as exc:
             raise _Permanent(f"node {self.host}:{self.port}: {exc}") from None

@@ -259,7 +259,12 @@ class Channel:
 
 def _tune(sock: socket.socket | None) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            # Already closed: the peer broke the protocol (or hung up) before we got
+            # here.  The handshake future holds the real reason; let the caller see it.
+            pass
 
 
 async def connect(

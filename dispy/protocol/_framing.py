@@ -41,6 +41,8 @@ _SEQ = struct.Struct("!Q")
 BIG_BODY = 128 * 1024
 #: Size of the staging buffer that holds small frames; must exceed BIG_BODY + header + tag.
 STAGING_SIZE = 512 * 1024
+#: Its size before authentication (handshake frames are at most 4 KiB).
+UNAUTH_STAGING_SIZE = 8 * 1024
 
 
 #: Payloads are received at addresses that are multiples of this, and the
@@ -152,9 +154,11 @@ class FrameDecoder:
         self.max_ctl = max_ctl
         self.max_body_unauth = max_body_unauth
         self.trusted = trusted
-        self.key: bytes | None = None
+        self._key: bytes | None = None
         self.seq = 0
-        self._buf = bytearray(STAGING_SIZE)
+        # small until the peer authenticates: an unauthenticated connection costs little
+        first = max(UNAUTH_STAGING_SIZE, max_body_unauth + HEADER_SIZE + TAG_SIZE)
+        self._buf = bytearray(STAGING_SIZE if trusted else min(first, STAGING_SIZE))
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -165,6 +169,22 @@ class FrameDecoder:
         self._big_mac = None
         self._awaiting_tag = False
         self.bytes_received = 0
+
+    @property
+    def key(self) -> bytes | None:
+        return self._key
+
+    @key.setter
+    def key(self, key: bytes | None) -> None:
+        """Set when the handshake completes: tags are expected from now on."""
+        self._key = key
+        if len(self._buf) < STAGING_SIZE:
+            pending = self._view[self._start : self._end]
+            buf = bytearray(STAGING_SIZE)
+            buf[: len(pending)] = pending
+            self._end -= self._start
+            self._start = 0
+            self._buf, self._view = buf, memoryview(buf)
 
     # -- buffer interface ---------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:

@@ -1287,3 +1287,14 @@ def test_large_segments_are_padded_to_an_aligned_offset_and_padding_is_skipped()
     assert [bytes(s) for s in split_segments(payload, lens)] == [small, big, small]
     with pytest.raises(ProtocolError):
         split_segments(payload, [5, -ALIGN, 2048, 5])  # padding is never a whole ALIGN
+
+
+def test_unauthenticated_connection_buffers_little_until_the_handshake():
+    server, client = Connection("server", KEY), Connection("client", KEY)
+    assert len(server.decoder._buf) <= 16 * 1024
+    server.initiate()
+    for buf in server.take_output():
+        client.receive(buf)
+    for buf in client.take_output():
+        server.receive(buf)
+    assert server.authenticated and len(server.decoder._buf) == STAGING_SIZE
