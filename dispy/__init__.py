@@ -23,13 +23,24 @@ from .errors import (
     SubmitError,
 )
 
+
+class _UntilConfigured(logging.StreamHandler):
+    """dispy's messages go to stderr, as dispy users expect, until the program
+    configures logging itself (a handler on the root logger): then they only
+    propagate there, never twice."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 logger = logging.getLogger("dispy")
-if not logger.handlers:
-    _handler = logging.StreamHandler()
+if not any(isinstance(h, _UntilConfigured) for h in logger.handlers):
+    _handler = _UntilConfigured()
     _handler.setFormatter(logging.Formatter("%(asctime)s dispy %(levelname)s %(message)s"))
     logger.addHandler(_handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
 
 __all__ = [
     "AuthenticationFailed",

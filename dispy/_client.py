@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import copy
 import logging
 import os
 import queue
@@ -60,6 +61,27 @@ _END_EVENT = {
     jobstate.Cancelled: jobstate.CANCEL,
     jobstate.Abandoned: jobstate.ABANDON,
 }
+
+
+def _job_files(paths) -> tuple[list, list]:
+    """dispy_job_depends: read the files now; ([[name, mode], ...], [contents, ...])."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    specs, datas = [], []
+    for p in paths:
+        if not isinstance(p, str | os.PathLike):
+            raise SubmitError(f"dispy_job_depends takes file paths, not {type(p).__name__}")
+        path = os.fspath(p)
+        try:
+            with open(path, "rb") as f:
+                datas.append(f.read())
+            mode = os.stat(path).st_mode & 0o777
+        except OSError as exc:
+            raise SubmitError(
+                f"dispy_job_depends file {path!r} cannot be read: {exc.strerror}; fix the path"
+            ) from None
+        specs.append([os.path.basename(path), mode])
+    return specs, datas
 
 
 class _Permanent(DispyError):
@@ -191,7 +213,7 @@ class _NodeLink:
         closed = asyncio.get_running_loop().create_future()
         chan.on_close = lambda exc: closed.done() or closed.set_result(exc)
         chan.start()
-        info = await self._request(Kind.INFO_REQ, {}, Kind.INFO)
+        info = await self._request(Kind.INFO_REQ, {"pulse": engine.pulse_interval}, Kind.INFO)
         cpus = field(info, "cpus", int)
         self.node.name = field(info, "name", str)
         self.node.platform = info.get("platform", "")
@@ -251,6 +273,17 @@ class _NodeLink:
         if kind == Kind.RESULTS:
             self.engine.results(self, msg.ctl, msg.payload)
             return
+        if kind == Kind.STATUS:
+            if "a" in msg.ctl:
+                self.node.avail_info = _avail(msg.ctl["a"])
+                self.node.update_time = time.time()
+                self.engine.cluster._node_status(DispyNode.AvailInfo, self.node)
+            else:
+                self.engine.provisional(self, msg.ctl, msg.payload)
+            return
+        if kind == Kind.FILE:
+            self.engine.file_from_job(self, msg.ctl, msg.payload)
+            return
         fut = self._waiters.pop(kind, None)
         if fut is not None and not fut.done():
             fut.set_result(msg.ctl)
@@ -284,7 +317,10 @@ class _NodeLink:
             self._send_batch(batch)
 
     def _send_batch(self, jobs: list) -> None:
-        entries = [[job._uid, len(job._segs)] for job in jobs]
+        entries = [
+            [job._uid, len(job._segs), job._opts] if job._opts else [job._uid, len(job._segs)]
+            for job in jobs
+        ]
         lens, flat = join_segments(job._segs for job in jobs)
         try:
             self.chan.send(Kind.JOBS, {"c": self.engine.cid, "j": entries, "s": lens}, flat)
@@ -336,6 +372,13 @@ def _read_chunk(path: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
 def _avail(d) -> DispyNodeAvailInfo | None:
     if not isinstance(d, dict):
         return None
@@ -356,7 +399,9 @@ class _Engine:
         self.sched = Scheduler(reentrant=reentrant)
         self.links: dict[tuple, _NodeLink] = {}
         self.live: dict[int, DispyJob] = {}
+        self.writes: dict[int, set] = {}  # files jobs sent, being written
         self.fatal: str | None = None
+        self.pulse_interval = cluster._pulse_interval
 
     async def start(self) -> None:
         for host, port, alloc in self.specs:
@@ -447,9 +492,75 @@ class _Engine:
             node.jobs_done += 1
             if t0 and t1:
                 node.cpu_time += t1 - t0
-            self._complete(job, node)
+            self._finish(job, node)
         node.busy = len(self.sched.nodes[link.key].running) if link.key in self.sched.nodes else 0
         self.dispatch()
+
+    def provisional(self, link: _NodeLink, ctl: dict, payload) -> None:
+        uid = field(ctl, "j", int)
+        job = self.live.get(uid)
+        if job is None:
+            return
+        try:
+            value = serialize.loads(split_segments(payload, field(ctl, "s", list)))
+        except Exception as exc:
+            logger.error("provisional result of job %s cannot be unpickled: %s", job.id, exc)
+            return
+        try:
+            job.status = jobstate.next_status(job.status, jobstate.PROVISIONAL)
+        except jobstate.InvalidTransition:
+            return
+        job.result = value
+        self.cluster._provisional(job, link.node)
+
+    def file_from_job(self, link: _NodeLink, ctl: dict, payload) -> None:
+        """A job's dispy_send_file: write it under the cluster's folder, off the loop."""
+        uid = field(ctl, "j", int)
+        rel = field(ctl, "p", str)
+        mode = field(ctl, "m", int, default=0o644) & 0o777
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm.startswith("..") or "\0" in rel:
+            logger.warning("node %s sent a file with a bad path %r; ignored", link.node.name, rel)
+            return
+        if len(payload) > self.cluster.max_file_size:
+            logger.warning(
+                "file %r from job %s (%d bytes) exceeds max_file_size; ignored",
+                rel,
+                uid,
+                len(payload),
+            )
+            return
+        dest = os.path.join(self.cluster.dest_path, norm)
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(_write_file, dest, bytes(payload), mode)
+        )
+        self.writes.setdefault(uid, set()).add(task)
+
+        def done(t: asyncio.Task) -> None:
+            pending = self.writes.get(uid)
+            if pending is not None:
+                pending.discard(t)
+                if not pending:
+                    del self.writes[uid]
+            if not t.cancelled() and t.exception() is not None:
+                logger.error("cannot write file %r sent by job %s: %s", dest, uid, t.exception())
+
+        task.add_done_callback(done)
+
+    def _finish(self, job: DispyJob, node) -> None:
+        """Complete a job once the files it sent are written."""
+        pending = self.writes.get(job._uid)
+        if not pending:
+            self._complete(job, node)
+            return
+
+        tasks = list(pending)  # the set empties as the writes finish
+
+        async def later() -> None:
+            await asyncio.wait(tasks)
+            self._complete(job, node)
+
+        asyncio.get_running_loop().create_task(later())
 
     def _complete(self, job: DispyJob, node) -> None:
         """The job's one end: resolve its future, count it, queue its callbacks."""
@@ -547,6 +658,8 @@ class JobCluster:
         certfile=None,
         recover_file=None,
         callback=None,
+        job_timeout=None,
+        max_file_size=0,
     ) -> None:
         if loglevel is not None:
             logger.setLevel(loglevel)
@@ -556,7 +669,10 @@ class JobCluster:
             raise ComputationError("cleanup must be a function, functools.partial or a bool")
         self._callback = callback or job_status
         self._cluster_status = cluster_status
-        self.dest_path = dest_path
+        self.dest_path = os.path.abspath(dest_path or os.getcwd())
+        self.max_file_size = max_file_size or (1 << 40)
+        self._job_timeout = job_timeout
+        self._pulse_interval = pulse_interval or 10.0
         self.name = getattr(computation, "__name__", None) or os.path.basename(str(computation))
         package = serialize.package_computation(computation, depends, setup, cleanup)
         if not secret:
@@ -618,10 +734,20 @@ class JobCluster:
     def _submit(self, node_key, args, kwargs) -> DispyJob:
         if self._closed:
             raise SubmitError("cluster is closed: create a new JobCluster to submit jobs")
-        kwargs.pop("dispy_job_depends", None)  # per-job files: not supported yet
-        segs = serialize.dumps_args(args, kwargs)
+        job_files = kwargs.pop("dispy_job_depends", None) or ()
+        timeout = kwargs.pop("dispy_job_timeout", None) or self._job_timeout
+        opts: dict = {}
+        file_segs: list = []
+        if timeout:
+            if not isinstance(timeout, int | float) or timeout <= 0:
+                raise SubmitError(f"dispy_job_timeout must be a positive number, not {timeout!r}")
+            opts["t"] = float(timeout)
+        if job_files:
+            opts["f"], file_segs = _job_files(job_files)
+        segs = file_segs + serialize.dumps_args(args, kwargs)
         job = DispyJob(args, kwargs, segs, self)
         job._pinned = node_key
+        job._opts = opts or None
         job.submit_time = time.time()
         with self._done_cond:
             self._unfinished += 1
@@ -661,6 +787,11 @@ class JobCluster:
                 self._done_cond.notify_all()
         if self._cb_queue is not None:
             self._cb_queue.put(("job", job, node, job.status))
+
+    def _provisional(self, job: DispyJob, node) -> None:
+        if self._cb_queue is not None:
+            # a snapshot: by the time the callback runs, the job may have ended
+            self._cb_queue.put(("job", copy.copy(job), node, job.status))
 
     def _status_changed(self, job: DispyJob, node) -> None:
         if self._cluster_status is not None:

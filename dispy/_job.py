@@ -46,6 +46,7 @@ class DispyJob:
         "_kwargs",
         "_segs",
         "_pinned",
+        "_opts",
         "_node",
         "_cluster",
         "__weakref__",
@@ -68,6 +69,7 @@ class DispyJob:
         self._kwargs = kwargs
         self._segs = segs
         self._pinned = None
+        self._opts = None
         self._node = None
         self._cluster = cluster
 

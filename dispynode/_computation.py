@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import logging
 import os
 import select
 import selectors
@@ -75,7 +76,92 @@ class _Runner:
             return jobstate.Terminated, None, _format_exc(exc)
 
 
-def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str) -> None:
+class _JobContext:
+    """The running job, for the ``dispy_*`` functions its code calls."""
+
+    chan: BlockingChannel | None = None
+    jid: int | None = None
+    comp_dir = ""
+    max_file_size = 0
+
+
+_CTX = _JobContext()
+
+
+def dispy_provisional_result(result, timeout=None) -> int:
+    """Send ``result`` to the client now, as a provisional result of this job.
+
+    The client's job gets status ProvisionalResult (its callback runs); the
+    job goes on.  Returns 0, or -1 if not inside a job or ``result`` cannot be
+    pickled (the reason goes to the job's stderr).
+    """
+    if _CTX.chan is None:
+        print("dispy_provisional_result: not called from a running job", file=sys.stderr)
+        return -1
+    try:
+        segs = serialize.dumps(result)
+    except Exception as exc:
+        print(f"dispy_provisional_result: result cannot be pickled: {exc}", file=sys.stderr)
+        return -1
+    lens, flat = join_segments([segs])
+    _CTX.chan.send(Kind.W_PROVISIONAL, {"j": _CTX.jid, "s": lens}, flat)
+    return 0
+
+
+def dispy_send_file(path, timeout=None) -> int:
+    """Send the file at ``path`` to the client, which writes it at the same path
+    relative to its working directory (a path outside the job's folder keeps
+    only its name).  Returns 0, or -1 (reason on the job's stderr)."""
+    if _CTX.chan is None:
+        print("dispy_send_file: not called from a running job", file=sys.stderr)
+        return -1
+    try:
+        full = os.path.abspath(path)
+        size = os.path.getsize(full)
+        if _CTX.max_file_size and size > _CTX.max_file_size:
+            print(
+                f"dispy_send_file: {path!r} has {size} bytes, more than the limit of "
+                f"{_CTX.max_file_size} (dispynode --max_file_size)",
+                file=sys.stderr,
+            )
+            return -1
+        with open(full, "rb") as f:
+            data = f.read()
+        mode = os.stat(full).st_mode & 0o777
+    except OSError as exc:
+        print(f"dispy_send_file: cannot read {path!r}: {exc}", file=sys.stderr)
+        return -1
+    base = os.path.realpath(_CTX.comp_dir) + os.sep
+    real = os.path.realpath(full)
+    rel = real[len(base) :] if real.startswith(base) else os.path.basename(real)
+    _CTX.chan.send(Kind.W_SENDFILE, {"j": _CTX.jid, "p": rel, "m": mode}, [data])
+    return 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged (the job's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _job_logger() -> logging.Logger:
+    log = logging.getLogger("dispynode.job")
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: dict) -> None:
     """Body of a forked job process; never returns."""
     code = 0
     try:
@@ -85,6 +171,8 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str) -> None
         chan = BlockingChannel(sock)
         chan.send(Kind.W_HELLO, {"c": cid, "t": token, "p": os.getpid()})
         runner = _Runner(spec, comp_dir)
+        _CTX.chan, _CTX.comp_dir = chan, comp_dir
+        _CTX.max_file_size = load.get("max_file_size", 0)
         real_out, real_err = sys.stdout, sys.stderr
         while True:
             try:
@@ -94,7 +182,7 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str) -> None
             if msg.kind != Kind.W_JOB:
                 continue
             ctl = msg.ctl
-            jid = ctl["j"]
+            jid = _CTX.jid = ctl["j"]
             out, err = io.StringIO(), io.StringIO()
             t0 = time.time()
             try:
@@ -166,6 +254,9 @@ def _install_main(spec, ctl: dict) -> None:
         "dispy_node_name": ctl.get("node_name", ""),
         "dispy_node_ip_addr": ctl.get("node_ip", ""),
         "dispy_job_path": os.getcwd(),
+        "dispy_provisional_result": dispy_provisional_result,
+        "dispy_send_file": dispy_send_file,
+        "dispynode_logger": _job_logger(),
     }
     g = getattr(spec.func, "__globals__", None)
     for target in (main.__dict__, g):
@@ -252,7 +343,7 @@ def _serve(chan: BlockingChannel, ctl: dict, spec, comp_dir: str) -> None:
                             signal.set_wakeup_fd(-1)
                             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                             chan.sock.close()
-                            _job_process(addr, token, cid, spec, comp_dir)
+                            _job_process(addr, token, cid, spec, comp_dir, ctl)
                         children.add(pid)
                         pids.append(pid)
                     chan.send(Kind.C_FORKED, {"p": pids})

@@ -76,12 +76,33 @@ class Worker:
         lens, flat = join_segments([job.payload])
         self.chan.send(Kind.W_JOB, {"j": job.jid, "s": lens}, flat)
         job.payload = None
+        if job.timeout:
+            job.timer = asyncio.get_running_loop().call_later(job.timeout, self._time_out, job)
+
+    def _time_out(self, job: NodeJob) -> None:
+        if self.job is job:
+            job.timed_out = True
+            self.kill(signal.SIGTERM)
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self.kill, signal.SIGKILL)
 
     def _on_message(self, msg) -> None:
-        if msg.kind != Kind.W_RESULT or self.job is None:
+        job = self.job
+        if job is None:
+            return
+        session, cid = self.comp.session, self.comp.cid
+        if msg.kind == Kind.W_PROVISIONAL:
+            segs = split_segments(msg.payload, msg.ctl["s"])
+            session.send_provisional(cid, job.jid, segs)
+            return
+        if msg.kind == Kind.W_SENDFILE:
+            session.send_file(cid, job.jid, msg.ctl["p"], msg.ctl.get("m", 0o644), msg.payload)
+            return
+        if msg.kind != Kind.W_RESULT:
             return
         ctl = msg.ctl
-        job, self.job = self.job, None
+        self.job = None
+        if job.timer is not None:
+            job.timer.cancel()
         info = {k: ctl[k] for k in ("st", "t0", "t1", "o", "e", "x") if k in ctl}
         segs = split_segments(msg.payload, ctl["s"])
         self.comp.worker_idle(self)
@@ -106,8 +127,16 @@ class Worker:
         job, self.job = self.job, None
         if job is None:
             return
+        if job.timer is not None:
+            job.timer.cancel()
         if job.cancelled:
             info = {"st": jobstate.Cancelled, "x": "cancelled while running"}
+        elif job.timed_out:
+            info = {
+                "st": jobstate.Terminated,
+                "x": f"the job ran longer than its time limit of {job.timeout:g} s "
+                "(dispy_job_timeout) and was stopped",
+            }
         else:
             how = describe_exit(self.exit_code) if self.exit_code is not None else "ended"
             info = {
@@ -192,6 +221,7 @@ class Computation:
                 "token": self.token,
                 "node_name": self.node.name,
                 "node_ip": self.node.ip_addr,
+                "max_file_size": self.node.max_file_size,
             },
             [spec],
         )

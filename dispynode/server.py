@@ -40,19 +40,36 @@ from .executor import Computation, Worker, safe_relpath
 
 logger = logging.getLogger("dispynode")
 
+#: Seconds between a node's pulses to a client (its resources; liveness later).
+DEFAULT_PULSE_INTERVAL = 10.0
+MIN_PULSE_INTERVAL = 0.2
+
 
 class NodeJob:
     """A job as the node sees it: where it came from, its argument segments, its worker."""
 
-    __slots__ = ("comp", "jid", "payload", "worker", "cancelled", "t0")
+    __slots__ = (
+        "comp",
+        "jid",
+        "payload",
+        "worker",
+        "cancelled",
+        "t0",
+        "timeout",
+        "timer",
+        "timed_out",
+    )
 
-    def __init__(self, comp: Computation, jid: int, payload: list) -> None:
+    def __init__(self, comp: Computation, jid: int, payload: list, timeout: float = 0) -> None:
         self.comp = comp
         self.jid = jid
         self.payload = payload
         self.worker: Worker | None = None
         self.cancelled = False
         self.t0 = 0.0
+        self.timeout = timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
 
 
 class Session:
@@ -68,6 +85,8 @@ class Session:
         self._flush_scheduled = False
         self._ops: asyncio.Queue = asyncio.Queue()
         self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+        self.pulse_interval = DEFAULT_PULSE_INTERVAL
+        self._pulse_task: asyncio.Task | None = None
         chan.on_message = self.on_message
         chan.on_close = self.on_close
         chan.start()
@@ -82,6 +101,11 @@ class Session:
             for jid in field(ctl, "j", list):
                 self.unacked.pop((cid, jid), None)
         elif kind == Kind.INFO_REQ:
+            pulse = field(ctl, "pulse", (int, float), default=0)
+            if pulse:
+                self.pulse_interval = max(MIN_PULSE_INTERVAL, float(pulse))
+            if self._pulse_task is None:
+                self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
             self.chan.send(Kind.INFO, self.node.info())
         elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE):
             self._ops.put_nowait((kind, ctl, msg.payload))
@@ -101,27 +125,43 @@ class Session:
         segs = split_segments(payload, field(ctl, "s", list))
         pos = 0
         jobs = []
+        files_jobs = []
         for entry in field(ctl, "j", list):
-            if not (isinstance(entry, list) and len(entry) == 2):
-                raise ProtocolError("job entry must be [job id, segment count]")
-            jid, n = entry
+            if not (isinstance(entry, list) and len(entry) in (2, 3)):
+                raise ProtocolError("job entry must be [job id, segment count, (options)]")
+            jid, n = entry[0], entry[1]
+            opts = entry[2] if len(entry) == 3 else {}
             if not isinstance(jid, int) or not isinstance(n, int) or n < 1 or pos + n > len(segs):
                 raise ProtocolError("bad job entry")
+            if not isinstance(opts, dict):
+                raise ProtocolError("job options must be a map")
             part = segs[pos : pos + n]
             pos += n
             if comp is None or not comp.ready:
                 why = comp.error if comp is not None else "computation not set up on this node"
                 self.send_result(cid, jid, {"st": jobstate.Terminated, "x": why}, [b"N."])
                 continue
-            jobs.append(NodeJob(comp, jid, part))
+            timeout = field(opts, "t", (int, float), default=0)
+            files = field(opts, "f", list, default=[])
+            if len(files) >= n:
+                raise ProtocolError("job has more files than segments")
+            job = NodeJob(comp, jid, part[len(files) :], timeout)
+            if files:
+                files_jobs.append((job, list(zip(files, part[: len(files)], strict=True))))
+            else:
+                jobs.append(job)
         self.node.enqueue(jobs)
+        for job, files in files_jobs:  # write them off the loop, then queue the job
+            self._ops.put_nowait(("job_files", job, files))
 
     async def _run_ops(self) -> None:
         """FILE, COMPUTE and CLOSE in arrival order (they touch the disk and processes)."""
         while True:
             kind, ctl, payload = await self._ops.get()
             try:
-                if kind == Kind.FILE:
+                if kind == "job_files":
+                    await self._job_files(ctl, payload)
+                elif kind == Kind.FILE:
                     await self._file(ctl, payload)
                 elif kind == Kind.COMPUTE:
                     await self._compute(ctl, payload)
@@ -168,6 +208,30 @@ class Session:
             )
         data = bytes(payload) if len(payload) < 65536 else payload
         await asyncio.to_thread(comp.write_file, rel, offset, data, mode)
+
+    async def _job_files(self, job: NodeJob, files: list) -> None:
+        """dispy_job_depends: write the job's files into its folder, then queue it."""
+        try:
+            for spec, data in files:
+                if not (isinstance(spec, list) and len(spec) == 2):
+                    raise ProtocolError("job file entry must be [path, mode]")
+                rel = safe_relpath(field({"p": spec[0]}, "p", str))
+                if len(data) > self.node.max_file_size:
+                    raise ValueError(
+                        f"file {rel!r} ({len(data)} bytes) exceeds this node's limit of "
+                        f"{self.node.max_file_size} bytes (dispynode --max_file_size)"
+                    )
+                mode = spec[1] & 0o777 if isinstance(spec[1], int) else 0o644
+                await asyncio.to_thread(job.comp.write_file, rel, 0, data, mode)
+        except (ValueError, OSError, ProtocolError) as exc:
+            self.send_result(
+                job.comp.cid,
+                job.jid,
+                {"st": jobstate.Terminated, "x": f"the job's files could not be written: {exc}"},
+                [b"N."],
+            )
+            return
+        self.node.enqueue([job])
 
     async def _compute(self, ctl: dict, payload) -> None:
         cid = field(ctl, "c", str)
@@ -217,15 +281,35 @@ class Session:
         except ConnectionClosed:
             pass
 
-    def send_status(self, cid: str, jid: int, status: int, t0: float) -> None:
+    def send_provisional(self, cid: str, jid: int, segs) -> None:
         if not self.chan.is_closed:
-            self.chan.send(Kind.STATUS, {"c": cid, "j": jid, "st": status, "t0": t0})
+            lens, flat = join_segments([segs])
+            self.chan.send(
+                Kind.STATUS, {"c": cid, "j": jid, "st": jobstate.ProvisionalResult, "s": lens}, flat
+            )
+
+    def send_file(self, cid: str, jid: int, path, mode, data) -> None:
+        """A job's dispy_send_file: forward it to the client."""
+        if not isinstance(path, str) or len(data) > self.node.max_file_size:
+            logger.warning("file from job %s refused (bad name or over --max_file_size)", jid)
+            return
+        if not self.chan.is_closed:
+            self.chan.send(Kind.FILE, {"c": cid, "j": jid, "p": path, "m": mode}, [data])
+
+    async def _pulses(self) -> None:
+        """Send the node's free resources every pulse interval (dispy's AvailInfo)."""
+        while not self.chan.is_closed:
+            await asyncio.sleep(self.pulse_interval)  # a period, not a wait for a condition
+            if not self.chan.is_closed:
+                self.chan.send(Kind.STATUS, {"a": self.node.avail_info()})
 
     # -- end ----------------------------------------------------------------
     def on_close(self, exc) -> None:
         if exc is not None:
             logger.info("client %s disconnected: %s", self.peer, exc)
         self._ops_task.cancel()
+        if self._pulse_task is not None:
+            self._pulse_task.cancel()
         asyncio.get_running_loop().create_task(self._close_all())
 
     async def _close_all(self) -> None:

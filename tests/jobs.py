@@ -106,3 +106,28 @@ def bump_counter(delay):
 def write_marker(path):
     with open(path, "w") as f:
         f.write("cleanup ran")
+
+
+def provisional_steps(n):
+    for i in range(n):
+        dispy_provisional_result(("step", i))  # noqa: F821 (provided on the node)
+    return ("done", n)
+
+
+def provisional_unpicklable(x):
+    import threading
+
+    rc = dispy_provisional_result(threading.Lock())  # noqa: F821
+    return ("rc", rc)
+
+
+def pid_then_sleep(path, seconds):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+def node_globals(x):
+    dispynode_logger.info("logged %s", x)  # noqa: F821
+    return (dispy_node_name, dispy_node_ip_addr, os.getcwd() == dispy_job_path)  # noqa: F821

@@ -651,17 +651,12 @@ def _impostor(conn):
 
 @contextlib.contextmanager
 def dispy_warnings(caplog):
-    """Warnings of the (non-propagating) ``dispy`` logger, as they are logged."""
-    logger = logging.getLogger("dispy")
-    logger.addHandler(caplog.handler)
-    try:
-        yield lambda: [
-            r.getMessage()
-            for r in caplog.records
-            if r.levelno >= logging.WARNING and r.name == "dispy"
-        ]
-    finally:
-        logger.removeHandler(caplog.handler)
+    """Warnings of the ``dispy`` logger, as they are logged (they propagate to caplog)."""
+    yield lambda: [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name == "dispy"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hmac
+import mmap
 import struct
 from dataclasses import dataclass
 from hashlib import sha256
@@ -51,11 +52,18 @@ UNAUTH_STAGING_SIZE = 8 * 1024
 ALIGN = 64
 #: Segments of at least this many bytes start at an ALIGN boundary in the payload.
 ALIGN_MIN = 1024
+#: Receive buffers of at least this many bytes are memory maps (see aligned_buffer).
+MMAP_MIN = 1 << 20
 
 
 def aligned_buffer(size: int, offset: int) -> memoryview:
-    """A writable buffer of ``size`` bytes whose byte ``offset`` sits at an ALIGN boundary."""
-    raw = bytearray(size + ALIGN)
+    """A writable buffer of ``size`` bytes whose byte ``offset`` sits at an ALIGN boundary.
+
+    Large buffers are anonymous memory maps: the kernel supplies zeroed pages
+    as they are first written, instead of a user-space memset of the whole
+    buffer before a single byte is received.
+    """
+    raw = mmap.mmap(-1, size + ALIGN) if size >= MMAP_MIN else bytearray(size + ALIGN)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
     shift = (-(addr + offset)) % ALIGN
     return memoryview(raw)[shift : shift + size]

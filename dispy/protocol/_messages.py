@@ -29,14 +29,14 @@ class Kind(IntEnum):
     INFO = 17  # node: name, cpus, platform, resources
     COMPUTE = 18  # client: a computation (pickled spec) to set up
     COMPUTE_REPLY = 19  # node: set up, or why not
-    FILE = 20  # client: a file (or a piece of one) for a computation
+    FILE = 20  # a file: client -> node for a computation, node -> client from a job
     JOBS = 21  # client: a batch of jobs
     RESULTS = 22  # node: a batch of job ends
     ACK = 23  # client: these results are safe here, drop them
     CANCEL = 24  # client: cancel these jobs
     CLOSE = 25  # client: close a computation
     CLOSED = 26  # node: computation closed
-    STATUS = 27  # node: job started / provisional result
+    STATUS = 27  # node: a provisional result, or (no job) a pulse with its resources
     PING = 28
     PONG = 29
     ERROR = 30  # either side: a request failed; ``r`` says why
@@ -51,6 +51,8 @@ class Kind(IntEnum):
     W_JOB = 56  # daemon -> job process: run this job
     W_RESULT = 57  # job process: the job's end
     W_HELLO = 58  # job process: my pid
+    W_PROVISIONAL = 59  # job process: a provisional result of the running job
+    W_SENDFILE = 60  # job process: a file for the client (dispy_send_file)
 
 
 HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.AUTH, Kind.AUTH_OK, Kind.AUTH_FAIL})

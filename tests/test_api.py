@@ -1,0 +1,210 @@
+"""dispy's client API beyond the basics: callbacks, provisional results, files
+back, per-job files and timeouts, node control, and the seed examples 6.7-6.9."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+
+import dispy
+from dispy import DispyJob, DispyNode
+
+from . import jobs
+from .conftest import EXAMPLES, run_example
+
+
+def cluster_for(node, computation, **kw):
+    return dispy.JobCluster(computation, nodes=[node.address], secret=node.secret, **kw)
+
+
+# -- seed examples ------------------------------------------------------------------------
+
+
+def test_example_files_to_client(node, tmp_path):
+    env = dict(os.environ, DISPY_NODES=node.address, DISPY_SECRET=node.secret)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "files_to_client.py")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    names = [ln.rsplit(" ", 1)[1] for ln in proc.stdout.splitlines() if "results in file" in ln]
+    assert len(names) == 20
+    for name in names:
+        n = int(name.split(".")[0])
+        assert (tmp_path / name).read_text() == f"{n} squared is {n * n}\n"
+
+
+def test_example_job_scheduler(node, tmp_path):
+    for i in range(4):
+        (tmp_path / f"data{i:03d}").write_bytes(os.urandom(50_000 + i))
+    env = dict(os.environ, DISPY_NODES=node.address, DISPY_SECRET=node.secret)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(EXAMPLES, "job_scheduler.py")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        lines = []
+        timer = threading.Timer(60, proc.kill)  # bound the wait for the 4 results
+        timer.start()
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if sum("sha1sum for" in ln for ln in lines) == 4:
+                break
+        timer.cancel()
+        out, err = proc.communicate("quit\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    import hashlib
+
+    # the node was announced before the first job (submitted from the callback)
+    first_job = next(i for i, ln in enumerate(lines) if "sha1sum" in ln)
+    assert any("with 2 CPUs available" in ln for ln in lines[:first_job])
+    for i in range(4):
+        name = f"data{i:03d}"
+        digest = hashlib.sha1((tmp_path / name).read_bytes()).hexdigest()
+        assert f"sha1sum for {name}: {digest}" in lines
+
+
+def test_example_bounded_submit(node):
+    out = run_example("bounded_submit.py", node)
+    line = next(ln for ln in out.splitlines() if ln.startswith("submitted"))
+    assert line.startswith("submitted 100 jobs")
+    assert int(line.split("at most ")[1].split()[0]) <= 10
+
+
+# -- callbacks and provisional results --------------------------------------------------------
+
+
+def test_provisional_results_reach_the_callback(node):
+    seen = []
+    done = threading.Event()
+
+    def cb(job):
+        seen.append((job.status, job.result))
+        if job.status == DispyJob.Finished:
+            done.set()
+
+    with cluster_for(node, jobs.provisional_steps, callback=cb) as cluster:
+        job = cluster.submit(3)
+        assert job(timeout=30) == ("done", 3)
+        assert done.wait(30)
+    provisional = [r for st, r in seen if st == DispyJob.ProvisionalResult]
+    assert provisional == [("step", 0), ("step", 1), ("step", 2)]
+    assert seen[-1] == (DispyJob.Finished, ("done", 3))
+
+
+def test_unpicklable_provisional_result_is_reported(node):
+    with cluster_for(node, jobs.provisional_unpicklable) as cluster:
+        job = cluster.submit(1)
+        assert job(timeout=30) == ("rc", -1)
+        assert "cannot be pickled" in job.stderr
+
+
+def test_callback_that_raises_is_logged_and_jobs_go_on(node, caplog):
+    def cb(job):
+        raise RuntimeError("callback broke")
+
+    with cluster_for(node, jobs.double, callback=cb) as cluster:
+        results = [j(timeout=30) for j in [cluster.submit(i) for i in range(5)]]
+        assert cluster.wait(30)
+    assert results == [0, 2, 4, 6, 8]
+    errors = [r for r in caplog.records if "callback raised" in r.getMessage()]
+    assert errors and errors[0].exc_info and "callback broke" in str(errors[0].exc_info[1])
+
+
+def test_cluster_status_sees_nodes_jobs_and_avail_info(node):
+    events = []
+    got_avail = threading.Event()
+
+    def status(st, n, job):
+        events.append((st, job))
+        if st == DispyNode.AvailInfo:
+            got_avail.set()
+
+    with cluster_for(node, jobs.double, cluster_status=status, pulse_interval=0.2) as cluster:
+        job = cluster.submit(4)
+        assert job(timeout=30) == 8
+        assert got_avail.wait(30)
+        nodes, _ = cluster.status()
+        info = nodes[0].avail_info
+        assert info.memory > 0 and info.disk > 0 and 0 <= info.cpu <= 100
+    kinds = [st for st, _ in events]
+    assert kinds.index(DispyNode.Initialized) < kinds.index(DispyJob.Running)
+    assert (DispyJob.Finished, job) in events
+
+
+# -- inside a job ---------------------------------------------------------------------------------
+
+
+def test_node_globals_and_logger(node):
+    with cluster_for(node, jobs.node_globals) as cluster:
+        job = cluster.submit("x")
+        name, ip, in_job_path = job(timeout=30)
+    assert name and ip == "127.0.0.1" and in_job_path
+    assert "logged x" in job.stderr
+
+
+# -- per-job files and timeouts -------------------------------------------------------------------
+
+
+def test_job_depends_files(node, tmp_path):
+    f = tmp_path / "input.txt"
+    f.write_text("per job")
+    with cluster_for(node, jobs.read_file) as cluster:
+        job = cluster.submit("input.txt", dispy_job_depends=[str(f)])
+        assert job(timeout=30) == "per job"
+        with pytest.raises(dispy.SubmitError, match="cannot be read"):
+            cluster.submit("x", dispy_job_depends=[str(tmp_path / "missing.txt")])
+
+
+def test_job_timeout_terminates_overrunning_job(node):
+    with cluster_for(node, jobs.sleep_for) as cluster:
+        job = cluster.submit(60, dispy_job_timeout=0.5)
+        quick = cluster.submit(0.01, dispy_job_timeout=30)
+        assert job(timeout=30) is None
+        assert job.status == DispyJob.Terminated and "time limit of 0.5 s" in job.exception
+        assert quick() == 0.01
+        assert cluster.submit(0.02)(timeout=30) == 0.02
+
+
+def test_cluster_job_timeout_default(node):
+    with cluster_for(node, jobs.sleep_for, job_timeout=0.5) as cluster:
+        job = cluster.submit(60)
+        assert job(timeout=30) is None and "time limit" in job.exception
+
+
+# -- cancel -------------------------------------------------------------------------------------------
+
+
+def test_cancel_kills_the_job_process(node, tmp_path):
+    pidfile = tmp_path / "pid"
+    with cluster_for(node, jobs.pid_then_sleep) as cluster:
+        job = cluster.submit(str(pidfile), 60)
+        probe = cluster.submit(str(tmp_path / "probe"), 0)
+        assert probe(timeout=30) == 0  # the long job has started and written its pid
+        pid = int(pidfile.read_text())
+        proc = psutil.Process(pid)
+        assert cluster.cancel(job) == 0
+        assert job(timeout=30) is None and job.status == DispyJob.Cancelled
+        proc.wait(timeout=30)  # raises if the process is still there
+        assert not psutil.pid_exists(pid) or proc.status() == psutil.STATUS_ZOMBIE
+
+
+# -- node control --------------------------------------------------------------------------------------
+
+
+def test_submit_node_unknown_node_returns_none(node, caplog):
+    caplog.set_level(logging.WARNING, logger="dispy")
+    with cluster_for(node, jobs.double) as cluster:
+        assert cluster.submit_node("10.9.9.9", 1) is None
+    assert "not a node of this cluster" in caplog.text
