@@ -653,9 +653,7 @@ def _impostor(conn):
 def dispy_warnings(caplog):
     """Warnings of the ``dispy`` logger, as they are logged (they propagate to caplog)."""
     yield lambda: [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno >= logging.WARNING and r.name == "dispy"
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "dispy"
     ]
 
 
