@@ -34,6 +34,8 @@ import time
 import uuid
 import weakref
 
+import cloudpickle
+
 from . import _loop, config, serialize, transport
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
@@ -239,27 +241,41 @@ class _NodeLink:
     async def _send_computation(self) -> None:
         pkg = self.engine.package
         cid = self.engine.cid
-        for rel, path in pkg.files:
-            size = os.path.getsize(path)
-            mode = os.stat(path).st_mode & 0o777
-            offset = 0
-            while True:
-                chunk = await asyncio.to_thread(_read_chunk, path, offset, FILE_CHUNK)
-                self.chan.send(
-                    Kind.FILE, {"c": cid, "n": pkg.name, "p": rel, "o": offset, "m": mode}, [chunk]
-                )
-                await self.chan.drain()
-                offset += len(chunk)
-                if offset >= size or not chunk:
-                    break
+        files = list(pkg.files)
+        setup_args = b""
+        if self.alloc is not None:  # this node's own files and setup arguments
+            files += [(os.path.basename(os.fspath(p)), os.fspath(p)) for p in self.alloc.depends]
+            if self.alloc.setup_args:
+                setup_args = cloudpickle.dumps(tuple(self.alloc.setup_args))
+        for rel, path in files:
+            await self.send_file(rel, path)
         reply = await self._request(
-            Kind.COMPUTE, {"c": cid, "n": pkg.name}, Kind.COMPUTE_REPLY, [pkg.spec_bytes]
+            Kind.COMPUTE,
+            {"c": cid, "n": pkg.name, "sa": len(setup_args)},
+            Kind.COMPUTE_REPLY,
+            [pkg.spec_bytes, setup_args],
         )
         if not reply.get("ok"):
             raise _Permanent(
                 f"node {self.node.name} ({self.host}:{self.port}) could not set up the "
                 f"computation: {reply.get('r', 'no reason given')}"
             )
+
+    async def send_file(self, rel: str, path: str) -> None:
+        """Send a file into the computation's folder on the node, in chunks."""
+        cid, name = self.engine.cid, self.engine.package.name
+        size = os.path.getsize(path)
+        mode = os.stat(path).st_mode & 0o777
+        offset = 0
+        while True:
+            chunk = await asyncio.to_thread(_read_chunk, path, offset, FILE_CHUNK)
+            self.chan.send(
+                Kind.FILE, {"c": cid, "n": name, "p": rel, "o": offset, "m": mode}, [chunk]
+            )
+            await self.chan.drain()
+            offset += len(chunk)
+            if offset >= size or not chunk:
+                break
 
     async def _request(self, kind: int, ctl: dict, reply_kind: int, payload=()) -> dict:
         fut = asyncio.get_running_loop().create_future()
@@ -345,17 +361,31 @@ class _NodeLink:
             self.ready = False
             self.engine.node_lost(self)
 
-    async def close(self, terminate: bool) -> None:
-        self._closing = True
+    async def close_computation(self, terminate: bool) -> None:
+        """Close the computation on the node (cleanup runs there); keep the connection."""
         chan = self.chan
         if chan is not None and not chan.is_closed and self.ready:
+            self.engine.sched.set_ready(self.key, False)
             try:
                 await asyncio.wait_for(
                     self._request(Kind.CLOSE, {"c": self.engine.cid, "t": terminate}, Kind.CLOSED),
-                    30,
+                    None if not terminate else 30,
                 )
             except (ConnectionClosed, TimeoutError) as exc:
                 logger.debug("closing computation on %s: %s", self.key, exc)
+
+    async def resetup(self) -> None:
+        """Close the computation on the node and set it up again (setup runs again)."""
+        await self.close_computation(terminate=False)
+        if self.chan is None or self.chan.is_closed:
+            raise ConnectionClosed(f"node {self.host}:{self.port} is not connected")
+        await self._send_computation()
+        self.engine.sched.add_node(self.key, self.node.cpus)
+        self.engine.dispatch()
+
+    async def close(self, terminate: bool) -> None:
+        self._closing = True
+        await self.close_computation(terminate)
         if self.chan is not None:
             self.node.tx += self.chan.bytes_sent
             self.node.rx += self.chan.bytes_received
@@ -377,6 +407,14 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
     with open(path, "wb") as f:
         f.write(data)
     os.chmod(path, mode)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def _avail(d) -> DispyNodeAvailInfo | None:
@@ -404,15 +442,23 @@ class _Engine:
         self.pulse_interval = cluster._pulse_interval
 
     async def start(self) -> None:
-        for host, port, alloc in self.specs:
-            link = _NodeLink(self, host, port, alloc)
-            if link.key in self.links:
-                continue
-            self.links[link.key] = link
-            link.task = asyncio.get_running_loop().create_task(link.run())
+        self.add_links(self.specs)
         if not self.links:
             self.fatal = "no nodes to use: give nodes=[...] names or addresses, or nodes='local'"
             logger.error("%s", self.fatal)
+
+    def add_links(self, specs) -> int:
+        added = 0
+        for host, port, alloc in specs:
+            link = _NodeLink(self, host, port, alloc)
+            if link.key in self.links and self.links[link.key].failure is None:
+                continue
+            self.links[link.key] = link
+            link.task = asyncio.get_running_loop().create_task(link.run())
+            added += 1
+        if added:
+            self.fatal = None
+        return added
 
     # -- submissions -----------------------------------------------------------
     def take(self, jobs: list) -> None:
@@ -464,6 +510,13 @@ class _Engine:
                 logger.debug("result for job %s that already ended; ignored", uid)
                 continue
             st = field(entry, "st", int)
+            if st == jobstate.Created:  # handed back unstarted (its computation closed there)
+                if self.sched.requeue(job):
+                    self.cluster._status_changed(job, node)
+                elif job.status == jobstate.Abandoned:
+                    job.exception = "its node closed before the job started"
+                    self._complete(job, node)
+                continue
             event = _END_EVENT.get(st)
             if event is None:
                 raise ProtocolError(f"unknown job status {st}")
@@ -609,9 +662,8 @@ class _Engine:
     async def close(self, terminate: bool) -> None:
         await asyncio.gather(*(lk.close(terminate) for lk in self.links.values()))
         for job in list(self.live.values()):
-            job.status = (
-                jobstate.Abandoned if job.status != jobstate.Created else jobstate.Cancelled
-            )
+            event = jobstate.CANCEL if job.status == jobstate.Created else jobstate.ABANDON
+            job.status = jobstate.next_status(job.status, event)
             job.exception = "the cluster was closed before the job ended"
             self._complete(job, None)
 
@@ -677,6 +729,7 @@ class JobCluster:
         package = serialize.package_computation(computation, depends, setup, cleanup)
         if not secret:
             secret = os.environ.get("DISPY_SECRET", "")
+        self._node_port = node_port or config.NODE_PORT
         specs, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
         self._local: LocalNode | None = None
         if want_local:
@@ -724,14 +777,121 @@ class JobCluster:
             return None
         return self._submit(key, args, kwargs)
 
+    def submit_job_id(self, job_id, *args, **kwargs) -> DispyJob:
+        """Like ``submit``, with ``job.id`` set before the job can run (so callbacks see it)."""
+        return self._submit(None, args, kwargs, job_id)
+
     def _node_key(self, node):
-        host = node.ip_addr if isinstance(node, DispyNode) else str(node)
-        for key, link in self._engine.links.items():
+        if isinstance(node, DispyNode):
+            key = (node.ip_addr, node.port)
+            if key in self._engine.links:
+                return key
+            host = node.ip_addr
+        else:
+            host = str(node)
+        for key, link in list(self._engine.links.items()):
             if host in (link.host, link.node.ip_addr, link.node.name, f"{key[0]}:{key[1]}"):
                 return key
         return None
 
-    def _submit(self, node_key, args, kwargs) -> DispyJob:
+    def _link(self, node) -> _NodeLink | None:
+        key = self._node_key(node)
+        return self._engine.links.get(key) if key is not None else None
+
+    def _on_loop(self, fn, *args):
+        """Run ``fn(*args)`` (a coroutine function or plain) on the loop; return its result."""
+
+        async def call():
+            out = fn(*args)
+            return await out if asyncio.iscoroutine(out) else out
+
+        return _loop.run(call()).result()
+
+    # -- node control ----------------------------------------------------------------
+    def allocate_node(self, node) -> int:
+        """Add a node (name, address, 'host:port', NodeAllocate, or a list) to the
+        cluster while it runs; returns how many were added."""
+        specs, local = _parse_nodes(node if isinstance(node, list) else [node], self._node_port)
+        if local:
+            raise ValueError("allocate_node('local') is not supported; use nodes='local'")
+        return self._on_loop(self._engine.add_links, specs)
+
+    def deallocate_node(self, node) -> int:
+        """Stop giving new jobs to ``node`` (running jobs go on); 0, or -1 if unknown."""
+        key = self._node_key(node)
+        if key is None:
+            return -1
+        self._on_loop(self._engine.sched.set_ready, key, False)
+        return 0
+
+    def close_node(self, node, terminate_pending: bool = False) -> int:
+        """Close the computation on ``node`` and stop using it.  Its jobs that had
+        not started run elsewhere; running ones finish first, or with
+        ``terminate_pending`` are stopped.  Returns 0, or -1 if unknown."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        self._on_loop(link.close, terminate_pending)
+        return 0
+
+    def resetup_node(self, node) -> int:
+        """Run the computation's setup on ``node`` again (after its running jobs end)."""
+        link = self._link(node)
+        if link is None or not link.ready:
+            return -1
+        try:
+            self._on_loop(link.resetup)
+        except DispyError as exc:
+            logger.error("resetup of node %s failed: %s", link.key, exc)
+            return -1
+        return 0
+
+    def node_jobs(self, node, from_node: bool = False) -> list:
+        """Jobs of this cluster that are running (or sent) on ``node``."""
+        key = self._node_key(node)
+        if key is None:
+            return []
+
+        def jobs():
+            state = self._engine.sched.nodes.get(key)
+            return list(state.running.values()) if state else []
+
+        return self._on_loop(jobs)
+
+    def set_node_cpus(self, node, cpus: int) -> int:
+        """Use ``cpus`` CPUs of ``node`` (negative: all but that many); returns the
+        number now used, or -1 if the node is unknown."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        total = link.node.avail_cpus if link.node.avail_cpus else link.node.cpus
+        n = max(0, total + cpus) if cpus < 0 else min(cpus, total) if total else cpus
+
+        def apply():
+            if link.key in self._engine.sched.nodes:
+                self._engine.sched.set_cpus(link.key, n)
+            link.node.cpus = n
+            self._engine.dispatch()
+
+        self._on_loop(apply)
+        return n
+
+    def send_file(self, path, node) -> int:
+        """Send the file at ``path`` into the computation's folder on ``node``.
+
+        Returns 0, or -1 (with the reason logged) if the file or node is missing."""
+        link = self._link(node)
+        if link is None or not link.ready:
+            logger.error("send_file: %r is not a node set up for this cluster", node)
+            return -1
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            logger.error("send_file: %r is not a file", path)
+            return -1
+        self._on_loop(link.send_file, os.path.basename(path), path)
+        return 0
+
+    def _submit(self, node_key, args, kwargs, job_id=None) -> DispyJob:
         if self._closed:
             raise SubmitError("cluster is closed: create a new JobCluster to submit jobs")
         job_files = kwargs.pop("dispy_job_depends", None) or ()
@@ -746,6 +906,7 @@ class JobCluster:
             opts["f"], file_segs = _job_files(job_files)
         segs = file_segs + serialize.dumps_args(args, kwargs)
         job = DispyJob(args, kwargs, segs, self)
+        job.id = job_id
         job._pinned = node_key
         job._opts = opts or None
         job.submit_time = time.time()
@@ -825,37 +986,48 @@ class JobCluster:
         return nodes, self._unfinished
 
     def stats(self) -> dict:
-        nodes, _ = self.status()
+        """Per node (key 'ip:port'): name, cpus, jobs, sec_per_job, node_time,
+        bytes_sent, bytes_received; and totals: jobs, total_job_time, wall_time, speedup."""
         wall = time.time() - self._start_time
-        cpu = sum(n.cpu_time for n in nodes)
+        per_node = {}
+        for (_host, port), lk in list(self._engine.links.items()):
+            n = lk.node
+            if not (lk.ready or n.jobs_done):
+                continue
+            per_node[f"{n.ip_addr}:{port}"] = {
+                "name": n.name,
+                "cpus": n.cpus,
+                "jobs": n.jobs_done,
+                "sec_per_job": n.cpu_time / n.jobs_done if n.jobs_done else 0.0,
+                "node_time": n.cpu_time,
+                "bytes_sent": n.tx + (lk.chan.bytes_sent if lk.chan else 0),
+                "bytes_received": n.rx + (lk.chan.bytes_received if lk.chan else 0),
+            }
+        cpu = sum(v["node_time"] for v in per_node.values())
         return {
-            "nodes": {
-                f"{n.ip_addr}": {
-                    "name": n.name,
-                    "cpus": n.cpus,
-                    "jobs": n.jobs_done,
-                    "sec_per_job": n.cpu_time / n.jobs_done if n.jobs_done else 0.0,
-                    "node_time": n.cpu_time,
-                }
-                for n in nodes
-            },
-            "jobs": sum(n.jobs_done for n in nodes),
+            "nodes": per_node,
+            "jobs": sum(v["jobs"] for v in per_node.values()),
             "total_job_time": cpu,
             "wall_time": wall,
             "speedup": cpu / wall if wall > 0 else 0.0,
         }
 
     def print_status(self, wall_time: float | None = None) -> None:
-        """Print per node: CPUs, jobs done, seconds per job, node time; and the speedup."""
+        """Print per node: CPUs, jobs done, seconds per job, node time, bytes sent and
+        received; then the total job time, wall time and speedup."""
         s = self.stats()
         print()
-        print(f"{'Node':>24} | {'CPUs':>4} | {'Jobs':>6} | {'Sec/Job':>8} | {'Node Time Sec':>13}")
-        print("-" * 70)
-        for ip, n in s["nodes"].items():
-            label = f"{ip} ({n['name']})" if n["name"] != ip else ip
+        print(
+            f"{'Node':>28} | {'CPUs':>4} | {'Jobs':>6} | {'Sec/Job':>8} | {'Node Time Sec':>13}"
+            f" | {'Sent':>9} | {'Rcvd':>9}"
+        )
+        print("-" * 97)
+        for addr, n in s["nodes"].items():
+            label = f"{n['name']} ({addr})" if n["name"] not in addr else addr
             print(
-                f"{label[-24:]:>24} | {n['cpus']:>4} | {n['jobs']:>6} | "
-                f"{n['sec_per_job']:>8.3f} | {n['node_time']:>13.3f}"
+                f"{label[-28:]:>28} | {n['cpus']:>4} | {n['jobs']:>6} | "
+                f"{n['sec_per_job']:>8.3f} | {n['node_time']:>13.3f} | "
+                f"{_size(n['bytes_sent']):>9} | {_size(n['bytes_received']):>9}"
             )
         print()
         wall = wall_time if wall_time is not None else s["wall_time"]

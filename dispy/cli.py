@@ -49,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         help="node name or address (repeatable; default: $DISPY_NODES or '*'); 'local' starts one here",
     )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run the jobs on a dispynode started on this machine for this run",
+    )
     p.add_argument("--node_port", type=int, default=config.NODE_PORT)
     p.add_argument("-i", "--ip_addr", default=None, help="client address")
     p.add_argument("-p", "--port", type=int, default=None, help="client port")
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     try:
         cluster = JobCluster(
             args.program,
-            nodes=args.nodes or None,
+            nodes=(args.nodes or []) + ["local"] if args.local else (args.nodes or None),
             depends=args.files,
             node_port=args.node_port,
             ip_addr=args.ip_addr,
@@ -101,6 +106,7 @@ def main(argv=None) -> int:
                 sys.stdout.write(job.stdout)
             if job.stderr:
                 sys.stdout.write(job.stderr)
+        cluster.print_status()
     return 1 if failed else 0
 
 

@@ -286,8 +286,11 @@ def main(argv: list[str]) -> None:
 
     # a fresh __main__ before unpickling: by-value code may refer to it
     sys.modules["__main__"] = types.ModuleType("__main__")
+    nargs = ctl.get("sa", 0)
+    body = msg.payload
     try:
-        spec = cloudpickle.loads(msg.payload)
+        spec = cloudpickle.loads(body[: len(body) - nargs])
+        setup_args = cloudpickle.loads(body[len(body) - nargs :]) if nargs else ()
     except BaseException as exc:
         _setup_failure(
             chan,
@@ -298,7 +301,7 @@ def main(argv: list[str]) -> None:
     _install_main(spec, ctl)
     if spec.setup is not None:
         try:
-            ret = spec.setup()
+            ret = spec.setup(*setup_args)
         except BaseException as exc:
             _setup_failure(chan, f"setup raised an exception:\n{_format_exc(exc)}")
         if ret not in (0, None):

@@ -194,7 +194,9 @@ class Computation:
             os.close(fd)
 
     # -- setup ----------------------------------------------------------------
-    async def setup(self, spec: bytes) -> None:
+    async def setup(self, spec: bytes, nargs: int = 0) -> None:
+        """Start the computation process and run setup; ``spec`` ends with ``nargs``
+        bytes of pickled setup arguments (NodeAllocate.setup_args)."""
         if self.ready or self._proc is not None:
             raise ValueError(f"computation {self.cid} is already set up")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -222,6 +224,7 @@ class Computation:
                 "node_name": self.node.name,
                 "node_ip": self.node.ip_addr,
                 "max_file_size": self.node.max_file_size,
+                "sa": nargs,
             },
             [spec],
         )

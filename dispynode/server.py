@@ -236,7 +236,10 @@ class Session:
     async def _compute(self, ctl: dict, payload) -> None:
         cid = field(ctl, "c", str)
         comp = self._comp_for_files(cid, field(ctl, "n", str))
-        await comp.setup(bytes(payload))
+        nargs = field(ctl, "sa", int, default=0)
+        if not 0 <= nargs <= len(payload):
+            raise ProtocolError("bad setup arguments length")
+        await comp.setup(bytes(payload), nargs)
         reply = {"c": cid, "ok": comp.ready}
         if not comp.ready:
             reply["r"] = comp.error
@@ -472,12 +475,17 @@ class NodeServer:
         comp.cancel_running(jid)
 
     def drop_jobs(self, comp: Computation, terminate: bool) -> None:
-        """Forget queued jobs of a closing computation (their client is told they are cancelled)."""
-        keep = collections.deque(j for j in self.queue if j.comp is not comp)
-        dropped = len(self.queue) - len(keep)
+        """A computation closes: hand its queued (never started) jobs back to the client,
+        which may run them elsewhere."""
+        keep = collections.deque()
+        for job in self.queue:
+            if job.comp is comp:
+                comp.session.send_result(
+                    comp.cid, job.jid, {"st": jobstate.Created, "x": "returned unstarted"}, [b"N."]
+                )
+            else:
+                keep.append(job)
         self.queue = keep
-        if dropped:
-            logger.info("dropped %d queued jobs of closed computation %s", dropped, comp.name)
 
     # -- lifetime -------------------------------------------------------------
     async def shutdown(self) -> None:

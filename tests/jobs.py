@@ -131,3 +131,23 @@ def pid_then_sleep(path, seconds):
 def node_globals(x):
     dispynode_logger.info("logged %s", x)  # noqa: F821
     return (dispy_node_name, dispy_node_ip_addr, os.getcwd() == dispy_job_path)  # noqa: F821
+
+
+def setup_with_args(a, b):
+    global SETUP_ARGS
+    SETUP_ARGS = (a, b)
+    return 0
+
+
+def read_setup_args(x):
+    return SETUP_ARGS
+
+
+def setup_stamp():
+    global STAMP
+    STAMP = time.time()
+    return 0
+
+
+def read_stamp(x):
+    return STAMP

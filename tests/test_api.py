@@ -208,3 +208,126 @@ def test_submit_node_unknown_node_returns_none(node, caplog):
     with cluster_for(node, jobs.double) as cluster:
         assert cluster.submit_node("10.9.9.9", 1) is None
     assert "not a node of this cluster" in caplog.text
+
+
+def nodes_ready(count):
+    """A cluster_status callback and an event set once ``count`` nodes are initialized."""
+    ready = threading.Event()
+    seen = set()
+
+    def status(st, node, job):
+        if st == DispyNode.Initialized:
+            seen.add((node.ip_addr, node.port))
+            if len(seen) >= count:
+                ready.set()
+
+    return status, ready
+
+
+def test_submit_node_pins_jobs_and_submit_job_id(node_factory):
+    a, b = node_factory(cpus=1, secret="p"), node_factory(cpus=1, secret="p")
+    status, ready = nodes_ready(2)
+    with dispy.JobCluster(
+        jobs.whoami, nodes=[a.address, b.address], secret="p", cluster_status=status
+    ) as cluster:
+        assert ready.wait(30)
+        nodes, _ = cluster.status()
+        assert len(nodes) == 2
+        target = nodes[1]
+        pinned = [
+            cluster.submit_node(
+                target,
+            )
+            for _ in range(4)
+        ]
+        for j in pinned:
+            j()
+        assert {j.ip_addr for j in pinned} == {target.ip_addr}
+        counts = {(n.ip_addr, n.port): n.jobs_done for n in cluster.status()[0]}
+        assert counts[(target.ip_addr, target.port)] >= 4
+        job = cluster.submit_job_id("my-id")
+        assert job.id == "my-id" and job(timeout=30)
+
+
+def test_node_allocate_override_setup_args_and_depends(node_factory, tmp_path):
+    a, b = node_factory(cpus=2, secret="na"), node_factory(cpus=2, secret="na")
+    extra = tmp_path / "only-on-a.txt"
+    extra.write_text("for a")
+
+    class OnlyOneCpu(dispy.NodeAllocate):
+        def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+            return 1
+
+    allocs = [
+        OnlyOneCpu(a.address.split(":")[0], port=a.port, depends=[str(extra)], setup_args=(1, 2)),
+        dispy.NodeAllocate("127.0.0.1", port=b.port, cpus=0, setup_args=(3, 4)),
+    ]
+    status, ready = nodes_ready(2)
+    with dispy.JobCluster(
+        jobs.read_setup_args,
+        nodes=allocs,
+        secret="na",
+        setup=jobs.setup_with_args,
+        cluster_status=status,
+    ) as cluster:
+        assert ready.wait(30)
+        nodes = {n.port: n for n in cluster.status()[0]}
+        assert nodes[a.port].cpus == 1 and nodes[b.port].cpus == 2
+        results = {}
+        for port in (a.port, b.port):
+            j = cluster.submit_node(f"127.0.0.1:{port}", 0)
+            results[port] = j(timeout=30)
+        assert results == {a.port: (1, 2), b.port: (3, 4)}
+    with dispy.JobCluster(
+        jobs.read_file, nodes=[allocs[0]], secret="na", setup=jobs.setup_with_args
+    ) as cluster:
+        assert cluster.submit("only-on-a.txt")(timeout=30) == "for a"
+
+
+def test_node_control(node_factory, tmp_path):
+    a, b = node_factory(cpus=1, secret="nc"), node_factory(cpus=1, secret="nc")
+    status, ready = nodes_ready(2)
+    with dispy.JobCluster(
+        jobs.read_stamp,
+        nodes=[a.address],
+        secret="nc",
+        setup=jobs.setup_stamp,
+        cluster_status=status,
+    ) as cluster:
+        first = cluster.submit(0)(timeout=30)
+        # resetup runs setup again
+        assert cluster.resetup_node(a.address) == 0
+        assert cluster.submit(0)(timeout=30) > first
+        # allocate another node while running
+        assert cluster.allocate_node(b.address) == 1
+        assert ready.wait(30)
+        job_b = cluster.submit_node(b.address, 0)
+        assert job_b is not None and job_b(timeout=30)
+        # set_node_cpus, node_jobs
+        assert cluster.set_node_cpus(a.address, 1) == 1
+        assert cluster.node_jobs("no-such-node") == []
+        # send_file into the computation's folder
+        f = tmp_path / "sent.txt"
+        f.write_text("sent later")
+        assert cluster.send_file(str(f), a.address) == 0
+        assert cluster.send_file(str(tmp_path / "missing"), a.address) == -1
+        # deallocate a: new jobs go to b only
+        assert cluster.deallocate_node(a.address) == 0
+        js = [cluster.submit(0) for _ in range(4)]
+        assert all(j(timeout=30) for j in js)
+        assert {j.ip_addr for j in js} == {"127.0.0.1"}
+        stats = cluster.stats()
+        assert stats["nodes"][f"127.0.0.1:{b.port}"]["jobs"] >= 4
+        assert stats["nodes"][f"127.0.0.1:{a.port}"]["bytes_sent"] > 0
+        assert cluster.close_node(b.address) == 0
+        assert cluster.close_node("no-such-node") == -1
+
+
+def test_close_node_moves_unstarted_jobs(node_factory):
+    a, b = node_factory(cpus=1, secret="cn"), node_factory(cpus=1, secret="cn")
+    with dispy.JobCluster(jobs.sleep_for, nodes=[a.address, b.address], secret="cn") as cluster:
+        js = [cluster.submit(0.2) for _ in range(8)]
+        assert js[0](timeout=30) == 0.2
+        assert cluster.close_node(a.address) == 0  # its queued jobs go back to the queue
+        for j in js:
+            assert j(timeout=60) == 0.2 and j.status == DispyJob.Finished

@@ -52,3 +52,13 @@ def test_dispynode_negative_cpus_and_serve(node_factory):
         assert nodes[0].cpus == max(1, ncpu - 1)
     # --serve 1: the node exits once its one client is gone
     assert n.proc.wait(30) == 0
+
+
+def test_dispy_cli_local_cluster_and_failure_status(tmp_path):
+    prog = tmp_path / "fails.sh"
+    prog.write_text("#!/bin/sh\necho about to fail $1\nexit 3\n")
+    prog.chmod(0o755)
+    proc = _run("-m", "dispy.cli", "--local", "-a", "x", str(prog))
+    assert proc.returncode == 1, proc.stderr
+    assert "exit status 3" in proc.stdout and "about to fail x" in proc.stdout
+    assert "speedup" in proc.stdout  # the cluster status is printed at the end

@@ -127,6 +127,31 @@ class Scheduler:
             node.running.pop(job._uid, None)
         return True
 
+    def requeue(self, job) -> bool:
+        """A node handed back a job it never started: queue it again (first)."""
+        try:
+            job.status = jobstate.next_status(job.status, jobstate.REQUEUE)
+        except jobstate.InvalidTransition:
+            return False
+        node = self.nodes.get(job._node)
+        if node is not None:
+            node.running.pop(job._uid, None)
+        job._node = None
+        if job._pinned is not None and job._pinned in self.nodes:
+            self.nodes[job._pinned].pinned.appendleft(job)
+        elif job._pinned is not None:  # its node is gone
+            job.status = jobstate.next_status(job.status, jobstate.ABANDON)
+            return False
+        else:
+            self.pending.appendleft(job)
+        return True
+
+    def set_ready(self, key, ready: bool) -> None:
+        """A ready node gets jobs; deallocated or closing nodes do not."""
+        node = self.nodes.get(key)
+        if node is not None:
+            node.ready = ready
+
     def cancel_queued(self, job) -> bool:
         """Cancel a job that has not been sent to a node; False if it was sent."""
         if job.status != jobstate.Created:
