@@ -50,6 +50,7 @@ from .errors import (
     ProtocolError,
     SubmitError,
 )
+from .keys import resolve_secret
 from .protocol import Kind, derive_key, field, join_segments, split_segments
 
 logger = logging.getLogger("dispy")
@@ -679,7 +680,10 @@ class JobCluster:
     ``depends``: classes, functions, modules and file paths the computation
     needs; sent once per node.  ``setup`` runs once per node before any job
     (its globals are seen by the jobs), ``cleanup`` when the cluster closes.
-    ``secret`` must match the nodes' secret.
+    ``secret`` must match the nodes' secret; without one, ``$DISPY_SECRET``,
+    ``$DISPY_SECRET_FILE`` or the per-user key file is used (see
+    ``dispy.keys``), as dispynode does.  ``insecure=True`` talks to nodes
+    started with ``--insecure`` (no authentication).
 
     Raises ``ComputationError`` if the computation or a dependency cannot be
     sent (a missing file, say), with the reason.
@@ -712,6 +716,7 @@ class JobCluster:
         callback=None,
         job_timeout=None,
         max_file_size=0,
+        insecure=False,
     ) -> None:
         if loglevel is not None:
             logger.setLevel(loglevel)
@@ -727,13 +732,17 @@ class JobCluster:
         self._pulse_interval = pulse_interval or 10.0
         self.name = getattr(computation, "__name__", None) or os.path.basename(str(computation))
         package = serialize.package_computation(computation, depends, setup, cleanup)
-        if not secret:
-            secret = os.environ.get("DISPY_SECRET", "")
         self._node_port = node_port or config.NODE_PORT
         specs, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
         self._local: LocalNode | None = None
+        if want_local and not specs and not secret and not insecure:
+            secret = None  # only our own node: a fresh random secret, no key file needed
+        else:
+            secret, source = resolve_secret(secret, insecure)
+            logger.debug("cluster %s authenticates with the secret from %s", self.name, source)
         if want_local:
-            self._local = LocalNode(secret=secret or None).start()
+            extra = ["--insecure"] if insecure else []
+            self._local = LocalNode(secret=secret, extra_args=extra).start()
             secret = self._local.secret
             specs.append(("127.0.0.1", self._local.port, None))
         self._key = derive_key(secret)

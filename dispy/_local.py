@@ -29,7 +29,8 @@ class LocalNode:
     """One dispynode process on 127.0.0.1, owned by this process.
 
     ``address`` is ``'127.0.0.1:PORT'`` and ``secret`` its secret once
-    ``start()`` returned.  Use as a context manager, or call ``stop()``.
+    ``start()`` returned: a fresh random one unless given; ``secret=''`` lets
+    the node find its own (the key file, see ``dispy.keys``).  Use as a context manager, or call ``stop()``.
     """
 
     def __init__(self, cpus: int | None = None, secret: str | None = None, extra_args=()) -> None:
@@ -60,7 +61,12 @@ class LocalNode:
         ]
         if self.cpus:
             cmd += ["--cpus", str(self.cpus)]
-        env = dict(os.environ, DISPY_SECRET=self.secret)  # not on the command line (ps)
+        env = dict(os.environ)
+        if "--insecure" in self.extra_args or self.secret == "":
+            # insecure, or: the node finds its secret itself (key file, $DISPY_SECRET_FILE)
+            env.pop("DISPY_SECRET", None)
+        else:
+            env["DISPY_SECRET"] = self.secret  # not on the command line (ps)
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,

@@ -18,6 +18,12 @@ MAX_FRAME_SIZE = 4 << 30
 MAX_CONTROL_SIZE = 16 << 20
 #: Seconds a peer has to complete the handshake.
 HANDSHAKE_TIMEOUT = 10.0
+#: Most connections a daemon lets authenticate at once; more are dropped at once.
+MAX_UNAUTHENTICATED = 128
+#: Most jobs a client may have queued on a node (a real client keeps ~2 x cpus).
+MAX_QUEUED_JOBS = 100_000
+#: Most pending file/setup/close requests of one client connection.
+MAX_PENDING_OPS = 4096
 
 #: Where a node keeps computations' files unless --dest_path says otherwise.
 # (a folder named like a package, e.g. /tmp/dispy, would shadow it for programs run from /tmp)

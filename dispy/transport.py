@@ -309,21 +309,36 @@ async def serve(
     *,
     timeout: float = config.HANDSHAKE_TIMEOUT,
     max_frame: int = config.MAX_FRAME_SIZE,
+    max_unauth: int = config.MAX_UNAUTHENTICATED,
     ssl=None,
 ) -> asyncio.Server:
     """Listen; call ``on_channel`` with each peer that authenticates.
 
     Peers that fail the handshake or stay silent past ``timeout`` are
-    dropped with a logged reason; the server keeps serving.
+    dropped with a logged reason; at most ``max_unauth`` connections may be
+    authenticating at once (more are closed at once), so a flood of silent
+    or garbage connections costs bounded memory.  The server keeps serving.
     """
     loop = asyncio.get_running_loop()
+    pending = 0
+    refused = 0
 
     def factory():
+        nonlocal pending, refused
+        if pending >= max_unauth:
+            refused += 1
+            if refused in (1, 10, 100, 1000) or refused % 10000 == 0:
+                logger.warning(
+                    "%d connections refused: %d already authenticating (limit)", refused, pending
+                )
+            return _Refuse()
+        pending += 1
         proto = ChannelProtocol(Connection("server", key, max_frame=max_frame))
         loop.create_task(_await_handshake(proto))
         return proto
 
     async def _await_handshake(proto: ChannelProtocol) -> None:
+        nonlocal pending
         try:
             await asyncio.wait_for(asyncio.shield(proto.handshake), timeout)
         except TimeoutError:
@@ -334,10 +349,19 @@ async def serve(
         except Exception as exc:
             logger.info("connection from %s rejected: %s", proto.peer, exc)
             return
+        finally:
+            pending -= 1
         _tune(proto.transport.get_extra_info("socket"))
         on_channel(Channel(proto))
 
     return await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True)
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a connection the moment it is made (over the authentication limit)."""
+
+    def connection_made(self, transport) -> None:
+        transport.abort()
 
 
 async def serve_unix(path: str, on_channel: Callable[[Channel], None]) -> asyncio.Server:

@@ -23,6 +23,8 @@ import os
 import sys
 
 from dispy import config
+from dispy.errors import DispyError
+from dispy.keys import read_secret_file, resolve_secret
 
 from .server import NodeServer, install_signal_handlers
 
@@ -60,7 +62,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="shared secret (visible in ps; prefer --secret_file or $DISPY_SECRET)",
     )
-    p.add_argument("--secret_file", help="read the shared secret from this file")
+    p.add_argument(
+        "--secret_file",
+        "--secret-file",
+        dest="secret_file",
+        help="read the shared secret from this file",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no authentication: anyone who reaches the node runs code on it; "
+        "binds to 127.0.0.1 unless -i names addresses",
+    )
+    p.add_argument(
+        "--handshake_timeout",
+        type=float,
+        default=config.HANDSHAKE_TIMEOUT,
+        help="seconds a peer has to authenticate (default %(default)s)",
+    )
+    p.add_argument(
+        "--max_unauth",
+        type=int,
+        default=config.MAX_UNAUTHENTICATED,
+        help="most connections still authenticating at once (default %(default)s)",
+    )
     p.add_argument("--name", help="node name reported to clients (default: host name)")
     p.add_argument(
         "--dest_path", default=config.DEFAULT_DEST_PATH, help="where computations' files go"
@@ -86,14 +111,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         logger.warning("--cpus %d is more than this machine's %d CPUs", args.cpus, ncpu)
     if not 0 <= args.node_port <= 65535:
         p.error(f"--node_port {args.node_port} is not a port number (0-65535)")
-    if args.secret_file:
-        try:
-            with open(args.secret_file) as f:
-                args.secret = f.read().strip()
-        except OSError as exc:
-            p.error(f"cannot read --secret_file: {exc}")
-    if args.secret is None:
-        args.secret = os.environ.get("DISPY_SECRET", "")
+    if args.secret and args.secret_file:
+        p.error("give --secret or --secret_file, not both")
+    if args.insecure and (args.secret or args.secret_file):
+        p.error("--insecure means no secret: drop --secret/--secret_file")
+    if args.secret:
+        logger.warning(
+            "--secret on the command line can be seen by other users (ps); "
+            "prefer --secret_file or $DISPY_SECRET"
+        )
+    try:
+        if args.secret_file:
+            args.secret, args.auth = (
+                read_secret_file(args.secret_file),
+                f"secret file {args.secret_file}",
+            )
+        else:
+            args.secret, args.auth = resolve_secret(args.secret, args.insecure)
+    except DispyError as exc:
+        p.error(str(exc))
+    if args.insecure and not args.ip_addr:
+        args.ip_addr = ["127.0.0.1"]  # no authentication: never reachable from elsewhere by default
     return args
 
 
@@ -134,6 +172,8 @@ async def run(args: argparse.Namespace) -> int:
         ext_ip_addr=args.ext_ip_addr,
         max_file_size=args.max_file_size,
         serve=args.serve,
+        handshake_timeout=args.handshake_timeout,
+        max_unauth=args.max_unauth,
     )
     if args.clean:
         node.clean()
@@ -150,6 +190,10 @@ async def run(args: argparse.Namespace) -> int:
     addrs = " ".join(f"{h}:{p}" for h, p in node.bound)
     print(f"dispynode ready: name={node.name} cpus={node.cpus} addr={addrs}", flush=True)
     logger.info("serving on %s with %d CPUs, files under %s", addrs, node.cpus, node.dest_path)
+    if args.insecure:
+        logger.warning("INSECURE mode: clients are not authenticated (--insecure)")
+    else:
+        logger.info("clients must authenticate; secret from %s", args.auth)
     stdin_task = None
     if not args.daemon or args.quit_on_eof:
         stdin_task = asyncio.get_running_loop().create_task(_stdin_commands(node, args.quit_on_eof))

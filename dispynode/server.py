@@ -30,7 +30,7 @@ import time
 
 import psutil
 
-from dispy import transport
+from dispy import config, transport
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed, ProtocolError
@@ -108,6 +108,8 @@ class Session:
                 self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
             self.chan.send(Kind.INFO, self.node.info())
         elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE):
+            if self._ops.qsize() >= config.MAX_PENDING_OPS:
+                raise ProtocolError(f"more than {config.MAX_PENDING_OPS} pending requests")
             self._ops.put_nowait((kind, ctl, msg.payload))
         elif kind == Kind.CANCEL:
             comp = self.comps.get(field(ctl, "c", str))
@@ -123,6 +125,9 @@ class Session:
         cid = field(ctl, "c", str)
         comp = self.comps.get(cid)
         segs = split_segments(payload, field(ctl, "s", list))
+        queued = sum(1 for j in self.node.queue if j.comp.session is self)
+        if queued + len(field(ctl, "j", list)) > config.MAX_QUEUED_JOBS:
+            raise ProtocolError(f"more than {config.MAX_QUEUED_JOBS} jobs queued by one client")
         pos = 0
         jobs = []
         files_jobs = []
@@ -338,7 +343,11 @@ class NodeServer:
         ext_ip_addr: str | None = None,
         max_file_size: int = 0,
         serve: int = -1,
+        handshake_timeout: float = config.HANDSHAKE_TIMEOUT,
+        max_unauth: int = config.MAX_UNAUTHENTICATED,
     ) -> None:
+        self.handshake_timeout = handshake_timeout
+        self.max_unauth = max_unauth
         self.ip_addrs = ip_addrs
         self.port = port
         self.key = derive_key(secret)
@@ -364,7 +373,14 @@ class NodeServer:
         psutil.cpu_percent(None)
         hosts = self.ip_addrs or [None]
         for host in hosts:
-            srv = await transport.serve(host, self.port, self.key, self._on_client)
+            srv = await transport.serve(
+                host,
+                self.port,
+                self.key,
+                self._on_client,
+                timeout=self.handshake_timeout,
+                max_unauth=self.max_unauth,
+            )
             self._servers.append(srv)
             for sock in srv.sockets:
                 self.bound.append(sock.getsockname()[:2])

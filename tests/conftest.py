@@ -85,3 +85,16 @@ def _no_dns(monkeypatch):
         return _real_getaddrinfo(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", guarded)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _key_file_in_tmp(tmp_path_factory):
+    """Tests never read or create the user's real key file (~/.config/dispy)."""
+    path = tmp_path_factory.mktemp("keys") / "cluster.key"
+    old = {k: os.environ.pop(k, None) for k in ("DISPY_SECRET", "DISPY_SECRET_FILE")}
+    os.environ["DISPY_KEY_FILE"] = str(path)
+    yield path
+    os.environ.pop("DISPY_KEY_FILE", None)
+    for k, v in old.items():
+        if v is not None:
+            os.environ[k] = v

@@ -11,12 +11,22 @@ from ._connection import (
     Message,
     derive_key,
 )
+from ._datagram import (
+    DatagramDecoder,
+    DatagramKind,
+    ReplayCache,
+    ReplayedDatagram,
+    datagram_key,
+    encode_datagram,
+)
 from ._framing import Frame, FrameDecoder, FrameEncoder, FrameWriter
 from ._messages import Kind, field, join_segments, pack_ctl, split_segments, unpack_ctl
 
 __all__ = [
     "PROTOCOL_VERSIONS",
     "Connection",
+    "DatagramDecoder",
+    "DatagramKind",
     "Frame",
     "FrameDecoder",
     "FrameEncoder",
@@ -24,7 +34,11 @@ __all__ = [
     "HandshakeComplete",
     "Kind",
     "Message",
+    "ReplayCache",
+    "ReplayedDatagram",
+    "datagram_key",
     "derive_key",
+    "encode_datagram",
     "field",
     "join_segments",
     "pack_ctl",

@@ -1,0 +1,78 @@
+"""Where a cluster's shared secret comes from, so authentication is on by default.
+
+In order: an explicit secret (``secret=`` / ``-s``), ``$DISPY_SECRET``, the
+file named by ``$DISPY_SECRET_FILE``, else the per-user key file
+(``$DISPY_KEY_FILE``, default ``~/.config/dispy/cluster.key``), created
+with mode 0600 and a random key on first use.  A client and a node run by
+the same user on one machine therefore agree with no configuration; for
+other machines, copy the key file (or pass the same secret).
+
+No authentication at all needs an explicit choice (``insecure``).  The
+secret itself is never logged: only where it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+
+from .errors import DispyError
+
+logger = logging.getLogger("dispy")
+
+KEY_FILE_ENV = "DISPY_KEY_FILE"
+
+
+def key_file_path() -> str:
+    path = os.environ.get(KEY_FILE_ENV)
+    if path:
+        return os.path.abspath(os.path.expanduser(path))
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "dispy", "cluster.key")
+
+
+def read_secret_file(path: str) -> str:
+    """The secret in ``path`` (surrounding whitespace removed); DispyError if unusable."""
+    try:
+        with open(path) as f:
+            secret = f.read().strip()
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DispyError(f"cannot read secret file {path!r}: {exc.strerror}") from None
+    if not secret:
+        raise DispyError(f"secret file {path!r} is empty: put the cluster's secret in it")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("secret file %s can be read by other users: chmod 600 %s", path, path)
+    return secret
+
+
+def load_or_create_key(path: str | None = None) -> str:
+    """The per-user cluster key, created (mode 0600) if it does not exist yet."""
+    path = path or key_file_path()
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return read_secret_file(path)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        logger.info("created cluster key file %s (copy it to the nodes' users)", path)
+    return read_secret_file(path)
+
+
+def resolve_secret(secret: str | None = None, insecure: bool = False) -> tuple[str, str]:
+    """(secret, where it came from): see the module's docstring for the order."""
+    if insecure:
+        return "", "none (insecure: no authentication)"
+    if secret:
+        return secret, "secret given"
+    if os.environ.get("DISPY_SECRET"):
+        return os.environ["DISPY_SECRET"], "$DISPY_SECRET"
+    if os.environ.get("DISPY_SECRET_FILE"):
+        path = os.environ["DISPY_SECRET_FILE"]
+        return read_secret_file(path), f"secret file {path}"
+    path = key_file_path()
+    return load_or_create_key(path), f"key file {path}"

@@ -1,0 +1,222 @@
+"""Security defaults: the key file, --insecure, secrets kept out of sight,
+limits on unauthenticated connections, and files confined to a computation.
+
+Raw peers use real sockets on 127.0.0.1 only; every one is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+import dispy
+from dispy.keys import load_or_create_key, resolve_secret
+from dispy.protocol import Connection, HandshakeComplete, Kind, derive_key
+
+from . import jobs
+
+
+def cluster_ok(address, **kw) -> bool:
+    with dispy.JobCluster(jobs.double, nodes=[address], **kw) as cluster:
+        return cluster.submit(21)(timeout=30) == 42
+
+
+# -- the key file ------------------------------------------------------------------
+
+
+def test_key_file_is_created_private_and_reused(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "cluster.key"
+    monkeypatch.setenv("DISPY_KEY_FILE", str(path))
+    secret, source = resolve_secret()
+    assert str(path) in source and len(secret) == 64
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_key(str(path)) == secret  # the same key next time
+
+
+def test_node_and_client_agree_through_the_key_file_by_default(node_factory, tmp_path):
+    node = node_factory(cpus=1, secret="")  # the node reads DISPY_KEY_FILE itself
+    assert cluster_ok(node.address)  # and so does the client: no secret anywhere
+
+
+def test_a_client_with_another_key_is_refused(node_factory, tmp_path, monkeypatch):
+    node = node_factory(cpus=1, secret="")
+    monkeypatch.setenv("DISPY_KEY_FILE", str(tmp_path / "other.key"))
+    with dispy.JobCluster(jobs.double, nodes=[node.address]) as cluster:
+        job = cluster.submit(1)
+        assert job(timeout=30) is None and "secret" in job.exception
+
+
+def test_insecure_node_binds_loopback_and_says_so(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispynode", "--insecure", "--node_port", "0", "--daemon",
+         "--dest_path", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        ready = proc.stdout.readline()
+        assert "addr=127.0.0.1:" in ready  # not 0.0.0.0: --insecure stays on this machine
+        address = ready.split("addr=")[1].split()[0]
+        assert cluster_ok(address, insecure=True)
+        # a client that expects authentication does not talk to it by accident
+        with dispy.JobCluster(jobs.double, nodes=[address]) as cluster:
+            job = cluster.submit(1)
+            assert job(timeout=30) is None and job.status == dispy.DispyJob.Abandoned
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "INSECURE" in err
+
+
+def test_secret_never_reaches_logs_or_process_titles(node_factory, caplog):
+    caplog.set_level(logging.DEBUG, logger="dispy")
+    secret = "do-not-print-this-secret"
+    node = node_factory(cpus=1, secret=secret, extra_args=("-d",))
+    assert secret not in " ".join(psutil.Process(node.proc.pid).cmdline())  # passed by env
+    assert cluster_ok(node.address, secret=secret)
+    with dispy.JobCluster(jobs.double, nodes=[node.address], secret="wrong-one") as cluster:
+        job = cluster.submit(1)
+        job(timeout=30)
+    node.stop()  # its debug log has been forwarded into caplog by now
+    assert "authenticated" in caplog.text  # the node's log is there...
+    assert secret not in caplog.text and "wrong-one" not in caplog.text  # ...secrets are not
+    assert "wrong-one" not in (job.exception or "")
+
+
+def test_secret_on_command_line_warns_and_secret_file_works(tmp_path):
+    f = tmp_path / "s"
+    f.write_text("from-a-file\n")
+    f.chmod(0o600)
+    for args, expect in (
+        (["-s", "x"], "can be seen by other users"),
+        (["--secret-file", str(f)], "secret file"),
+    ):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dispynode", "-i", "127.0.0.1", "--node_port", "0",
+             "--daemon", "--dest_path", str(tmp_path), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            ready = proc.stdout.readline()
+            assert ready.startswith("dispynode ready")
+            if "--secret-file" in args:
+                address = ready.split("addr=")[1].split()[0]
+                assert cluster_ok(address, secret="from-a-file")
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+        assert expect in err
+        assert "from-a-file" not in err
+
+
+# -- limits -------------------------------------------------------------------------
+
+
+def test_flood_of_silent_connections_is_bounded(node_factory):
+    node = node_factory(
+        cpus=1, secret="f", extra_args=("--max_unauth", "16", "--handshake_timeout", "2")
+    )
+    rss0 = psutil.Process(node.proc.pid).memory_info().rss
+    with dispy.JobCluster(jobs.double, nodes=[node.address], secret="f") as cluster:
+        assert cluster.submit(1)(timeout=30) == 2  # connected before the flood
+        socks = []
+        try:
+            for _ in range(300):
+                socks.append(socket.create_connection(("127.0.0.1", node.port), timeout=5))
+            # the authenticated client is served during the flood
+            assert [cluster.submit(i)(timeout=30) for i in range(5)] == [0, 2, 4, 6, 8]
+            # connections over the limit were closed by the node at once
+            closed = 0
+            for s in socks[16:]:
+                s.settimeout(5)
+                try:
+                    closed += s.recv(1) == b""
+                except (ConnectionResetError, TimeoutError):
+                    closed += 1
+            assert closed >= 300 - 16 - 5
+            rss = psutil.Process(node.proc.pid).memory_info().rss
+            assert rss - rss0 < 40 << 20
+        finally:
+            for s in socks:
+                s.close()
+    # once the flood is gone (handshake timeout), new clients get in
+    assert cluster_ok(node.address, secret="f")
+
+
+# -- files stay inside the computation's folder --------------------------------------------
+
+
+class RawClient:
+    """An authenticated raw peer (blocking socket) speaking the node protocol."""
+
+    def __init__(self, port: int, secret: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.conn = Connection("client", derive_key(secret))
+        while not self.conn.authenticated:
+            for ev in self._recv():
+                assert isinstance(ev, HandshakeComplete)
+            self._flush()
+
+    def _flush(self) -> None:
+        for buf in self.conn.take_output():
+            self.sock.sendall(buf)
+
+    def _recv(self):
+        data = self.sock.recv(65536)
+        assert data, "node closed the connection"
+        return self.conn.receive(data)
+
+    def request(self, kind, ctl, payload=()):
+        self.conn.send(kind, ctl, payload)
+        self._flush()
+        while True:
+            for ev in self._recv():
+                return ev
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "/etc/escape.txt", "a/../../escape.txt", "x\0y"])
+def test_file_paths_cannot_leave_the_computation(node, bad, tmp_path):
+    peer = RawClient(node.port, node.secret)
+    try:
+        reply = peer.request(Kind.FILE, {"c": "abc123", "n": "comp", "p": bad, "o": 0}, [b"evil"])
+        assert reply.kind == Kind.ERROR and "inside the computation" in reply.ctl["r"]
+    finally:
+        peer.close()
+    assert not (tmp_path / "escape.txt").exists() and not os.path.exists("/etc/escape.txt")
+    assert cluster_ok(node.address, secret=node.secret)
+
+
+def test_symlinks_cannot_lead_files_out(node, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    peer = RawClient(node.port, node.secret)
+    try:
+        peer.conn.send(Kind.FILE, {"c": "lnk1", "n": "comp", "p": "first.txt", "o": 0}, [b"ok"])
+        # requests are handled in order: once this one is refused, the first is written
+        r0 = peer.request(Kind.FILE, {"c": "lnk1", "n": "comp", "p": "../no", "o": 0}, [b"x"])
+        assert r0.kind == Kind.ERROR
+        comp_dir = next(p for p in _node_dirs(node) if p.endswith("_lnk1"))
+        os.symlink(outside, os.path.join(comp_dir, "dirlink"))  # as a job could
+        os.symlink(outside / "target.txt", os.path.join(comp_dir, "filelink"))
+        r1 = peer.request(
+            Kind.FILE, {"c": "lnk1", "n": "comp", "p": "dirlink/x.txt", "o": 0}, [b"e"]
+        )
+        r2 = peer.request(Kind.FILE, {"c": "lnk1", "n": "comp", "p": "filelink", "o": 0}, [b"e"])
+        assert r1.kind == Kind.ERROR and r2.kind == Kind.ERROR
+    finally:
+        peer.close()
+    assert list(outside.iterdir()) == []
+
+
+def _node_dirs(node):
+    base = node._dir
+    return [os.path.join(base, d) for d in os.listdir(base)]
