@@ -29,6 +29,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -52,6 +53,7 @@ from .errors import (
 )
 from .keys import resolve_secret
 from .protocol import Kind, derive_key, field, join_segments, split_segments
+from .tls import client_context
 
 logger = logging.getLogger("dispy")
 
@@ -202,7 +204,17 @@ class _NodeLink:
             ) from None
         addr = infos[0][4][0]
         try:
-            chan = await transport.connect(addr, self.port, engine.key)
+            chan = await transport.connect(addr, self.port, engine.key, ssl=engine.ssl)
+        except ssl.SSLError as exc:
+            why = exc.reason or str(exc)
+            hint = (
+                "the node does not speak TLS (drop certfile/cafile, or start it with --certfile)"
+                if "WRONG_VERSION" in str(why).upper() or "record layer" in str(exc)
+                else "check that client and node certificates come from the same CA"
+            )
+            raise _Permanent(
+                f"TLS with node {self.host}:{self.port} failed ({why}): {hint}"
+            ) from None
         except AuthenticationFailed as exc:
             raise _Permanent(
                 f"authentication with node {self.host}:{self.port} failed ({exc}); "
@@ -441,6 +453,7 @@ class _Engine:
         self.writes: dict[int, set] = {}  # files jobs sent, being written
         self.fatal: str | None = None
         self.pulse_interval = cluster._pulse_interval
+        self.ssl = cluster._ssl
 
     async def start(self) -> None:
         self.add_links(self.specs)
@@ -717,6 +730,7 @@ class JobCluster:
         job_timeout=None,
         max_file_size=0,
         insecure=False,
+        cafile=None,
     ) -> None:
         if loglevel is not None:
             logger.setLevel(loglevel)
@@ -733,6 +747,7 @@ class JobCluster:
         self.name = getattr(computation, "__name__", None) or os.path.basename(str(computation))
         package = serialize.package_computation(computation, depends, setup, cleanup)
         self._node_port = node_port or config.NODE_PORT
+        self._ssl = client_context(certfile, keyfile, cafile)
         specs, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
         self._local: LocalNode | None = None
         if want_local and not specs and not secret and not insecure:
@@ -742,6 +757,10 @@ class JobCluster:
             logger.debug("cluster %s authenticates with the secret from %s", self.name, source)
         if want_local:
             extra = ["--insecure"] if insecure else []
+            if certfile:  # our own node uses the same certificate (dispy's convention)
+                extra += ["--certfile", os.path.abspath(certfile)]
+                extra += ["--keyfile", os.path.abspath(keyfile)] if keyfile else []
+                extra += ["--cafile", os.path.abspath(cafile)] if cafile else []
             self._local = LocalNode(secret=secret, extra_args=extra).start()
             secret = self._local.secret
             specs.append(("127.0.0.1", self._local.port, None))

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-p", "--port", type=int, default=None, help="client port")
     p.add_argument("-s", "--secret", default="", help="shared secret (or $DISPY_SECRET)")
     p.add_argument("--dest_path", default=None)
+    p.add_argument("--certfile", help="TLS certificate (mutual TLS with the nodes)")
+    p.add_argument("--keyfile", help="TLS private key, if not in --certfile")
+    p.add_argument("--cafile", help="CA the nodes' certificates are signed by")
     p.add_argument("-d", "--debug", action="store_true")
     return p.parse_args(argv)
 
@@ -79,6 +82,9 @@ def main(argv=None) -> int:
             port=args.port,
             secret=args.secret,
             dest_path=args.dest_path,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            cafile=args.cafile,
         )
     except DispyError as exc:
         print(f"dispy: {exc}", file=sys.stderr)

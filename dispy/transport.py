@@ -43,6 +43,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.channel: Channel | None = None
         self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future = asyncio.get_running_loop().create_future()
+        # nobody may be waiting any more when it fails: mark its error as seen
+        self.handshake.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -293,7 +295,14 @@ async def connect(
         transport.abort()
         raise ConnectionClosed(
             f"{host}:{port} did not complete the dispy handshake in {timeout:g} s "
-            "(is it a dispynode?)"
+            "(is it a dispynode?"
+            + (")" if ssl is not None else " if it uses TLS, give certfile/cafile)")
+        ) from None
+    except ConnectionClosed:
+        transport.abort()
+        hint = "" if ssl is not None else " (if the node uses TLS, give certfile/cafile)"
+        raise ConnectionClosed(
+            f"{host}:{port} closed the connection during the dispy handshake{hint}"
         ) from None
     except BaseException:
         transport.abort()
@@ -354,7 +363,14 @@ async def serve(
         _tune(proto.transport.get_extra_info("socket"))
         on_channel(Channel(proto))
 
-    return await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True)
+    return await loop.create_server(
+        factory,
+        host,
+        port,
+        ssl=ssl,
+        reuse_address=True,
+        ssl_handshake_timeout=timeout if ssl is not None else None,
+    )
 
 
 class _Refuse(asyncio.Protocol):

@@ -25,6 +25,7 @@ import sys
 from dispy import config
 from dispy.errors import DispyError
 from dispy.keys import read_secret_file, resolve_secret
+from dispy.tls import server_context
 
 from .server import NodeServer, install_signal_handlers
 
@@ -74,6 +75,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="no authentication: anyone who reaches the node runs code on it; "
         "binds to 127.0.0.1 unless -i names addresses",
     )
+    p.add_argument("--certfile", help="TLS certificate (PEM; may hold the key too)")
+    p.add_argument("--keyfile", help="TLS private key, if not in --certfile")
+    p.add_argument(
+        "--cafile", help="CA that client certificates must be signed by (default: --certfile)"
+    )
+    p.add_argument(
+        "--make_certs",
+        metavar="DIR",
+        help="write a cluster CA and node/client certificates into DIR, then exit",
+    )
     p.add_argument(
         "--handshake_timeout",
         type=float,
@@ -104,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
     p.add_argument("--quit_on_eof", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.make_certs:
+        return args
+    if (args.keyfile or args.cafile) and not args.certfile:
+        p.error("--keyfile/--cafile need --certfile")
     ncpu = os.cpu_count() or 1
     if args.cpus <= 0:
         args.cpus = max(1, ncpu + args.cpus)
@@ -162,7 +177,15 @@ async def _stdin_commands(node: NodeServer, quit_on_eof: bool) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    ssl_ctx = None
+    if args.certfile:
+        try:
+            ssl_ctx = server_context(args.certfile, args.keyfile, args.cafile)
+        except DispyError as exc:
+            print(f"dispynode: {exc}", file=sys.stderr)
+            return 2
     node = NodeServer(
+        ssl=ssl_ctx,
         ip_addrs=args.ip_addr,
         port=args.node_port,
         secret=args.secret,
@@ -194,6 +217,10 @@ async def run(args: argparse.Namespace) -> int:
         logger.warning("INSECURE mode: clients are not authenticated (--insecure)")
     else:
         logger.info("clients must authenticate; secret from %s", args.auth)
+    if ssl_ctx is not None:
+        logger.info(
+            "TLS on: clients must present a certificate signed by %s", args.cafile or args.certfile
+        )
     stdin_task = None
     if not args.daemon or args.quit_on_eof:
         stdin_task = asyncio.get_running_loop().create_task(_stdin_commands(node, args.quit_on_eof))
@@ -206,6 +233,10 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.make_certs:
+        from dispy.certs import main as certs_main
+
+        return certs_main([args.make_certs])
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s dispynode %(levelname)s %(message)s",

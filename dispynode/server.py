@@ -345,7 +345,9 @@ class NodeServer:
         serve: int = -1,
         handshake_timeout: float = config.HANDSHAKE_TIMEOUT,
         max_unauth: int = config.MAX_UNAUTHENTICATED,
+        ssl=None,
     ) -> None:
+        self.ssl = ssl
         self.handshake_timeout = handshake_timeout
         self.max_unauth = max_unauth
         self.ip_addrs = ip_addrs
@@ -380,6 +382,7 @@ class NodeServer:
                 self._on_client,
                 timeout=self.handshake_timeout,
                 max_unauth=self.max_unauth,
+                ssl=self.ssl,
             )
             self._servers.append(srv)
             for sock in srv.sockets:
