@@ -220,3 +220,16 @@ def test_symlinks_cannot_lead_files_out(node, tmp_path):
 def _node_dirs(node):
     base = node._dir
     return [os.path.join(base, d) for d in os.listdir(base)]
+
+
+def test_slowloris_peer_is_dropped_at_the_handshake_deadline(node_factory):
+    node = node_factory(cpus=1, secret="sl", extra_args=("--handshake_timeout", "1"))
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+        s.recv(4096)  # the node's HELLO
+        s.sendall(b"DSPY\x01\x02")  # a few bytes of a header, then nothing more
+        s.settimeout(15)
+        try:
+            assert s.recv(4096) == b""  # closed by the node, well before our 15 s
+        except ConnectionResetError:
+            pass
+    assert cluster_ok(node.address, secret="sl")
