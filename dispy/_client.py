@@ -57,6 +57,9 @@ from .tls import client_context
 
 logger = logging.getLogger("dispy")
 
+#: Seconds between pulses (both ways); a node silent for MISSED_PULSES of them is dead.
+DEFAULT_PULSE_INTERVAL = 2.0
+MISSED_PULSES = 5
 #: Most bytes of job arguments put in one JOBS frame.
 BATCH_BYTES = 8 << 20
 FILE_CHUNK = 8 << 20
@@ -155,6 +158,7 @@ class _NodeLink:
         self._acks: list[int] = []
         self._ack_scheduled = False
         self._closing = False
+        self.last_heard = time.monotonic()
         self.task: asyncio.Task | None = None
 
     def __repr__(self) -> str:
@@ -223,6 +227,7 @@ class _NodeLink:
         except IncompatibleVersion as exc:
             raise _Permanent(f"node {self.host}:{self.port}: {exc}") from None
         self.chan = chan
+        self.last_heard = time.monotonic()
         self.node.ip_addr = addr
         chan.on_message = self.on_message
         closed = asyncio.get_running_loop().create_future()
@@ -247,7 +252,11 @@ class _NodeLink:
         await self._send_computation()
         self.ready = True
         engine.node_ready(self)
-        exc = await closed
+        watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
+        try:
+            exc = await closed
+        finally:
+            watchdog.cancel()
         if not self._closing:
             raise ConnectionClosed(f"connection to node {self.host}:{self.port} lost: {exc}")
 
@@ -298,6 +307,7 @@ class _NodeLink:
 
     # -- messages from the node -------------------------------------------------
     def on_message(self, msg) -> None:
+        self.last_heard = time.monotonic()
         kind = msg.kind
         if kind == Kind.RESULTS:
             self.engine.results(self, msg.ctl, msg.payload)
@@ -373,6 +383,26 @@ class _NodeLink:
         if self.ready:
             self.ready = False
             self.engine.node_lost(self)
+
+    async def _watch(self, chan: transport.Channel) -> None:
+        """Pulse the node, and declare it dead if it is silent for MISSED_PULSES intervals
+        (a partition or a frozen host does not close a TCP connection)."""
+        interval = self.engine.pulse_interval
+        limit = interval * MISSED_PULSES
+        while not chan.is_closed:
+            await asyncio.sleep(interval)  # the pulse period
+            silent = time.monotonic() - self.last_heard
+            if silent > limit:
+                logger.warning(
+                    "node %s (%s:%s) silent for %.1f s (%d pulses): declared dead",
+                    self.node.name, self.host, self.port, silent, MISSED_PULSES,
+                )  # fmt: skip
+                chan.abort()
+                return
+            try:
+                chan.send(Kind.PING, {})
+            except ConnectionClosed:
+                return
 
     async def close_computation(self, terminate: bool) -> None:
         """Close the computation on the node (cleanup runs there); keep the connection."""
@@ -743,7 +773,9 @@ class JobCluster:
         self.dest_path = os.path.abspath(dest_path or os.getcwd())
         self.max_file_size = max_file_size or (1 << 40)
         self._job_timeout = job_timeout
-        self._pulse_interval = pulse_interval or 10.0
+        self._pulse_interval = float(pulse_interval or DEFAULT_PULSE_INTERVAL)
+        if self._pulse_interval <= 0:
+            raise ValueError("pulse_interval must be a positive number of seconds")
         self.name = getattr(computation, "__name__", None) or os.path.basename(str(computation))
         package = serialize.package_computation(computation, depends, setup, cleanup)
         self._node_port = node_port or config.NODE_PORT

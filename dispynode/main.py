@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="no authentication: anyone who reaches the node runs code on it; "
         "binds to 127.0.0.1 unless -i names addresses",
     )
+    p.add_argument(
+        "--zombie_interval",
+        type=float,
+        default=60.0,
+        help="minutes a silent client keeps its computations here (default %(default)s)",
+    )
     p.add_argument("--certfile", help="TLS certificate (PEM; may hold the key too)")
     p.add_argument("--keyfile", help="TLS private key, if not in --certfile")
     p.add_argument(
@@ -186,6 +192,7 @@ async def run(args: argparse.Namespace) -> int:
             return 2
     node = NodeServer(
         ssl=ssl_ctx,
+        zombie_interval=args.zombie_interval * 60.0,
         ip_addrs=args.ip_addr,
         port=args.node_port,
         secret=args.secret,

@@ -86,6 +86,7 @@ class Session:
         self._ops: asyncio.Queue = asyncio.Queue()
         self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
         self.pulse_interval = DEFAULT_PULSE_INTERVAL
+        self.last_heard = time.monotonic()
         self._pulse_task: asyncio.Task | None = None
         chan.on_message = self.on_message
         chan.on_close = self.on_close
@@ -93,6 +94,7 @@ class Session:
 
     # -- messages from the client ---------------------------------------------
     def on_message(self, msg) -> None:
+        self.last_heard = time.monotonic()
         kind, ctl = msg.kind, msg.ctl
         if kind == Kind.JOBS:
             self._jobs(ctl, msg.payload)
@@ -305,9 +307,19 @@ class Session:
             self.chan.send(Kind.FILE, {"c": cid, "j": jid, "p": path, "m": mode}, [data])
 
     async def _pulses(self) -> None:
-        """Send the node's free resources every pulse interval (dispy's AvailInfo)."""
+        """Send the node's free resources every pulse interval (dispy's AvailInfo); drop
+        a client silent for --zombie_interval (its computations close)."""
         while not self.chan.is_closed:
             await asyncio.sleep(self.pulse_interval)  # a period, not a wait for a condition
+            silent = time.monotonic() - self.last_heard
+            if silent > self.node.zombie_interval:
+                logger.warning(
+                    "client %s silent for %.0f s (zombie interval): closing its computations",
+                    self.peer,
+                    silent,
+                )
+                self.chan.abort()
+                return
             if not self.chan.is_closed:
                 self.chan.send(Kind.STATUS, {"a": self.node.avail_info()})
 
@@ -346,8 +358,10 @@ class NodeServer:
         handshake_timeout: float = config.HANDSHAKE_TIMEOUT,
         max_unauth: int = config.MAX_UNAUTHENTICATED,
         ssl=None,
+        zombie_interval: float = 3600.0,
     ) -> None:
         self.ssl = ssl
+        self.zombie_interval = zombie_interval
         self.handshake_timeout = handshake_timeout
         self.max_unauth = max_unauth
         self.ip_addrs = ip_addrs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import dispy
 from dispy import DispyJob
@@ -67,3 +68,57 @@ def test_cancel_running_job(node):
         assert job(timeout=30) is None
         assert job.status == DispyJob.Cancelled
         assert cluster.submit(0.01)(timeout=30) == 0.01
+
+
+def test_silent_node_is_declared_dead(node_factory):
+    # freezes: one of two nodes (SIGSTOP: its connection stays open, it says nothing).
+    # survives: the client notices within a few pulses; reentrant jobs run on the other
+    # node, the frozen node's other jobs end Abandoned; exactly one end each.
+    a = node_factory(cpus=1, secret="z")
+    b = node_factory(cpus=1, secret="z")
+    closed = threading.Event()
+
+    def status(st, node, job):
+        if st == dispy.DispyNode.Closed:
+            closed.set()
+
+    with dispy.JobCluster(
+        jobs.sleep_for,
+        nodes=[a.address, b.address],
+        secret="z",
+        reentrant=True,
+        pulse_interval=0.2,
+        cluster_status=status,
+    ) as cluster:
+        js = [cluster.submit(0.3) for _ in range(6)]
+        assert js[0](timeout=30) == 0.3
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            assert closed.wait(30)  # declared dead (5 pulses of 0.2 s)
+            for job in js:
+                assert job(timeout=60) == 0.3 and job.status == DispyJob.Finished
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+
+
+def test_silent_client_becomes_a_zombie(node_factory):
+    # a client that authenticates and then says nothing: the node drops it after
+    # --zombie_interval (0.01 min), and serves others.
+    import socket
+
+    from dispy.protocol import Connection, Kind, derive_key
+
+    node = node_factory(cpus=1, secret="zz", extra_args=("--zombie_interval", "0.01"))
+    with socket.create_connection(("127.0.0.1", node.port), timeout=20) as s:
+        conn = Connection("client", derive_key("zz"))
+        while not conn.authenticated:
+            conn.receive(s.recv(65536))
+            for buf in conn.take_output():
+                s.sendall(buf)
+        conn.send(Kind.INFO_REQ, {"pulse": 0.2})
+        for buf in conn.take_output():
+            s.sendall(buf)
+        while s.recv(65536):  # INFO, pulses..., then the node hangs up
+            pass
+    with dispy.JobCluster(jobs.double, nodes=[node.address], secret="zz") as cluster:
+        assert cluster.submit(3)(timeout=30) == 6

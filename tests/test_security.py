@@ -120,7 +120,7 @@ def test_secret_on_command_line_warns_and_secret_file_works(tmp_path):
 
 def test_flood_of_silent_connections_is_bounded(node_factory):
     node = node_factory(
-        cpus=1, secret="f", extra_args=("--max_unauth", "16", "--handshake_timeout", "2")
+        cpus=1, secret="f", extra_args=("--max_unauth", "16", "--handshake_timeout", "60")
     )
     rss0 = psutil.Process(node.proc.pid).memory_info().rss
     with dispy.JobCluster(jobs.double, nodes=[node.address], secret="f") as cluster:
@@ -139,13 +139,13 @@ def test_flood_of_silent_connections_is_bounded(node_factory):
                     closed += s.recv(1) == b""
                 except (ConnectionResetError, TimeoutError):
                     closed += 1
-            assert closed >= 300 - 16 - 5
+            assert closed == 300 - 16
             rss = psutil.Process(node.proc.pid).memory_info().rss
             assert rss - rss0 < 40 << 20
         finally:
             for s in socks:
                 s.close()
-    # once the flood is gone (handshake timeout), new clients get in
+    # once the flood is gone (we closed the 16 pending ones), new clients get in
     assert cluster_ok(node.address, secret="f")
 
 
