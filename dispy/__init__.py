@@ -11,6 +11,7 @@ See README.rst for the architecture (the route of a job) and the examples.
 import logging
 
 from ._client import JobCluster
+from ._executor import ClusterExecutor
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
 from ._version import __version__
@@ -18,6 +19,7 @@ from .errors import (
     AuthenticationFailed,
     ComputationError,
     DispyError,
+    JobFailed,
     NodeLost,
     ProtocolError,
     SubmitError,
@@ -43,6 +45,7 @@ if not any(isinstance(h, _UntilConfigured) for h in logger.handlers):
         logger.setLevel(logging.WARNING)
 
 __all__ = [
+    "ClusterExecutor",
     "AuthenticationFailed",
     "ComputationError",
     "DispyError",
@@ -50,6 +53,7 @@ __all__ = [
     "DispyNode",
     "DispyNodeAvailInfo",
     "JobCluster",
+    "JobFailed",
     "LocalNode",
     "NodeAllocate",
     "NodeLost",

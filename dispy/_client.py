@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
 import copy
 import logging
 import os
@@ -48,6 +49,7 @@ from .errors import (
     ConnectionClosed,
     DispyError,
     IncompatibleVersion,
+    JobFailed,
     ProtocolError,
     SubmitError,
 )
@@ -661,11 +663,19 @@ class _Engine:
 
     def _complete(self, job: DispyJob, node) -> None:
         """The job's one end: resolve its future, count it, queue its callbacks."""
-        if job.future.done():
+        if job._end.is_set():
             return
         self.live.pop(job._uid, None)
         job._segs = None
-        job.future.set_result(job.result)
+        job._end.set()
+        if not job.future.done():  # a cancelled future is done already
+            if job.status == jobstate.Finished:
+                job.future.set_result(job.result)
+            else:
+                name = jobstate.NAMES.get(job.status, job.status)
+                job.future.set_exception(
+                    JobFailed(job, f"job {job.id!r} {name}: {job.exception or 'no reason given'}")
+                )
         self.cluster._job_ended(job, node)
 
     def _abandon(self, job: DispyJob, reason: str) -> None:
@@ -994,6 +1004,47 @@ class JobCluster:
             return -1
         self._loop.call_soon_threadsafe(self._engine.cancel, job)
         return 0
+
+    def map(
+        self, iterable, max_pending: int | None = None, ordered: bool = True, star: bool = False
+    ):
+        """Run the computation on each item of ``iterable``, lazily: at most
+        ``max_pending`` jobs are in flight at once (default 2 x the cluster's
+        CPUs, at least 16), so an endless iterable uses bounded memory.
+
+        Yields results in input order (``ordered=False``: as jobs end).  Each
+        item is one argument, or (``star=True``) a tuple of arguments.  A job
+        that does not finish raises ``JobFailed`` (with ``.job``).
+        """
+        if max_pending is None:
+            cpus = sum(n.cpus for n in self.status()[0])
+            max_pending = max(16, 2 * cpus)
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        items = iter(iterable)
+        window: collections.deque = collections.deque()
+
+        def fill() -> None:
+            while len(window) < max_pending:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                window.append(self.submit(*item) if star else self.submit(item))
+
+        fill()
+        while window:
+            if ordered:
+                job = window.popleft()
+            else:
+                done, _ = concurrent.futures.wait(
+                    [j.future for j in window], return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                job = next(j for j in window if j.future in done)
+                window.remove(job)
+            job._end.wait()
+            fill()
+            yield job.future.result()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job has ended; False if ``timeout`` passed first."""

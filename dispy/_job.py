@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import fnmatch
 import itertools
+import threading
 
 from .core import jobstate
 
@@ -41,6 +42,7 @@ class DispyJob:
         "end_time",
         "submit_time",
         "future",
+        "_end",
         "_uid",
         "_args",
         "_kwargs",
@@ -63,7 +65,10 @@ class DispyJob:
         self.start_time = None
         self.end_time = None
         self.submit_time = None
+        # the public Future (cancelling it cancels the job) and the job's own end
         self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.future.add_done_callback(self._future_done)
+        self._end = threading.Event()
         self._uid = next(DispyJob._ids)
         self._args = args
         self._kwargs = kwargs
@@ -78,16 +83,28 @@ class DispyJob:
 
         Returns None if the job failed (see ``exception``) or did not end in time.
         """
-        try:
-            self.future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            return None
-        except BaseException:
+        if not self._end.wait(timeout):
             return None
         result = self.result
         if clear:
             self.result = None
         return result
+
+    def _future_done(self, fut: concurrent.futures.Future) -> None:
+        if fut.cancelled() and not self._end.is_set():
+            self._cluster.cancel(self)
+
+    def __await__(self):
+        """``await job`` in asyncio code: the result, or JobFailed; cancelling the
+        awaiting task cancels the job."""
+        import asyncio
+
+        try:
+            return (yield from asyncio.wrap_future(self.future).__await__())
+        except asyncio.CancelledError:
+            if not self._end.is_set():
+                self._cluster.cancel(self)
+            raise
 
     def __lt__(self, other: DispyJob) -> bool:
         return self._uid < other._uid

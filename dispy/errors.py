@@ -44,3 +44,12 @@ class SubmitError(DispyError):
 
 class ComputationError(DispyError):
     """The computation, its setup, or its dependencies could not be sent or set up."""
+
+
+class JobFailed(DispyError):
+    """Raised by ``job.future.result()`` / ``await job`` for a job that did not finish:
+    it ended Terminated, Cancelled or Abandoned.  ``job`` is the DispyJob."""
+
+    def __init__(self, job, message: str) -> None:
+        super().__init__(message)
+        self.job = job

@@ -1,0 +1,117 @@
+"""Futures, asyncio, map with a bound, and the Executor — on a real node."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+
+import dispy
+from dispy import DispyJob, JobFailed
+
+from . import jobs
+
+
+def cluster_for(node, computation, **kw):
+    return dispy.JobCluster(computation, nodes=[node.address], secret=node.secret, **kw)
+
+
+def test_job_futures_with_concurrent_futures(node):
+    with cluster_for(node, jobs.add) as cluster:
+        js = [cluster.submit(i, b=1) for i in range(10)]
+        done = [f.result() for f in concurrent.futures.as_completed([j.future for j in js], 30)]
+        assert sorted(done) == list(range(1, 11))
+        got = []
+        js[0].future.add_done_callback(lambda f: got.append(f.result()))
+        assert got == [1]  # already done: runs at once
+
+
+def test_failed_job_future_raises_job_failed(node):
+    with cluster_for(node, jobs.fail) as cluster:
+        job = cluster.submit("bad")
+        with pytest.raises(JobFailed, match="(?s)Terminated.*ValueError: bad") as info:
+            job.future.result(30)
+        assert info.value.job is job and job() is None  # dispy's job() keeps its meaning
+
+
+def test_cancelling_the_future_cancels_the_job(node):
+    with cluster_for(node, jobs.sleep_for) as cluster:
+        running = cluster.submit(60)
+        assert cluster.submit(0)(timeout=30) == 0  # the long one is running now
+        assert running.future.cancel()
+        assert running(timeout=30) is None
+        assert running.status == DispyJob.Cancelled
+        assert cluster.wait(30)
+
+
+def test_await_jobs_in_asyncio(node):
+    with cluster_for(node, jobs.double) as cluster:
+
+        async def main():
+            return await asyncio.gather(*(cluster.submit(i) for i in range(8)))
+
+        assert asyncio.run(main()) == [2 * i for i in range(8)]
+
+
+def test_asyncio_task_cancellation_cancels_the_job(node):
+    with cluster_for(node, jobs.sleep_for) as cluster:
+        job = cluster.submit(60)
+
+        async def main():
+            task = asyncio.ensure_future(_await(job))
+            await asyncio.wait_for(asyncio.wrap_future(cluster.submit(0).future), 30)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+        assert job(timeout=30) is None and job.status == DispyJob.Cancelled
+
+
+async def _await(job):
+    return await job
+
+
+def test_map_is_ordered_and_bounded(node):
+    with cluster_for(node, jobs.sleep_for) as cluster:
+        in_flight = []
+
+        def items():
+            for i in range(30):
+                in_flight.append(cluster.status()[1])  # jobs not yet ended, as we submit
+                yield 0.001 * (i % 3)
+
+        out = list(cluster.map(items(), max_pending=4))
+        assert out == [0.001 * (i % 3) for i in range(30)]
+        assert max(in_flight) <= 4
+
+
+def test_map_unordered_star_and_failures(node):
+    with cluster_for(node, jobs.add) as cluster:
+        assert sorted(cluster.map([(1, 2), (3, 4)], star=True, ordered=False)) == [3, 7]
+    with cluster_for(node, jobs.fail) as cluster, pytest.raises(JobFailed):
+        list(cluster.map(["x"]))
+
+
+def test_cluster_executor(node):
+    with dispy.ClusterExecutor(nodes=[node.address], secret=node.secret) as ex:
+        assert ex.submit(pow, 2, 10).result(30) == 1024
+        assert ex.submit(lambda x: x + 1, 41).result(30) == 42  # by value
+        assert list(ex.map(jobs.add, range(5), range(5))) == [0, 2, 4, 6, 8]
+        assert list(ex.map(jobs.double, range(10), chunksize=3)) == [2 * i for i in range(10)]
+
+        async def via_loop():
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(ex, jobs.double, 21)
+
+        assert asyncio.run(via_loop()) == 42
+
+
+def test_cluster_executor_shutdown_cancels(node):
+    ex = dispy.ClusterExecutor(nodes=[node.address], secret=node.secret)
+    futs = [ex.submit(jobs.sleep_for, 30) for _ in range(6)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.done() for f in futs)
+    with pytest.raises(RuntimeError):
+        ex.submit(jobs.double, 1)
