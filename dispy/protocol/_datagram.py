@@ -47,10 +47,8 @@ import os
 import struct
 from enum import IntEnum
 
-import msgpack
-
 from ..errors import AuthenticationFailed, ProtocolError
-from ._messages import pack_ctl
+from ._messages import pack_ctl, unpack_map
 
 MAGIC = b"DSPYD"
 LAYOUT_VERSION = 1
@@ -267,12 +265,4 @@ class DatagramDecoder:
 
 def _unpack_body(data: bytes) -> dict:
     """A datagram body: one msgpack map with string keys, nothing after it."""
-    try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"datagram body is not valid msgpack: {exc}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"datagram body is a {type(body).__name__}, expected a map")
-    if not all(isinstance(k, str) for k in body):
-        raise ProtocolError("datagram body has a key that is not a string")
-    return body
+    return unpack_map(data, "datagram body")

@@ -62,17 +62,22 @@ def pack_ctl(ctl: dict) -> bytes:
     return msgpack.packb(ctl, use_bin_type=True)
 
 
-def unpack_ctl(data: bytes) -> dict:
-    """Decode a control part; anything but a map with string keys is a ProtocolError."""
-    if not data:
-        return {}
+def unpack_map(data: bytes, what: str) -> dict:
+    """Decode one msgpack map with string keys (nothing after it); else ProtocolError."""
     try:
-        ctl = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"control part is not valid msgpack: {exc}") from None
-    if not isinstance(ctl, dict):
-        raise ProtocolError(f"control part is a {type(ctl).__name__}, expected a map")
-    return ctl
+        raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is a {type(value).__name__}, expected a map")
+    if not all(isinstance(k, str) for k in value):
+        raise ProtocolError(f"{what} has a key that is not a string")
+    return value
+
+
+def unpack_ctl(data: bytes) -> dict:
+    """Decode a control part (empty means an empty map)."""
+    return unpack_map(data, "control part") if data else {}
 
 
 def field(ctl: dict, name: str, types, *, default=...):

@@ -22,7 +22,6 @@ from dispy.protocol import (
     DatagramKind,
     ReplayCache,
     ReplayedDatagram,
-    _datagram,
     datagram_key,
     derive_key,
     encode_datagram,
@@ -330,7 +329,7 @@ def test_tag_is_verified_before_the_body_is_parsed(monkeypatch):
         calls.append(args)
         return unpackb(*args, **kw)
 
-    monkeypatch.setattr(_datagram.msgpack, "unpackb", spy)
+    monkeypatch.setattr(msgpack, "unpackb", spy)
     bad = bytearray(build(body=b"\xc1\xc1\xc1"))
     bad[-1] ^= 1
     with pytest.raises(AuthenticationFailed):
