@@ -37,6 +37,8 @@ logger = logging.getLogger("dispynode")
 EXIT_STATUS_WAIT = 2.0
 #: Seconds a closing computation's processes get before SIGKILL.
 CLOSE_GRACE = 3.0
+#: Job processes that may die before registering, in a row, before we stop replacing them.
+MAX_EARLY_DEATHS = 10
 _NONE = b"N."  # pickle of None
 
 
@@ -175,6 +177,7 @@ class Computation:
         self._ctl: transport.Channel | None = None
         self._reply: asyncio.Future | None = None
         self._drained = asyncio.Event()
+        self._early_deaths = 0
         node.computations[cid] = self
 
     # -- files ----------------------------------------------------------------
@@ -251,7 +254,16 @@ class Computation:
             if worker is not None:
                 worker.exited(code)
             if not self.closed and self.ready:
-                if code != 0 or worker is not None:
+                # a job process that dies before it even registers would die again:
+                # replace such ones a few times only, not in an endless fork loop
+                self._early_deaths = 0 if worker is not None else self._early_deaths + 1
+                if self._early_deaths > MAX_EARLY_DEATHS:
+                    logger.error(
+                        "job processes of %s keep dying at start (exit %s); not replacing them",
+                        self.name,
+                        code,
+                    )
+                elif code != 0 or worker is not None:
                     self._ctl.send(Kind.C_FORK, {"n": 1})  # replace it
 
     def _on_ctl_close(self, exc) -> None:
