@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import fnmatch
+import functools
 import itertools
 import threading
+import weakref
 
 from .core import jobstate
 
@@ -67,7 +69,9 @@ class DispyJob:
         self.submit_time = None
         # the public Future (cancelling it cancels the job) and the job's own end
         self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.future.add_done_callback(self._future_done)
+        # (through a weak reference: a job -> future -> callback -> job cycle would
+        # keep every result, 100 MB arrays included, alive until the cyclic GC ran)
+        self.future.add_done_callback(functools.partial(_future_done, weakref.ref(self)))
         self._end = threading.Event()
         self._uid = next(DispyJob._ids)
         self._args = args
@@ -90,10 +94,6 @@ class DispyJob:
             self.result = None
         return result
 
-    def _future_done(self, fut: concurrent.futures.Future) -> None:
-        if fut.cancelled() and not self._end.is_set():
-            self._cluster.cancel(self)
-
     def __await__(self):
         """``await job`` in asyncio code: the result, or JobFailed; cancelling the
         awaiting task cancels the job."""
@@ -111,6 +111,13 @@ class DispyJob:
 
     def __repr__(self) -> str:
         return f"<DispyJob id={self.id!r} status={jobstate.NAMES.get(self.status, self.status)}>"
+
+
+def _future_done(job_ref, fut: concurrent.futures.Future) -> None:
+    """A job's future was cancelled by its user: cancel the job."""
+    job = job_ref()
+    if job is not None and fut.cancelled() and not job._end.is_set():
+        job._cluster.cancel(job)
 
 
 class DispyNodeAvailInfo:

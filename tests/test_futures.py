@@ -115,3 +115,21 @@ def test_cluster_executor_shutdown_cancels(node):
     assert all(f.done() for f in futs)
     with pytest.raises(RuntimeError):
         ex.submit(jobs.double, 1)
+
+
+def test_a_dropped_job_frees_its_result_at_once(node):
+    # a reference cycle through job.future once kept every result (100 MB arrays too)
+    # alive until the cyclic GC ran; results must go as soon as the job is dropped
+    import gc
+    import weakref
+
+    with cluster_for(node, jobs.make_array) as cluster:
+        job = cluster.submit(1_000_000)
+        assert job(timeout=30) is not None
+        ref = weakref.ref(job.result)
+        gc.disable()
+        try:
+            del job
+            assert ref() is None
+        finally:
+            gc.enable()
