@@ -127,9 +127,11 @@ class Session:
         cid = field(ctl, "c", str)
         comp = self.comps.get(cid)
         segs = split_segments(payload, field(ctl, "s", list))
-        queued = sum(1 for j in self.node.queue if j.comp.session is self)
-        if queued + len(field(ctl, "j", list)) > config.MAX_QUEUED_JOBS:
-            raise ProtocolError(f"more than {config.MAX_QUEUED_JOBS} jobs queued by one client")
+        incoming = len(field(ctl, "j", list))
+        if len(self.node.queue) + incoming > config.MAX_QUEUED_JOBS:  # count ours only then
+            queued = sum(1 for j in self.node.queue if j.comp.session is self)
+            if queued + incoming > config.MAX_QUEUED_JOBS:
+                raise ProtocolError(f"more than {config.MAX_QUEUED_JOBS} jobs queued by one client")
         pos = 0
         jobs = []
         files_jobs = []
