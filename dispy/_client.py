@@ -31,6 +31,7 @@ import os
 import queue
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -722,6 +723,33 @@ class _Engine:
             self._complete(job, None)
 
 
+#: Seconds between redraws of a progress line.
+PROGRESS_REFRESH = 0.2
+
+
+class _Progress:
+    """One line on stderr: a bar, done/total, failed, running, jobs per second."""
+
+    def __init__(self, cluster: JobCluster, stream=None) -> None:
+        self.cluster = cluster
+        self.stream = stream or sys.stderr
+        self.t0 = time.monotonic()
+        self.start = cluster.counts()["ended"]
+
+    def draw(self, final: bool = False) -> None:
+        c = self.cluster.counts()
+        total = max(c["submitted"], 1)
+        width = 30
+        fill = int(width * c["ended"] / total)
+        rate = (c["ended"] - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        line = (
+            f"\r[{'#' * fill}{'.' * (width - fill)}] {c['ended']}/{c['submitted']} done, "
+            f"{c['failed']} failed, {c['running']} running, {rate:.1f} jobs/s"
+        )
+        self.stream.write(line + ("\n" if final else ""))
+        self.stream.flush()
+
+
 class JobCluster:
     """Run ``computation`` (a function, or the path of a program) on nodes.
 
@@ -812,6 +840,9 @@ class JobCluster:
         self._wake_scheduled = False
         self._done_cond = threading.Condition()
         self._unfinished = 0
+        self._submitted = self._ended = self._failed = 0
+        #: the last jobs that did not finish (Terminated, Cancelled, Abandoned), newest last
+        self.recent_failures: collections.deque = collections.deque(maxlen=50)
         self._closed = False
         self._start_time = time.time()
         self._cb_queue: queue.SimpleQueue | None = None
@@ -982,6 +1013,7 @@ class JobCluster:
         job.submit_time = time.time()
         with self._done_cond:
             self._unfinished += 1
+            self._submitted += 1
         with self._lock:
             self._incoming.append(job)
             wake = not self._wake_scheduled
@@ -1006,7 +1038,12 @@ class JobCluster:
         return 0
 
     def map(
-        self, iterable, max_pending: int | None = None, ordered: bool = True, star: bool = False
+        self,
+        iterable,
+        max_pending: int | None = None,
+        ordered: bool = True,
+        star: bool = False,
+        progress: bool | None = False,
     ):
         """Run the computation on each item of ``iterable``, lazily: at most
         ``max_pending`` jobs are in flight at once (default 2 x the cluster's
@@ -1014,8 +1051,12 @@ class JobCluster:
 
         Yields results in input order (``ordered=False``: as jobs end).  Each
         item is one argument, or (``star=True``) a tuple of arguments.  A job
-        that does not finish raises ``JobFailed`` (with ``.job``).
+        that does not finish raises ``JobFailed`` (with ``.job``).  ``progress``:
+        as for ``wait``.
         """
+        if progress is None:
+            progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        bar = _Progress(self) if progress else None
         if max_pending is None:
             cpus = sum(n.cpus for n in self.status()[0])
             max_pending = max(16, 2 * cpus)
@@ -1044,17 +1085,62 @@ class JobCluster:
                 window.remove(job)
             job._end.wait()
             fill()
+            if bar is not None:
+                bar.draw(final=not window)
             yield job.future.result()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted job has ended; False if ``timeout`` passed first."""
+    def counts(self) -> dict:
+        """Job counts: submitted, ended, failed (ended but not Finished), pending
+        (not ended), running (sent to nodes)."""
         with self._done_cond:
-            return self._done_cond.wait_for(lambda: self._unfinished == 0, timeout)
+            out = {
+                "submitted": self._submitted,
+                "ended": self._ended,
+                "failed": self._failed,
+                "pending": self._unfinished,
+            }
+        out["running"] = sum(lk.node.busy for lk in list(self._engine.links.values()))
+        return out
+
+    def wait(self, timeout: float | None = None, progress: bool | None = None) -> bool:
+        """Wait until every submitted job has ended; False if ``timeout`` passed first.
+
+        ``progress=True`` draws a progress line on stderr (done, failed, running,
+        rate); ``None`` (default) draws it only when stderr is a terminal and
+        False never does.
+        """
+        if progress is None:
+            progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        if not progress:
+            with self._done_cond:
+                return self._done_cond.wait_for(lambda: self._unfinished == 0, timeout)
+        bar = _Progress(self)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._done_cond:
+            while self._unfinished:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                step = PROGRESS_REFRESH if left is None else min(left, PROGRESS_REFRESH)
+                if self._done_cond.wait(step) and not self._unfinished:
+                    break  # the final line follows
+                self._done_cond.release()
+                try:
+                    bar.draw()
+                finally:
+                    self._done_cond.acquire()
+            done = self._unfinished == 0
+        bar.draw(final=True)
+        return done
 
     # -- called on the loop thread ---------------------------------------------------
     def _job_ended(self, job: DispyJob, node) -> None:
         with self._done_cond:
             self._unfinished -= 1
+            self._ended += 1
+            if job.status != jobstate.Finished:
+                self._failed += 1
+                self.recent_failures.append(job)
             if self._unfinished == 0:
                 self._done_cond.notify_all()
         if self._cb_queue is not None:

@@ -133,3 +133,23 @@ def test_a_dropped_job_frees_its_result_at_once(node):
             assert ref() is None
         finally:
             gc.enable()
+
+
+def test_progress_line(node, capsys):
+    with cluster_for(node, jobs.sleep_for) as cluster:
+        for _ in range(6):
+            cluster.submit(0.01)
+        cluster.submit("not a number")  # fails: counted as failed
+        assert cluster.wait(timeout=60, progress=True)
+        assert list(cluster.map([0.01, 0.02], progress=True)) == [0.01, 0.02]
+        cluster.wait(timeout=60, progress=False)
+    err = capsys.readouterr().err
+    assert "7/7 done, 1 failed" in err and "jobs/s" in err
+    assert "9/9 done" in err  # map's line, after its two jobs
+
+
+def test_no_progress_line_when_not_a_terminal(node, capsys):
+    with cluster_for(node, jobs.double) as cluster:
+        cluster.submit(1)
+        assert cluster.wait(timeout=60)  # progress=None: stderr is not a TTY here
+    assert "done" not in capsys.readouterr().err
