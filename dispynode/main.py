@@ -120,7 +120,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
     p.add_argument("--quit_on_eof", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help="read options from this TOML file (command line wins)")
+    p.add_argument(
+        "--save_config",
+        metavar="FILE",
+        help="write the options given (file and command line) to FILE as TOML, then exit",
+    )
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        p.set_defaults(**load_config(p, pre.config))
     args = p.parse_args(argv)
+    if pre.ip_addr:  # addresses on the command line replace the file's, not add to them
+        args.ip_addr = pre.ip_addr
+    args.ip_addr = list(dict.fromkeys(args.ip_addr))
+    if args.save_config:
+        return args
     if args.make_certs:
         return args
     if (args.keyfile or args.cafile) and not args.certfile:
@@ -154,6 +168,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.insecure and not args.ip_addr:
         args.ip_addr = ["127.0.0.1"]  # no authentication: never reachable from elsewhere by default
     return args
+
+
+#: Options that never go into a saved configuration file.
+_NOT_SAVED = {"config", "save_config", "secret", "make_certs", "quit_on_eof"}
+
+
+def load_config(p: argparse.ArgumentParser, path: str) -> dict:
+    """Options from a TOML file, keyed like the command line's long options."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            cfg = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        p.error(f"cannot read --config {path}: {exc}")
+    known = {a.dest: a for a in p._actions}
+    for key, value in cfg.items():
+        if key not in known or key in _NOT_SAVED:
+            p.error(f"--config {path}: unknown option {key!r}")
+        if key == "secret":
+            p.error(f"--config {path}: put the secret in a --secret_file, not here")
+        want = known[key].type
+        if want is not None and not isinstance(value, want):
+            p.error(f"--config {path}: {key} must be a {want.__name__}")
+    return cfg
+
+
+def save_config(args: argparse.Namespace, path: str) -> None:
+    """Write the options as TOML (never the secret)."""
+    lines = ["# dispynode options (dispynode --config FILE)"]
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_SAVED or value is None or key == "auth":
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, list):
+            text = "[" + ", ".join(_toml_str(v) for v in value) + "]"
+        else:
+            text = _toml_str(str(value))
+        lines.append(f"{key} = {text}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 async def _stdin_commands(node: NodeServer, quit_on_eof: bool) -> None:
@@ -240,6 +302,10 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.save_config:
+        save_config(args, args.save_config)
+        print(f"dispynode: options written to {args.save_config}")
+        return 0
     if args.make_certs:
         from dispy.certs import main as certs_main
 

@@ -62,3 +62,30 @@ def test_dispy_cli_local_cluster_and_failure_status(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "exit status 3" in proc.stdout and "about to fail x" in proc.stdout
     assert "speedup" in proc.stdout  # the cluster status is printed at the end
+
+
+def test_dispynode_config_file_round_trip(tmp_path):
+    cfg = tmp_path / "node.toml"
+    proc = _run(
+        "-m", "dispynode", "-i", "127.0.0.1", "-c", "1", "--zombie_interval", "2.5",
+        "-s", "never-saved", "--save_config", str(cfg),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = cfg.read_text()
+    assert 'ip_addr = ["127.0.0.1"]' in text and "zombie_interval = 2.5" in text
+    assert "never-saved" not in text  # secrets stay out of config files
+    # the file's options are used; the command line wins over them
+    n = dispy.LocalNode(cpus=None, secret="c", extra_args=("--config", str(cfg))).start()
+    try:
+        with dispy.JobCluster(jobs.double, nodes=[n.address], secret="c") as cluster:
+            assert cluster.submit(4)(timeout=30) == 8
+            assert cluster.status()[0][0].cpus == 1
+    finally:
+        n.stop()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('secret = "x"\n')
+    proc = _run("-m", "dispynode", "--config", str(bad))
+    assert proc.returncode == 2 and "secret" in proc.stderr
+    bad.write_text("no_such_option = 1\n")
+    proc = _run("-m", "dispynode", "--config", str(bad))
+    assert proc.returncode == 2 and "unknown option 'no_such_option'" in proc.stderr
