@@ -11,6 +11,7 @@ See README.rst for the architecture (the route of a job) and the examples.
 import logging
 
 from ._client import JobCluster
+from ._data import NodeData
 from ._executor import ClusterExecutor
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
@@ -56,6 +57,7 @@ __all__ = [
     "JobFailed",
     "LocalNode",
     "NodeAllocate",
+    "NodeData",
     "NodeLost",
     "ProtocolError",
     "SubmitError",

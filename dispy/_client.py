@@ -40,6 +40,8 @@ import weakref
 import cloudpickle
 
 from . import _loop, config, serialize, transport
+from ._data import NodeData, check_name
+from ._data import _local as data_local
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
 from .core import jobstate
@@ -161,6 +163,7 @@ class _NodeLink:
         self._acks: list[int] = []
         self._ack_scheduled = False
         self._closing = False
+        self.setup_done = False
         self.last_heard = time.monotonic()
         self.task: asyncio.Task | None = None
 
@@ -253,6 +256,9 @@ class _NodeLink:
                 return
         self.node.cpus = self.node.avail_cpus = cpus
         await self._send_computation()
+        self.setup_done = True
+        for name, (version, segs) in list(engine.data.items()):  # what put() placed so far
+            await self.put_data(name, version, segs)
         self.ready = True
         engine.node_ready(self)
         watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
@@ -302,9 +308,25 @@ class _NodeLink:
             if offset >= size or not chunk:
                 break
 
-    async def _request(self, kind: int, ctl: dict, reply_kind: int, payload=()) -> dict:
+    async def put_data(self, name: str, version: int, segs) -> None:
+        """Place one cluster.put() object on the node; raises DispyError if refused."""
+        lens, flat = join_segments([segs])
+        tag = f"{name}:{version}"
+        reply = await self._request(
+            Kind.DATA,
+            {"c": self.engine.cid, "n": name, "v": version, "s": lens, "t": tag},
+            Kind.DATA_OK,
+            flat,
+            tag=tag,
+        )
+        if not reply.get("ok"):
+            raise DispyError(f"node {self.node.name} refused data {name!r}: {reply.get('r')}")
+
+    async def _request(
+        self, kind: int, ctl: dict, reply_kind: int, payload=(), tag: str | None = None
+    ) -> dict:
         fut = asyncio.get_running_loop().create_future()
-        self._waiters[reply_kind] = fut
+        self._waiters[(reply_kind, tag) if tag else reply_kind] = fut
         self.chan.send(kind, ctl, payload)
         return await fut
 
@@ -326,7 +348,8 @@ class _NodeLink:
         if kind == Kind.FILE:
             self.engine.file_from_job(self, msg.ctl, msg.payload)
             return
-        fut = self._waiters.pop(kind, None)
+        key = (kind, msg.ctl.get("t")) if kind == Kind.DATA_OK else kind
+        fut = self._waiters.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(msg.ctl)
         elif kind == Kind.ERROR:
@@ -383,6 +406,7 @@ class _NodeLink:
             self.node.rx += self.chan.bytes_received
             self.chan.abort()
             self.chan = None
+        self.setup_done = False
         if self.ready:
             self.ready = False
             self.engine.node_lost(self)
@@ -484,6 +508,7 @@ class _Engine:
         self.links: dict[tuple, _NodeLink] = {}
         self.live: dict[int, DispyJob] = {}
         self.writes: dict[int, set] = {}  # files jobs sent, being written
+        self.data: dict[str, tuple[int, list]] = {}  # cluster.put(): name -> (version, segments)
         self.fatal: str | None = None
         self.pulse_interval = cluster._pulse_interval
         self.ssl = cluster._ssl
@@ -506,6 +531,15 @@ class _Engine:
         if added:
             self.fatal = None
         return added
+
+    async def put(self, name: str, version: int, segs) -> list[str]:
+        """Place data on every set-up node (nodes set up later get it then)."""
+        self.data[name] = (version, segs)
+        links = [lk for lk in self.links.values() if lk.setup_done and lk.chan is not None]
+        results = await asyncio.gather(
+            *(lk.put_data(name, version, segs) for lk in links), return_exceptions=True
+        )
+        return [f"{lk.key}: {r}" for lk, r in zip(links, results, strict=True) if r is not None]
 
     # -- submissions -----------------------------------------------------------
     def take(self, jobs: list) -> None:
@@ -841,6 +875,7 @@ class JobCluster:
         self._done_cond = threading.Condition()
         self._unfinished = 0
         self._submitted = self._ended = self._failed = 0
+        self._data_versions: dict[str, int] = {}
         #: the last jobs that did not finish (Terminated, Cancelled, Abandoned), newest last
         self.recent_failures: collections.deque = collections.deque(maxlen=50)
         self._closed = False
@@ -877,6 +912,29 @@ class JobCluster:
             logger.warning("submit_node: node %r is not a node of this cluster", node)
             return None
         return self._submit(key, args, kwargs)
+
+    def put(self, obj, name: str | None = None) -> NodeData:
+        """Place ``obj`` once on every node of the cluster (and on nodes that join
+        later); return a small handle to pass to jobs, whose ``get()`` on the node
+        gives the object.  numpy arrays in it are read-only views of one copy per
+        node that all its job processes share.  A later put() with the same
+        ``name`` replaces it.  Blocks until the nodes have it; nodes that could
+        not take it are logged."""
+        if self._closed:
+            raise SubmitError("cluster is closed")
+        name = check_name(name) if name is not None else uuid.uuid4().hex
+        version = self._data_versions.get(name, 0) + 1
+        self._data_versions[name] = version
+        try:
+            segs = serialize.dumps(obj)
+        except Exception as exc:
+            raise SubmitError(f"put(): the object cannot be pickled: {exc}") from exc
+        for key in [k for k in data_local if k[0] == name]:
+            del data_local[key]
+        data_local[(name, version)] = obj
+        for failure in self._on_loop(self._engine.put, name, version, segs):
+            logger.error("put(%r) did not reach node %s", name, failure)
+        return NodeData(name, version)
 
     def submit_job_id(self, job_id, *args, **kwargs) -> DispyJob:
         """Like ``submit``, with ``job.id`` set before the job can run (so callbacks see it)."""

@@ -34,6 +34,7 @@ import time
 import traceback
 import types
 
+from dispy import _data as dispy_data
 from dispy import serialize
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
@@ -299,6 +300,7 @@ def main(argv: list[str]) -> None:
         )
     del msg
     _install_main(spec, ctl)
+    dispy_data.DATA_DIR = os.path.join(comp_dir, ".dispy_data")
     if spec.setup is not None:
         try:
             ret = spec.setup(*setup_args)

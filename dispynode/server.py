@@ -30,7 +30,9 @@ import time
 
 import psutil
 
+from dispy import _data as data
 from dispy import config, transport
+from dispy._data import check_name
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed, ProtocolError
@@ -39,6 +41,9 @@ from dispy.protocol import Kind, derive_key, field, join_segments, split_segment
 from .executor import Computation, Worker, safe_relpath
 
 logger = logging.getLogger("dispynode")
+
+#: Folder (inside a computation's) where cluster.put() data lives.
+DATA_FOLDER = ".dispy_data"
 
 #: Seconds between a node's pulses to a client (its resources; liveness later).
 DEFAULT_PULSE_INTERVAL = 10.0
@@ -109,7 +114,7 @@ class Session:
             if self._pulse_task is None:
                 self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
             self.chan.send(Kind.INFO, self.node.info())
-        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE):
+        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA):
             if self._ops.qsize() >= config.MAX_PENDING_OPS:
                 raise ProtocolError(f"more than {config.MAX_PENDING_OPS} pending requests")
             self._ops.put_nowait((kind, ctl, msg.payload))
@@ -176,6 +181,8 @@ class Session:
                     await self._compute(ctl, payload)
                 elif kind == Kind.CLOSE:
                     await self._close_comp(ctl)
+                elif kind == Kind.DATA:
+                    await self._data(ctl, payload)
             except (ProtocolError, ValueError) as exc:
                 logger.warning("request from %s refused: %s", self.peer, exc)
                 self._reply_error(kind, ctl, str(exc))
@@ -191,6 +198,8 @@ class Session:
         cid = ctl.get("c", "") if isinstance(ctl.get("c"), str) else ""
         if kind == Kind.COMPUTE:
             self.chan.send(Kind.COMPUTE_REPLY, {"c": cid, "ok": False, "r": reason})
+        elif kind == Kind.DATA:
+            self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": False, "r": reason})
         else:
             self.chan.send(Kind.ERROR, {"c": cid, "r": reason})
 
@@ -254,6 +263,22 @@ class Session:
             reply["r"] = comp.error
         if not self.chan.is_closed:
             self.chan.send(Kind.COMPUTE_REPLY, reply)
+
+    async def _data(self, ctl: dict, payload) -> None:
+        """cluster.put: store the object once for every job of the computation."""
+        cid = field(ctl, "c", str)
+        comp = self.comps.get(cid)
+        if comp is None or not comp.ready:
+            raise ValueError(f"computation {cid} is not set up on this node")
+        name = check_name(field(ctl, "n", str))
+        version = field(ctl, "v", int)
+        segs = split_segments(payload, field(ctl, "s", list))
+        if len(payload) > self.node.max_file_size:
+            raise ValueError(f"data {name!r} exceeds this node's --max_file_size")
+        folder = os.path.join(comp.dir, DATA_FOLDER)
+        await asyncio.to_thread(_store_data, folder, name, version, segs)
+        if not self.chan.is_closed:
+            self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": True})
 
     async def _close_comp(self, ctl: dict) -> None:
         cid = field(ctl, "c", str)
@@ -340,6 +365,15 @@ class Session:
             self.node.drop_jobs(comp, terminate=True)
         await asyncio.gather(*(c.close(terminate=True) for c in comps), return_exceptions=True)
         self.node.session_ended(self)
+
+
+def _store_data(folder: str, name: str, version: int, segs) -> None:
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    data.write(data.data_path(folder, name, version), segs)
+    for entry in os.listdir(folder):  # older versions: job processes keep their mappings
+        stem, _, ver = entry.rpartition(".")
+        if stem == name and ver.isdigit() and int(ver) < version:
+            os.unlink(os.path.join(folder, entry))
 
 
 class NodeServer:

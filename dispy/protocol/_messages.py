@@ -40,6 +40,8 @@ class Kind(IntEnum):
     PING = 28
     PONG = 29
     ERROR = 30  # either side: a request failed; ``r`` says why
+    DATA = 32  # client: an object for every job on the node (cluster.put)
+    DATA_OK = 33  # node: stored (or why not)
 
     # node daemon <-> its computation process and job processes (local socket pairs)
     C_LOAD = 48  # daemon: load this computation and run setup

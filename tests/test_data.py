@@ -1,0 +1,64 @@
+"""cluster.put(): data placed once per node and shared by its job processes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+import dispy
+from dispy import DispyJob, DispyNode
+
+from . import jobs
+
+
+def test_put_array_once_shared_read_only(node):
+    arr = np.arange(2_000_000, dtype="f8")  # 16 MB
+    with dispy.JobCluster(jobs.data_info, nodes=[node.address], secret=node.secret) as cluster:
+        handle = cluster.put(arr, name="big")
+        assert handle.get() is arr  # on the client: the object itself
+        first = cluster.submit(handle)(timeout=60)  # the node is set up, data placed
+        assert first[0] == float(arr.sum())
+        sent_before = cluster.stats()["nodes"][node.address]["bytes_sent"]
+        results = [j(timeout=60) for j in [cluster.submit(handle) for _ in range(20)]]
+        sent = cluster.stats()["nodes"][node.address]["bytes_sent"] - sent_before
+    assert all(r[0] == float(arr.sum()) for r in results)
+    assert all(r[1] is False and r[2] is True for r in results)  # read-only view, aligned
+    assert len({r[3] for r in results}) == 2  # both job processes read the one copy
+    assert sent < 100_000  # 20 jobs carried handles, not 16 MB each
+
+
+def test_put_replaces_by_name(node):
+    with dispy.JobCluster(jobs.data_value, nodes=[node.address], secret=node.secret) as cluster:
+        old = cluster.put({"pass": 1}, name="model")
+        assert cluster.submit(old)(timeout=30) == {"pass": 1}
+        new = cluster.put({"pass": 2}, name="model")
+        assert cluster.submit(new)(timeout=30) == {"pass": 2}
+        stale = cluster.submit(old)
+        assert stale(timeout=30) is None and stale.status == DispyJob.Terminated
+        assert "replaced" in stale.exception
+
+
+def test_nodes_that_join_later_get_the_data(node_factory):
+    a, b = node_factory(cpus=1, secret="d"), node_factory(cpus=1, secret="d")
+    ready = threading.Event()
+
+    def status(st, node, job):
+        if st == DispyNode.Initialized and node.port == b.port:
+            ready.set()
+
+    with dispy.JobCluster(
+        jobs.data_value, nodes=[a.address], secret="d", cluster_status=status
+    ) as cluster:
+        h = cluster.put([1, 2, 3], name="late")
+        assert cluster.allocate_node(b.address) == 1
+        assert ready.wait(30)
+        assert cluster.submit_node(b.address, h)(timeout=30) == [1, 2, 3]
+
+
+def test_bad_data_name(node):
+    import pytest
+
+    with dispy.JobCluster(jobs.data_value, nodes=[node.address], secret=node.secret) as cluster:
+        with pytest.raises(ValueError, match="data name"):
+            cluster.put(1, name="../escape")
