@@ -25,6 +25,7 @@ from .errors import (
     ProtocolError,
     SubmitError,
 )
+from .httpd import DispyHTTPServer
 
 
 class _UntilConfigured(logging.StreamHandler):
@@ -46,6 +47,7 @@ if not any(isinstance(h, _UntilConfigured) for h in logger.handlers):
         logger.setLevel(logging.WARNING)
 
 __all__ = [
+    "DispyHTTPServer",
     "ClusterExecutor",
     "AuthenticationFailed",
     "ComputationError",

@@ -702,6 +702,7 @@ class _Engine:
             return
         self.live.pop(job._uid, None)
         job._segs = None
+        self.cluster._job_ended(job, node)  # counts first: job() returns after them
         job._end.set()
         if not job.future.done():  # a cancelled future is done already
             if job.status == jobstate.Finished:
@@ -711,7 +712,6 @@ class _Engine:
                 job.future.set_exception(
                     JobFailed(job, f"job {job.id!r} {name}: {job.exception or 'no reason given'}")
                 )
-        self.cluster._job_ended(job, node)
 
     def _abandon(self, job: DispyJob, reason: str) -> None:
         if job.status not in jobstate.TERMINAL:
@@ -941,6 +941,8 @@ class JobCluster:
         return self._submit(None, args, kwargs, job_id)
 
     def _node_key(self, node):
+        """The link key of ``node`` (DispyNode, 'host', 'host:port', name); None if unknown
+        or ambiguous (several nodes match)."""
         if isinstance(node, DispyNode):
             key = (node.ip_addr, node.port)
             if key in self._engine.links:
@@ -948,10 +950,18 @@ class JobCluster:
             host = node.ip_addr
         else:
             host = str(node)
-        for key, link in list(self._engine.links.items()):
-            if host in (link.host, link.node.ip_addr, link.node.name, f"{key[0]}:{key[1]}"):
-                return key
-        return None
+        matches = [
+            key
+            for key, link in list(self._engine.links.items())
+            if host == f"{key[0]}:{key[1]}" or host == f"{link.node.ip_addr}:{key[1]}"
+        ]
+        if not matches:
+            matches = [
+                key
+                for key, link in list(self._engine.links.items())
+                if host in (link.host, link.node.ip_addr, link.node.name)
+            ]
+        return matches[0] if len(matches) == 1 else None
 
     def _link(self, node) -> _NodeLink | None:
         key = self._node_key(node)
