@@ -1,0 +1,378 @@
+"""The LSI and LDA workloads on one local node with 1 and 2 CPUs; prints ONE
+JSON object to stdout.
+
+    python benchmarks/workloads.py                       # 100,000 docs x 20,000 terms
+    python benchmarks/workloads.py --docs 20000 --terms 5000
+    python benchmarks/workloads.py --quick               # smoke run, seconds
+    python benchmarks/workloads.py --only lsi --cpus 2
+
+The corpus is drawn by LDA's generative process (``synthetic_corpus``,
+seeded; 20 planted topics, ~100 words per document).  For each CPU count a
+``dispy.LocalNode(cpus=N)`` on 127.0.0.1 is started (and stopped, by PID);
+a run's ``wall_seconds`` covers placing the corpus on the node and every
+pass, not the node's start (``node_start_seconds``).  Per run: documents per
+second (``documents / wall_seconds``; ``document_passes_per_second`` counts
+each pass), bytes the client sent in total, for the corpus, and per pass.
+
+LSI: k=100, oversampling 100, 2 power iterations (gensim's defaults) = 4
+passes.  LDA: k=20, online VB, chunks of 2,000 documents, one M-step per 2
+chunks in every run (so the 1- and 2-CPU runs compute the same thing), and
+the held-out per-word bound of 1% more documents.  With gensim installed,
+its serial ``LsiModel``/``LdaModel`` run on the same corpus with the same
+parameters (``gensim``; ``ratio`` = gensim's seconds / ours); without it that
+part says so.
+
+The machine may be shared: ``cpu_busy_percent_before`` is the whole
+machine's CPU use in the second before each run, and
+``local_pool_speedup_2`` what two processes of a ``ProcessPoolExecutor`` get
+for two of the workload's own jobs right after the runs (the ceiling for
+``speedup``; 2 vCPUs may be one core's two hyperthreads, and sparse products
+are bound by memory bandwidth).  Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import sys
+import time
+import traceback
+
+import numpy as np
+import psutil
+import scipy
+
+import dispy
+from dispy.workloads import SerialRunner, corpus, lda, local_cluster, lsi
+
+log = logging.getLogger("bench.workloads")
+
+FULL_DOCS, FULL_TERMS = 100_000, 20_000
+
+
+def _busy() -> float:
+    return psutil.cpu_percent(interval=1.0)
+
+
+#: What the local-pool ceiling jobs read (inherited by the forked pool processes).
+_POOL: dict = {}
+
+
+def _pool_job(kind: str, i: int) -> float:
+    d = _POOL
+    if kind == "lsi":
+        lsi.power_step(d["chunks"][i], d["q"])
+    else:
+        lda.estep(d["chunks"][i], d["model"], d["alpha"])
+    return 0.0
+
+
+def _pool_ceiling(kind: str, matrix, chunksize: int, args) -> float:
+    """What this machine gives two processes for this very job right now: two
+    of the workload's jobs (the first two chunks) run one after the other,
+    then at once, on a ProcessPoolExecutor of 2; time ratio."""
+    r = SerialRunner()
+    _POOL["chunks"] = r.scatter(matrix, [(0, chunksize), (chunksize, 2 * chunksize)])
+    if kind == "lsi":
+        l_cols = min(args.lsi_topics + args.oversample, matrix.shape[1])
+        _POOL["q"] = lsi.Gaussian(args.seed, matrix.shape[1], l_cols)
+    else:
+        lam = np.random.default_rng(args.seed).gamma(
+            100.0, 0.01, (args.lda_topics, matrix.shape[1])
+        )
+        _POOL["model"] = r.put({"expElogbeta": np.exp(lda.dirichlet_expectation(lam))})
+        _POOL["alpha"] = np.full(args.lda_topics, 1.0 / args.lda_topics)
+    ctx = multiprocessing.get_context("fork")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+            list(ex.map(_pool_job, [kind, kind], [0, 1]))  # warm up both processes
+            t0 = time.perf_counter()
+            for i in (0, 1):
+                ex.submit(_pool_job, kind, i).result()
+            seq = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            list(ex.map(_pool_job, [kind, kind], [0, 1]))
+            par = time.perf_counter() - t0
+    finally:
+        _POOL.clear()
+    return seq / par
+
+
+def _run_lsi(matrix, cpus: int, args) -> dict:
+    busy = _busy()
+    t0 = time.perf_counter()
+    with local_cluster(local_cpus=cpus) as runner:
+        start = time.perf_counter() - t0
+        res = lsi.lsi(
+            matrix,
+            args.lsi_topics,
+            runner,
+            oversample=args.oversample,
+            power_iters=args.power_iters,
+            chunksize=args.lsi_chunksize,
+            seed=args.seed,
+            log=log.info,
+        )
+        received = sum(n["bytes_received"] for n in runner.cluster.stats()["nodes"].values())
+        placement = runner.placement
+    docs = matrix.shape[0]
+    return {
+        "cpus": cpus,
+        "wall_seconds": res.seconds,
+        "documents_per_second": docs / res.seconds,
+        "document_passes_per_second": docs * res.passes / res.seconds,
+        "passes": res.passes,
+        "chunks": res.chunks,
+        "bytes_sent": res.bytes_sent,
+        "bytes_sent_corpus": res.bytes_sent - sum(res.pass_bytes),
+        "bytes_sent_per_pass": res.pass_bytes,
+        "bytes_received_total": received,
+        "pass_seconds": res.pass_seconds,
+        "singular_values_top5": [float(x) for x in res.s[:5]],
+        "placement": placement,
+        "node_start_seconds": start,
+        "cpu_busy_percent_before": busy,
+        "_s": res.s,
+    }
+
+
+def _run_lda(train, heldout, cpus: int, args) -> dict:
+    busy = _busy()
+    t0 = time.perf_counter()
+    with local_cluster(local_cpus=cpus) as runner:
+        start = time.perf_counter() - t0
+        model = lda.lda(
+            train,
+            args.lda_topics,
+            runner,
+            passes=args.lda_passes,
+            chunksize=args.lda_chunksize,
+            update_every=args.update_every,
+            seed=args.seed,
+            log=log.info,
+        )
+        t1 = time.perf_counter()
+        doc_bound, words = lda.heldout_bound(model, heldout, runner, chunksize=args.lda_chunksize)
+        perplexity = (doc_bound + model.topic_bound()) / words
+        eval_s = time.perf_counter() - t1
+        placement = runner.placement
+    docs = train.shape[0]
+    return {
+        "cpus": cpus,
+        "wall_seconds": model.seconds,
+        "documents_per_second": docs * model.passes / model.seconds,
+        "passes": model.passes,
+        "updates": model.updates,
+        "chunks": model.chunks,
+        "bytes_sent": model.bytes_sent,
+        "bytes_sent_corpus": model.bytes_sent - sum(model.pass_bytes),
+        "bytes_sent_per_pass": model.pass_bytes,
+        "pass_seconds": model.pass_seconds,
+        "heldout_log_perplexity": perplexity,
+        "heldout_documents_bound_per_word": doc_bound / words,
+        "heldout_eval_seconds": eval_s,
+        "placement": placement,
+        "node_start_seconds": start,
+        "cpu_busy_percent_before": busy,
+    }
+
+
+def _gensim(train, heldout, args, which) -> dict:
+    try:
+        import gensim
+        from gensim.matutils import Sparse2Corpus
+    except ImportError:
+        return {"skipped": "gensim is not installed (optional: pip install gensim)"}
+    out: dict = {"version": gensim.__version__}
+    bow = Sparse2Corpus(train, documents_columns=False)
+    try:
+        if "lsi" in which:
+            busy = _busy()
+            t0 = time.perf_counter()
+            m = gensim.models.LsiModel(
+                bow,
+                num_topics=args.lsi_topics,
+                chunksize=args.lsi_chunksize or 20_000,
+                onepass=False,
+                power_iters=args.power_iters,
+                extra_samples=args.oversample,
+            )
+            s = time.perf_counter() - t0
+            out["lsi"] = {
+                "wall_seconds": s,
+                "documents_per_second": train.shape[0] / s,
+                "singular_values_top5": [float(x) for x in m.projection.s[:5]],
+                "cpu_busy_percent_before": busy,
+            }
+        if "lda" in which:
+            busy = _busy()
+            t0 = time.perf_counter()
+            m = gensim.models.LdaModel(
+                bow,
+                num_topics=args.lda_topics,
+                passes=args.lda_passes,
+                chunksize=args.lda_chunksize,
+                update_every=1,
+                iterations=50,
+                gamma_threshold=1e-3,
+                eval_every=None,
+                random_state=args.seed,
+            )
+            s = time.perf_counter() - t0
+            out["lda"] = {
+                "wall_seconds": s,
+                "documents_per_second": train.shape[0] * args.lda_passes / s,
+                "heldout_log_perplexity": float(
+                    m.log_perplexity(list(Sparse2Corpus(heldout, documents_columns=False)))
+                ),
+                "cpu_busy_percent_before": busy,
+            }
+    except Exception as exc:  # a measurement, not a test: say what failed and go on
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--docs", type=int, default=FULL_DOCS)
+    p.add_argument("--terms", type=int, default=FULL_TERMS)
+    p.add_argument("--quick", action="store_true", help="5,000 x 2,000, small k: a smoke run")
+    p.add_argument("--only", default="lsi,lda", help="lsi, lda or both (comma separated)")
+    p.add_argument("--cpus", default="1,2", help="node CPU counts to run (comma separated)")
+    p.add_argument("--lsi-topics", type=int, default=100)
+    p.add_argument("--oversample", type=int, default=100)
+    p.add_argument("--power-iters", type=int, default=2)
+    p.add_argument("--lsi-chunksize", type=int, help="default: chunks for the largest CPU count")
+    p.add_argument("--lda-topics", type=int, default=20)
+    p.add_argument("--lda-passes", type=int, default=1)
+    p.add_argument("--lda-chunksize", type=int, default=2000)
+    p.add_argument("--update-every", type=int, help="chunks per M-step (default: largest --cpus)")
+    p.add_argument("--doc-length", type=float, default=100.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-gensim", action="store_true", help="skip gensim even if installed")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    if args.quick:
+        args.docs, args.terms = min(args.docs, 5000), min(args.terms, 2000)
+        args.lsi_topics, args.oversample = min(args.lsi_topics, 20), min(args.oversample, 20)
+        args.lda_chunksize = min(args.lda_chunksize, 500)
+    which = {w.strip() for w in args.only.split(",") if w.strip()}
+    cpu_counts = [int(c) for c in args.cpus.split(",") if c.strip()]
+    if args.update_every is None:
+        args.update_every = max(cpu_counts)
+    if args.lsi_chunksize is None:  # the same chunks in every run: results comparable
+        n = max(cpu_counts)
+        chunks = n * max(2, -(-args.docs // (n * 20_000)))
+        args.lsi_chunksize = -(-args.docs // chunks)
+
+    out: dict = {
+        "benchmark": "workloads",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "dispy": dispy.__version__,
+        },
+    }
+    size_note = (
+        "the issue's size (100,000 x 20,000)"
+        if (args.docs, args.terms) == (FULL_DOCS, FULL_TERMS)
+        else "smaller than the issue's 100,000 x 20,000 (--docs/--terms or --quick)"
+    )
+    heldout_docs = max(10, args.docs // 100)
+    t0 = time.perf_counter()
+    drawn = corpus.synthetic_corpus(
+        args.docs + heldout_docs, args.terms, 20, doc_length=args.doc_length, seed=args.seed
+    )
+    train, heldout = drawn.matrix[: args.docs], drawn.matrix[args.docs :]
+    out["corpus"] = {
+        "documents": args.docs,
+        "terms": args.terms,
+        "nonzeros": int(train.nnz),
+        "words": float(train.sum()),
+        "heldout_documents": heldout_docs,
+        "planted_topics": 20,
+        "mean_doc_length": args.doc_length,
+        "generate_seconds": time.perf_counter() - t0,
+        "size": size_note,
+    }
+    status = 0
+    if "lsi" in which:
+        runs = {}
+        try:
+            for c in cpu_counts:
+                log.warning("LSI k=%d on %d CPU(s)", args.lsi_topics, c)
+                runs[c] = _run_lsi(train, c, args)
+        except Exception:
+            status = 1
+            runs["error"] = traceback.format_exc()
+        res = {
+            "topics": args.lsi_topics,
+            "oversample": args.oversample,
+            "power_iters": args.power_iters,
+            "chunksize": args.lsi_chunksize,
+        }
+        ok = [r for r in runs.values() if isinstance(r, dict)]
+        if len(ok) >= 2:
+            res["speedup"] = ok[0]["wall_seconds"] / ok[-1]["wall_seconds"]
+            res["local_pool_speedup_2"] = _pool_ceiling("lsi", train, args.lsi_chunksize, args)
+            res["max_rel_diff_singular_values"] = float(
+                np.max(np.abs(ok[0]["_s"] - ok[-1]["_s"]) / ok[0]["_s"])
+            )
+        for r in ok:
+            r.pop("_s")
+        res.update({f"cpus_{k}": v for k, v in runs.items()})
+        out["lsi"] = res
+    if "lda" in which:
+        runs = {}
+        try:
+            for c in cpu_counts:
+                log.warning("LDA k=%d on %d CPU(s)", args.lda_topics, c)
+                runs[c] = _run_lda(train, heldout, c, args)
+        except Exception:
+            status = 1
+            runs["error"] = traceback.format_exc()
+        res = {
+            "topics": args.lda_topics,
+            "passes": args.lda_passes,
+            "chunksize": args.lda_chunksize,
+            "update_every": args.update_every,
+        }
+        ok = [r for r in runs.values() if isinstance(r, dict)]
+        if len(ok) >= 2:
+            res["speedup"] = ok[0]["wall_seconds"] / ok[-1]["wall_seconds"]
+            res["local_pool_speedup_2"] = _pool_ceiling("lda", train, args.lda_chunksize, args)
+        res.update({f"cpus_{k}": v for k, v in runs.items()})
+        out["lda"] = res
+    if args.no_gensim:
+        out["gensim"] = {"skipped": "--no-gensim"}
+    else:
+        out["gensim"] = _gensim(train, heldout, args, which)
+        for w in ("lsi", "lda"):
+            g = out["gensim"].get(w)
+            ours = out.get(w, {})
+            best = [v for k, v in ours.items() if k.startswith("cpus_") and isinstance(v, dict)]
+            if g and best:
+                fastest = min(r["wall_seconds"] for r in best)
+                ours["gensim_seconds_over_ours"] = g["wall_seconds"] / fastest
+    json.dump(out, sys.stdout, indent=1)
+    print()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Numerical workloads that run as ordinary dispy jobs: distributed LSI
+(truncated SVD) and LDA (variational Bayes) of sparse term-document corpora,
+in the manner of gensim's distributed models, with numpy and scipy.
+
+* ``dispy.workloads.corpus``: Matrix Market and bag-of-words corpora, and a
+  seeded synthetic corpus drawn by LDA's generative process;
+* ``dispy.workloads.lsi``: randomized SVD in passes over the corpus chunks;
+* ``dispy.workloads.lda``: online / batch variational Bayes LDA.
+
+How the pieces fit: a cluster's computation is ``call`` (run the module-level
+function named in each job's arguments), so one cluster serves every step of
+a workload.  A ``Runner`` hides where the steps run:
+
+* ``ClusterRunner(cluster)``: jobs on the cluster's nodes.  Data that many
+  jobs read (the corpus, the model of the current pass) goes to each node
+  once with ``cluster.put`` and jobs receive the small ``NodeData`` handle;
+  on the node ``handle.get()`` gives read-only numpy arrays that all job
+  processes there share without a copy.  With ``use_put=False`` (or a
+  cluster without ``put``) the data travels in the job arguments instead
+  (each chunk only with its own job).
+* ``SerialRunner()``: the same functions in this process, one after the
+  other: the serial reference the distributed runs are checked against.
+
+Every sum over chunks is taken in chunk order, so a run's result does not
+depend on how many nodes or CPUs computed it.
+
+Requires scipy (``pip install 'dispy[workloads]'``) on the client and nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+
+import numpy as np
+
+__all__ = [
+    "ChunkRef",
+    "ClusterRunner",
+    "Inline",
+    "SerialRunner",
+    "WorkloadError",
+    "call",
+    "local_cluster",
+    "preload",
+]
+
+
+class WorkloadError(RuntimeError):
+    """A workload's job failed on a node (the message has its traceback)."""
+
+
+def call(func, *args, **kwargs):
+    """The computation of a workload cluster: ``func(*args, **kwargs)`` on the
+    node.  ``func`` is a module-level function of an installed module (pickled
+    by reference, so a job carries its name, not its code)."""
+    return func(*args, **kwargs)
+
+
+def preload() -> None:
+    """Setup function for a workload cluster (``JobCluster(call, setup=preload)``):
+    import numpy, scipy and the workload modules once per node, before the job
+    processes are forked, so no job pays for the imports."""
+    import scipy.sparse  # noqa: F401
+    import scipy.special  # noqa: F401
+
+    from . import lda, lsi  # noqa: F401
+
+
+class Inline:
+    """A handle that carries its object: what jobs get instead of a
+    ``NodeData`` when data is not placed on the nodes (and in serial runs).
+    ``get()`` returns the object, as ``NodeData.get()`` does."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __reduce__(self):
+        return (Inline, (self.obj,))
+
+    def get(self):
+        return self.obj
+
+    def __repr__(self) -> str:
+        return f"Inline({type(self.obj).__name__})"
+
+
+def corpus_arrays(matrix, lo: int = 0, hi: int | None = None) -> dict:
+    """Rows ``lo:hi`` of a CSR corpus as plain arrays (what is put or sent):
+    ``{'data', 'indices', 'indptr', 'n_terms'}``, indptr starting at 0."""
+    hi = matrix.shape[0] if hi is None else hi
+    a, b = int(matrix.indptr[lo]), int(matrix.indptr[hi])
+    indptr = np.asarray(matrix.indptr[lo : hi + 1], dtype=np.int64) - a
+    return {
+        "data": np.ascontiguousarray(matrix.data[a:b]),
+        "indices": np.ascontiguousarray(matrix.indices[a:b]),
+        "indptr": indptr,
+        "n_terms": int(matrix.shape[1]),
+    }
+
+
+def _csr(arrays: dict):
+    import scipy.sparse as sp
+
+    n_docs = len(arrays["indptr"]) - 1
+    return sp.csr_matrix(
+        (arrays["data"], arrays["indices"], arrays["indptr"]),
+        shape=(n_docs, arrays["n_terms"]),
+        copy=False,
+    )
+
+
+class ChunkRef:
+    """Documents ``lo:hi`` of a corpus that was put on the nodes whole.
+
+    ``get()`` returns them as a CSR matrix whose arrays are views of the
+    node's copy (no copy per job)."""
+
+    __slots__ = ("handle", "lo", "hi")
+
+    def __init__(self, handle, lo: int, hi: int) -> None:
+        self.handle = handle
+        self.lo = lo
+        self.hi = hi
+
+    def __reduce__(self):
+        return (ChunkRef, (self.handle, self.lo, self.hi))
+
+    def get(self):
+        whole = self.handle.get()
+        ip = whole["indptr"]
+        a, b = int(ip[self.lo]), int(ip[self.hi])
+        part = {
+            "data": whole["data"][a:b],
+            "indices": whole["indices"][a:b],
+            "indptr": ip[self.lo : self.hi + 1] - a,
+            "n_terms": whole["n_terms"],
+        }
+        return _csr(part)
+
+    def __repr__(self) -> str:
+        return f"ChunkRef({self.handle!r}, {self.lo}, {self.hi})"
+
+
+class _InlineChunk(Inline):
+    """A chunk carried in the job's arguments; ``get()`` gives a CSR matrix."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (_InlineChunk, (self.obj,))
+
+    def get(self):
+        return _csr(self.obj)
+
+
+class SerialRunner:
+    """Run a workload's steps in this process, one after the other."""
+
+    cpus = 1
+    placement = "serial"
+
+    def put(self, obj, name: str | None = None):
+        return Inline(obj)
+
+    def scatter(self, matrix, bounds, name: str | None = None) -> list:
+        whole = Inline(corpus_arrays(matrix))
+        return [ChunkRef(whole, lo, hi) for lo, hi in bounds]
+
+    def map(self, func, arglists):
+        for args in arglists:
+            yield func(*args)
+
+    def bytes_sent(self) -> int:
+        return 0
+
+
+class ClusterRunner:
+    """Run a workload's steps as jobs of ``cluster`` (whose computation is
+    ``dispy.workloads.call``).
+
+    ``use_put``: place shared data once per node with ``cluster.put``
+    (default: if the cluster has it); False sends it in job arguments.
+    """
+
+    def __init__(self, cluster, use_put: bool | None = None, job_timeout: float | None = None):
+        self.cluster = cluster
+        has_put = hasattr(cluster, "put")
+        self.use_put = has_put if use_put is None else bool(use_put and has_put)
+        self.placement = "put" if self.use_put else "arguments"
+        self.job_timeout = job_timeout
+        self._prefix = "wl-" + uuid.uuid4().hex[:8]
+
+    @property
+    def cpus(self) -> int:
+        return max(1, sum(n.cpus for n in self.cluster.status()[0]))
+
+    def wait_nodes(self, count: int = 1, timeout: float = 60.0) -> int:
+        """Wait (at most ``timeout`` s) until ``count`` nodes are set up; return
+        how many CPUs the cluster has then (at least one node must be up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.cluster.status()[0]
+            if len(nodes) >= count or (nodes and time.monotonic() > deadline):
+                return max(1, sum(n.cpus for n in nodes))
+            if time.monotonic() > deadline:
+                raise WorkloadError(f"no node of the cluster was ready within {timeout:g} s")
+            time.sleep(0.05)
+
+    def _name(self, name: str | None) -> str:
+        return f"{self._prefix}-{name or uuid.uuid4().hex[:8]}"
+
+    def put(self, obj, name: str | None = None):
+        """``obj`` for jobs: a ``NodeData`` (placed once per node; a later put
+        of the same ``name`` replaces it), or an ``Inline`` carrying it."""
+        if self.use_put:
+            return self.cluster.put(obj, name=self._name(name))
+        return Inline(obj)
+
+    def scatter(self, matrix, bounds, name: str | None = None) -> list:
+        """The corpus ``matrix`` as one reference per chunk ``(lo, hi)``: the
+        whole corpus is put once per node, or each chunk rides with its jobs."""
+        if self.use_put:
+            whole = self.cluster.put(corpus_arrays(matrix), name=self._name(name))
+            return [ChunkRef(whole, lo, hi) for lo, hi in bounds]
+        return [_InlineChunk(corpus_arrays(matrix, lo, hi)) for lo, hi in bounds]
+
+    def map(self, func, arglists):
+        """Submit ``func(*args)`` for every args; yield the results in order."""
+        jobs = [self.cluster.submit(func, *args) for args in arglists]
+        try:
+            for job in jobs:
+                job.future.exception(self.job_timeout)  # waits; TimeoutError if too long
+                if job.status != job.Finished:
+                    raise WorkloadError(
+                        f"{getattr(func, '__name__', func)} job failed on "
+                        f"{job.ip_addr}: {job.exception or job.status}"
+                    )
+                yield job.result
+        finally:
+            for job in jobs:
+                if not job.future.done():
+                    self.cluster.cancel(job)
+
+    def bytes_sent(self) -> int:
+        """Bytes this client sent to the cluster's nodes so far."""
+        return sum(n["bytes_sent"] for n in self.cluster.stats()["nodes"].values())
+
+
+@contextlib.contextmanager
+def local_cluster(
+    local_cpus: int | None = None,
+    nodes=None,
+    secret: str | None = None,
+    use_put: bool | None = None,
+    wait: float = 60.0,
+):
+    """A ``ClusterRunner`` on a new cluster whose computation is ``call`` (and
+    setup ``preload``), closed (and its local node stopped) on exit.
+
+    ``local_cpus=N`` starts a ``dispy.LocalNode(cpus=N)`` on 127.0.0.1 for it;
+    otherwise ``nodes`` (a list of names/addresses, or None for ``DISPY_NODES``)
+    and ``secret`` are passed to ``JobCluster``.  Waits until the nodes are set
+    up (at most ``wait`` seconds).
+    """
+    import dispy
+
+    node = None
+    try:
+        if local_cpus:
+            node = dispy.LocalNode(cpus=local_cpus).start()
+            nodes, secret = [node.address], node.secret
+        cluster = dispy.JobCluster(call, nodes=nodes, secret=secret or "", setup=preload)
+        try:
+            runner = ClusterRunner(cluster, use_put=use_put)
+            expect = len(nodes) if isinstance(nodes, list | tuple) else 1
+            runner.wait_nodes(expect, wait)
+            yield runner
+        finally:
+            cluster.close()
+    finally:
+        if node is not None:
+            node.stop()

@@ -1,0 +1,171 @@
+"""Distributed LSI: the truncated SVD of a term-document matrix by a
+randomized range finder whose products run as jobs over corpus chunks.
+
+The corpus is ``A`` (documents x terms, rows split into chunks ``A_i``); LSI
+wants the SVD of the term-document matrix ``X = A^T = U S V^T``: ``U``
+(terms x k) are the topics, ``S`` the singular values.  With ``l = k +
+oversample`` columns:
+
+1. ``Q_0 = Omega``: a Gaussian terms x l matrix, drawn on the nodes from a
+   seed (nothing sent);
+2. ``power_iters + 1`` passes of ``Y = X X^T Q = sum_i A_i^T (A_i Q)``: each
+   job computes its chunk's ``A_i^T (A_i Q)`` (terms x l) in one go (the
+   products ``A_i Q`` and ``A_i^T Z`` of the two-pass method, fused: no
+   per-document matrix ever leaves the node); the client sums them in chunk
+   order and orthonormalises, ``Q = qr(Y)``;
+3. one pass of ``G = sum_i (A_i Q)^T (A_i Q)`` (l x l per job): the Gram
+   matrix of ``B = Q^T X``; its eigen-decomposition ``G = W S^2 W^T`` gives
+   the singular values and ``U = Q W`` (as gensim's stochastic SVD does for
+   corpora too large to hold ``B``).
+
+Each pass's ``Q`` goes to each node once (``ClusterRunner.put``); the corpus
+chunks were placed once before the first pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import SerialRunner
+from .corpus import chunk_bounds
+
+#: Per job process: the seeded Gaussian start matrix, drawn once.
+_omega_cache: dict = {}
+
+
+class Gaussian:
+    """A handle whose ``get()`` draws the seeded ``rows x cols`` standard
+    normal matrix (the same on every node; drawn once per process)."""
+
+    __slots__ = ("seed", "rows", "cols")
+
+    def __init__(self, seed: int, rows: int, cols: int) -> None:
+        self.seed, self.rows, self.cols = seed, rows, cols
+
+    def __reduce__(self):
+        return (Gaussian, (self.seed, self.rows, self.cols))
+
+    def get(self) -> np.ndarray:
+        key = (self.seed, self.rows, self.cols)
+        m = _omega_cache.get(key)
+        if m is None:
+            _omega_cache.clear()
+            m = np.random.default_rng(self.seed).standard_normal((self.rows, self.cols))
+            _omega_cache[key] = m
+        return m
+
+
+# -- on the nodes ---------------------------------------------------------------------
+
+
+def power_step(chunk, q) -> np.ndarray:
+    """Job: ``A_i^T (A_i Q)`` (terms x l) for the chunk ``A_i`` and the pass's ``Q``."""
+    a = chunk.get()
+    return np.asarray(a.T @ (a @ q.get()))
+
+
+def gram_step(chunk, q) -> np.ndarray:
+    """Job: ``(A_i Q)^T (A_i Q)`` (l x l)."""
+    c = np.asarray(chunk.get() @ q.get())
+    return c.T @ c
+
+
+# -- on the client --------------------------------------------------------------------
+
+
+@dataclass
+class LsiResult:
+    u: np.ndarray  #: terms x k left singular vectors (the topics), orthonormal columns
+    s: np.ndarray  #: k singular values, descending
+    passes: int = 0  #: passes over the corpus
+    seconds: float = 0.0
+    chunks: int = 0
+    bytes_sent: int = 0  #: bytes the client sent to nodes during the run (0 in serial)
+    pass_bytes: list = field(default_factory=list)  #: bytes sent in each pass
+    pass_seconds: list = field(default_factory=list)
+
+
+def _ordered_sum(results) -> np.ndarray:
+    total = None
+    for r in results:
+        if total is None:
+            total = np.array(r, dtype=np.float64, copy=True)
+        else:
+            total += r
+    return total
+
+
+def lsi(
+    corpus,
+    k: int,
+    runner=None,
+    oversample: int = 100,
+    power_iters: int = 2,
+    chunksize: int | None = None,
+    seed: int = 0,
+    log=None,
+) -> LsiResult:
+    """Top-``k`` SVD of the term-document matrix of ``corpus`` (CSR, docs x terms).
+
+    ``runner``: a ``ClusterRunner`` (jobs on a cluster) or None for a serial
+    run.  ``chunksize``: documents per job (default: chunks of at most 20,000
+    documents, at least two per CPU and a multiple of the CPUs).  ``oversample`` extra
+    columns and ``power_iters`` power iterations trade time for accuracy.
+    """
+    runner = runner or SerialRunner()
+    n_docs, n_terms = corpus.shape
+    if k < 1 or k > min(n_docs, n_terms):
+        raise ValueError(f"k={k} must be between 1 and min(documents, terms)")
+    l_cols = min(k + max(0, oversample), n_terms, n_docs)
+    if chunksize is None:  # chunks of at most 20,000 documents, a multiple of the CPUs
+        cpus = runner.cpus
+        n_chunks = cpus * max(1, -(-n_docs // (cpus * 20_000)), 2 if n_docs >= 4 * cpus else 1)
+        chunksize = max(1, -(-n_docs // n_chunks))
+    t0 = time.perf_counter()
+    sent0 = runner.bytes_sent()
+    bounds = chunk_bounds(n_docs, chunksize)
+    chunks = runner.scatter(corpus, bounds, name="lsi-corpus")
+    res = LsiResult(u=np.empty(0), s=np.empty(0), chunks=len(bounds))
+    q_handle = Gaussian(seed, n_terms, l_cols)
+    q = None
+    mark, tmark = runner.bytes_sent(), time.perf_counter()
+
+    def end_pass(what: str) -> None:
+        nonlocal mark, tmark
+        now, tnow = runner.bytes_sent(), time.perf_counter()
+        res.pass_bytes.append(now - mark)
+        res.pass_seconds.append(tnow - tmark)
+        res.passes += 1
+        if log is not None:
+            log(f"lsi pass {res.passes} ({what}): {tnow - tmark:.2f} s, {now - mark} bytes sent")
+        mark, tmark = now, tnow
+
+    for it in range(power_iters + 1):
+        y = _ordered_sum(runner.map(power_step, [(c, q_handle) for c in chunks]))
+        q, _ = np.linalg.qr(y)
+        q_handle = runner.put(q, name="lsi-q")
+        end_pass(f"range, power iteration {it}")
+    g = _ordered_sum(runner.map(gram_step, [(c, q_handle) for c in chunks]))
+    end_pass("gram")
+    evals, evecs = np.linalg.eigh((g + g.T) / 2)
+    order = np.argsort(evals)[::-1][:k]
+    res.s = np.sqrt(np.clip(evals[order], 0.0, None))
+    u = q @ evecs[:, order]
+    # a deterministic sign: each column's largest entry positive
+    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
+    signs[signs == 0] = 1.0
+    res.u = u * signs
+    res.seconds = time.perf_counter() - t0
+    res.bytes_sent = runner.bytes_sent() - sent0
+    return res
+
+
+def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles (radians, ascending) between the column spaces of ``a`` and ``b``."""
+    qa, _ = np.linalg.qr(a)
+    qb, _ = np.linalg.qr(b)
+    cos = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    return np.arccos(np.clip(cos, -1.0, 1.0))

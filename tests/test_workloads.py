@@ -1,0 +1,300 @@
+"""The LSI and LDA workloads (dispy.workloads, examples/lsi.py, examples/lda.py):
+corpus formats, quality against exact and serial references on small seeded
+corpora, distributed runs on real nodes (data placed with cluster.put, and
+the fallback that sends it in job arguments), and the example scripts end to
+end."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("scipy")
+
+import scipy.sparse as sp  # noqa: E402
+from scipy.special import logsumexp  # noqa: E402
+
+import dispy  # noqa: E402
+from dispy.workloads import (  # noqa: E402
+    ClusterRunner,
+    SerialRunner,
+    call,
+    corpus,
+    lda,
+    lsi,
+    preload,
+)
+
+from .conftest import EXAMPLES  # noqa: E402
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Two dispynodes of 1 CPU each on 127.0.0.1 (stopped by PID at the end)."""
+    secret = secrets.token_hex(16)
+    nodes = []
+    try:
+        for _ in range(2):
+            nodes.append(dispy.LocalNode(cpus=1, secret=secret).start())
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def _cluster(nodes):
+    cluster = dispy.JobCluster(
+        call, nodes=[n.address for n in nodes], secret=nodes[0].secret, setup=preload
+    )
+    ClusterRunner(cluster).wait_nodes(len(nodes), 30)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(two_nodes):
+    c = _cluster(two_nodes)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def lsi_corpus():
+    return corpus.synthetic_corpus(1600, 600, 12, doc_length=60, seed=11).matrix
+
+
+@pytest.fixture(scope="module")
+def lda_corpus():
+    drawn = corpus.synthetic_corpus(1200, 400, 5, doc_length=80, alpha=0.1, eta=0.05, seed=3)
+    return drawn.matrix[:1000], drawn.matrix[1000:], drawn.topics
+
+
+# -- corpora ------------------------------------------------------------------------------
+
+
+def test_matrix_market_both_orientations(tmp_path):
+    m = corpus.synthetic_corpus(50, 30, 3, doc_length=10, seed=1).matrix
+    for orientation in corpus.ORIENTATIONS:
+        path = tmp_path / f"{orientation}.mm"
+        corpus.write_mm(path, m, orientation)
+        rows, cols = map(int, path.read_text().splitlines()[2].split()[:2])
+        assert (rows, cols) == (m.shape if orientation == corpus.DOCS_TERMS else m.shape[::-1])
+        back = corpus.read_mm(path, orientation)
+        assert back.shape == m.shape and (back != m).nnz == 0
+        assert back.indices.dtype == np.int32 and back.has_sorted_indices
+    # read the other way round: the transpose
+    assert corpus.read_mm(tmp_path / "docs-terms.mm", corpus.TERMS_DOCS).shape == (30, 50)
+    with pytest.raises(ValueError):
+        corpus.read_mm(tmp_path / "docs-terms.mm", "sideways")
+
+
+def test_gensim_matrix_market_file(tmp_path):
+    """gensim's MmWriter layout: real values, 1-based, size line padded with blanks."""
+    path = tmp_path / "gensim.mm"
+    path.write_text(
+        "%%MatrixMarket matrix coordinate real general\n"
+        "3 4 4" + " " * 50 + "\n1 1 2.0\n1 4 1.0\n3 2 0.5\n3 3 3.0\n"
+    )
+    m = corpus.read_mm(path)
+    assert m.shape == (3, 4)
+    assert list(corpus.to_bow(m)) == [[(0, 2.0), (3, 1.0)], [], [(1, 0.5), (2, 3.0)]]
+
+
+def test_bag_of_words_round_trip():
+    docs = [[(0, 1.0), (5, 2.0)], [], [(2, 3.0), (1, 1.0)]]
+    m = corpus.from_bow(docs, num_terms=7)
+    assert m.shape == (3, 7) and m[2, 1] == 1.0 and m[0, 5] == 2.0
+    assert list(corpus.to_bow(m)) == [[(0, 1.0), (5, 2.0)], [], [(1, 1.0), (2, 3.0)]]
+    assert corpus.from_bow(docs).shape == (3, 6)
+    with pytest.raises(ValueError):
+        corpus.from_bow(docs, num_terms=4)
+
+
+def test_synthetic_corpus_is_seeded_lda():
+    a = corpus.synthetic_corpus(400, 200, 4, doc_length=50, seed=5)
+    b = corpus.synthetic_corpus(400, 200, 4, doc_length=50, seed=5)
+    c = corpus.synthetic_corpus(400, 200, 4, doc_length=50, seed=6)
+    assert (a.matrix != b.matrix).nnz == 0 and np.array_equal(a.topics, b.topics)
+    assert (a.matrix != c.matrix).nnz > 0
+    assert a.matrix.shape == (400, 200) and a.topics.shape == (4, 200)
+    np.testing.assert_allclose(a.topics.sum(axis=1), 1.0)
+    np.testing.assert_allclose(a.doc_topics.sum(axis=1), 1.0)
+    lengths = np.asarray(a.matrix.sum(axis=1)).ravel()
+    assert lengths.min() >= 1 and abs(lengths.mean() - 50) < 2
+    # the words follow the topics: expected counts theta @ beta * length
+    expected = (a.doc_topics @ a.topics) * lengths[:, None]
+    got = a.matrix.toarray()
+    assert np.corrcoef(expected.ravel(), got.ravel())[0, 1] > 0.8
+
+
+# -- LSI ----------------------------------------------------------------------------------
+
+
+def test_lsi_matches_dense_svd(lsi_corpus):
+    k = 10
+    res = lsi.lsi(lsi_corpus, k, oversample=30, power_iters=2, chunksize=400)
+    u, s, _ = np.linalg.svd(lsi_corpus.toarray().T, full_matrices=False)
+    np.testing.assert_allclose(res.s, s[:k], rtol=0.01)
+    assert np.all(np.diff(res.s) <= 0)
+    assert res.u.shape == (600, k)
+    np.testing.assert_allclose(res.u.T @ res.u, np.eye(k), atol=1e-10)
+    angles = lsi.principal_angles(res.u, u[:, :k])
+    assert angles.max() < 0.05, angles
+    assert res.passes == 4 and res.chunks == 4
+
+
+@pytest.mark.parametrize("use_put", [True, False], ids=["put", "arguments"])
+def test_lsi_distributed_equals_one_node(two_nodes, cluster, lsi_corpus, use_put):
+    kw = dict(oversample=30, power_iters=2, chunksize=400, seed=3)
+    serial = lsi.lsi(lsi_corpus, 10, **kw)
+    runner = ClusterRunner(cluster, use_put=use_put)
+    assert runner.placement == ("put" if use_put else "arguments") and runner.cpus == 2
+    both = lsi.lsi(lsi_corpus, 10, runner, **kw)
+    with _cluster(two_nodes[:1]) as one_cluster:
+        one = lsi.lsi(lsi_corpus, 10, ClusterRunner(one_cluster, use_put=use_put), **kw)
+    for res in (both, one):
+        np.testing.assert_allclose(res.s, serial.s, rtol=1e-10)
+        np.testing.assert_allclose(res.u, serial.u, atol=1e-9)
+        assert res.bytes_sent > 0 and len(res.pass_bytes) == res.passes == 4
+    if use_put:
+        # the corpus once per node, each pass's Q once per node: less than in arguments
+        args = lsi.lsi(lsi_corpus, 10, ClusterRunner(cluster, use_put=False), **kw)
+        assert both.bytes_sent < args.bytes_sent
+        assert sum(both.pass_bytes[1:]) < sum(args.pass_bytes[1:])
+
+
+def test_runner_falls_back_without_put():
+    class OldCluster:  # a cluster API without put()
+        def status(self):
+            return [], 0
+
+    runner = ClusterRunner(OldCluster())
+    assert not runner.use_put and runner.placement == "arguments"
+    m = corpus.synthetic_corpus(20, 10, 2, doc_length=5, seed=0).matrix
+    refs = runner.scatter(m, [(0, 7), (7, 20)])
+    assert (sp.vstack([r.get() for r in refs]) != m).nnz == 0
+    assert runner.put(np.arange(3)).get().tolist() == [0, 1, 2]
+
+
+# -- LDA ----------------------------------------------------------------------------------
+
+
+def _gensim_inference(a, exp_elog_beta, alpha, iterations, threshold, gamma):
+    """gensim's LdaModel.inference (one document at a time), transcribed, plus
+    its bound() for the same documents without the topics' term."""
+    sstats = np.zeros_like(exp_elog_beta)
+    elog_beta = np.log(exp_elog_beta)
+    bound = 0.0
+    for d in range(a.shape[0]):
+        ids = a.indices[a.indptr[d] : a.indptr[d + 1]]
+        cts = a.data[a.indptr[d] : a.indptr[d + 1]]
+        gammad = gamma[d]
+        exp_etd = np.exp(lda.dirichlet_expectation(gammad))
+        ebd = exp_elog_beta[:, ids]
+        phinorm = exp_etd @ ebd + 1e-100
+        for _ in range(iterations):
+            last = gammad
+            gammad = alpha + exp_etd * ((cts / phinorm) @ ebd.T)
+            exp_etd = np.exp(lda.dirichlet_expectation(gammad))
+            phinorm = exp_etd @ ebd + 1e-100
+            if np.mean(np.abs(gammad - last)) < threshold:
+                break
+        gamma[d] = gammad
+        sstats[:, ids] += np.outer(exp_etd, cts / phinorm)
+        etd = lda.dirichlet_expectation(gammad)
+        bound += np.sum(cts * logsumexp(etd + elog_beta[:, ids].T, axis=1))
+        bound += np.sum((alpha - gammad) * etd) + np.sum(lda.gammaln(gammad) - lda.gammaln(alpha))
+        bound += lda.gammaln(np.sum(alpha)) - lda.gammaln(np.sum(gammad))
+    return sstats * exp_elog_beta, bound
+
+
+def test_estep_is_gensims(lda_corpus):
+    """The vectorised E-step gives gensim's per-document results."""
+    train, _, _ = lda_corpus
+    a = sp.vstack([train[:150], sp.csr_matrix((2, train.shape[1])), train[150:200]], format="csr")
+    rng = np.random.default_rng(0)
+    exp_elog_beta = np.exp(lda.dirichlet_expectation(rng.gamma(2.0, 1.0, (5, train.shape[1]))))
+    alpha = np.full(5, 0.2)
+    model = SerialRunner().put({"expElogbeta": exp_elog_beta})
+    chunk = SerialRunner().scatter(a, [(0, a.shape[0])])[0]
+    got = lda.estep(chunk, model, alpha, 50, 1e-3, seed=(4, 0, 1))
+    gamma0 = np.random.default_rng([4, 0, 1]).gamma(100.0, 0.01, (a.shape[0], 5))
+    want, bound = _gensim_inference(a, exp_elog_beta, alpha, 50, 1e-3, gamma0)
+    dense = np.zeros_like(want)
+    dense[:, got["cols"]] = got["sstats"]
+    np.testing.assert_allclose(dense, want, rtol=1e-8, atol=1e-12)
+    assert got["bound"] == pytest.approx(bound, rel=1e-9)
+    assert got["docs"] == 202 and got["words"] == pytest.approx(a.sum())
+
+
+@pytest.mark.parametrize("use_put", [True, False], ids=["put", "arguments"])
+def test_lda_distributed_vs_serial(cluster, lda_corpus, use_put):
+    train, heldout, planted = lda_corpus
+    kw = dict(passes=4, chunksize=100, seed=1)
+    runner = ClusterRunner(cluster, use_put=use_put)
+    dist = lda.lda(train, 5, runner, **kw)  # an update per 2 chunks: one per CPU
+    assert dist.updates == 4 * 5 and len(dist.pass_bytes) == 4 and dist.bytes_sent > 0
+    dist_lp = lda.log_perplexity(dist, heldout, runner)
+    # the same algorithm, serial: the same result up to rounding
+    same = lda.lda(train, 5, update_every=2, **kw)
+    np.testing.assert_allclose(dist.lam, same.lam, rtol=1e-7)
+    # classic serial online VB (an update per chunk): the held-out bound within 2%
+    serial = lda.lda(train, 5, update_every=1, **kw)
+    serial_lp = lda.log_perplexity(serial, heldout)
+    assert abs(dist_lp - serial_lp) <= 0.02 * abs(serial_lp), (dist_lp, serial_lp)
+    assert lda.log_perplexity(dist, None, runner) == pytest.approx(
+        lda.log_perplexity(same), rel=1e-6
+    )
+    # the planted topics are recovered
+    np.testing.assert_allclose(dist.topics.sum(axis=1), 1.0)
+    for model in (dist, serial):
+        _, cos = lda.match_topics(model.topics, planted)
+        assert cos.min() > 0.95, cos
+
+
+# -- the examples, end to end -------------------------------------------------------------
+
+
+def _run(script, *args, cwd):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), *map(str, args)],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_example_scripts(tmp_path):
+    _run("make_corpus.py", "c.mm", "--docs", 600, "--terms", 300, "--topics", 4,
+         "--doc-length", 50, "--heldout", "h.mm", "--heldout-docs", 100, "--seed", 2,
+         cwd=tmp_path)  # fmt: skip
+    m = corpus.read_mm(tmp_path / "c.mm")
+    assert m.shape == (600, 300)
+
+    _run("lsi.py", "--corpus", "c.mm", "--topics", 5, "--local", 2, "--json", "lsi.json",
+         "--save-u", "u.npy", cwd=tmp_path)  # fmt: skip
+    out = json.loads((tmp_path / "lsi.json").read_text())
+    assert out["documents"] == 600 and out["terms"] == 300 and out["bytes_sent"] > 0
+    assert out["seconds"] > 0 and out["cpus"] == 2
+    s = np.linalg.svd(m.toarray(), compute_uv=False)[:5]
+    np.testing.assert_allclose(out["singular_values"], s, rtol=0.01)
+    u = np.load(tmp_path / "u.npy")
+    assert u.shape == (300, 5)
+
+    _run("lda.py", "--corpus", "c.mm", "--topics", 4, "--passes", 2, "--heldout", "h.mm",
+         "--local", 2, "--json", "lda.json", "--save-topics", "t.npy", cwd=tmp_path)  # fmt: skip
+    out = json.loads((tmp_path / "lda.json").read_text())
+    assert out["documents"] == 600 and out["heldout_documents"] == 100
+    assert out["perplexity_on"] == "heldout" and -20 < out["log_perplexity"] < 0
+    assert out["log_perplexity"] < out["documents_bound_per_word"] < 0
+    assert out["seconds"] > 0 and out["bytes_sent"] > 0
+    topics = np.load(tmp_path / "t.npy")
+    assert topics.shape == (4, 300)
+    np.testing.assert_allclose(topics.sum(axis=1), 1.0)
