@@ -59,7 +59,6 @@ class NodeJob:
         "payload",
         "worker",
         "cancelled",
-        "t0",
         "timeout",
         "timer",
         "timed_out",
@@ -71,7 +70,6 @@ class NodeJob:
         self.payload = payload
         self.worker: Worker | None = None
         self.cancelled = False
-        self.t0 = 0.0
         self.timeout = timeout
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
@@ -521,7 +519,6 @@ class NodeServer:
             queue.popleft()
             scanned = 0
             self.running += 1
-            job.t0 = time.time()
             worker.run(job)
 
     def job_ended(self, job: NodeJob, info: dict, segs) -> None:
