@@ -291,7 +291,7 @@ class Session:
     # -- results to the client ------------------------------------------------
     def send_result(self, cid: str, jid: int, info: dict, segs) -> None:
         entry = dict(info)
-        entry["c"], entry["j"] = cid, jid
+        entry["c"], entry["j"], entry["n"] = cid, jid, len(segs)
         self.unacked[(cid, jid)] = (entry, segs)
         if self.chan.is_closed:
             return
@@ -305,14 +305,9 @@ class Session:
         out, self._out = self._out, []
         if self.chan.is_closed:
             return
-        entries = []
-        for entry, segs in out:
-            e = dict(entry)
-            e["n"] = len(segs)
-            entries.append(e)
         lens, flat = join_segments(segs for _, segs in out)
         try:
-            self.chan.send(Kind.RESULTS, {"r": entries, "s": lens}, flat)
+            self.chan.send(Kind.RESULTS, {"r": [entry for entry, _ in out], "s": lens}, flat)
         except ConnectionClosed:
             pass
 

@@ -21,6 +21,11 @@ def certs(tmp_path_factory):
     return make_certs(str(tmp_path_factory.mktemp("certs")))
 
 
+def client_tls(certs) -> dict:
+    """The client's TLS options from a set of certificates."""
+    return {"certfile": certs["client"], "keyfile": certs["client_key"], "cafile": certs["ca"]}
+
+
 @pytest.fixture
 def tls_node(node_factory, certs):
     return node_factory(
@@ -47,9 +52,7 @@ def test_mutual_tls_works(tls_node, certs):
         jobs.double,
         nodes=[tls_node.address],
         secret="t",
-        certfile=certs["client"],
-        keyfile=certs["client_key"],
-        cafile=certs["ca"],
+        **client_tls(certs),
     ) as cluster:
         assert cluster.submit(21)(timeout=30) == 42
 
@@ -60,9 +63,7 @@ def test_client_certificate_from_another_ca_is_refused(tls_node, tmp_path):
         jobs.double,
         nodes=[tls_node.address],
         secret="t",
-        certfile=other["client"],
-        keyfile=other["client_key"],
-        cafile=other["ca"],
+        **client_tls(other),
     ) as cluster:
         job = cluster.submit(1)
         assert job(timeout=30) is None
@@ -100,9 +101,7 @@ def test_tls_client_to_plain_node_gets_a_clear_error(node, certs):
         jobs.double,
         nodes=[node.address],
         secret=node.secret,
-        certfile=certs["client"],
-        keyfile=certs["client_key"],
-        cafile=certs["ca"],
+        **client_tls(certs),
     ) as cluster:
         job = cluster.submit(1)
         assert job(timeout=30) is None
@@ -142,9 +141,7 @@ def test_large_array_over_tls(tls_node, certs):
         jobs.array_double,
         nodes=[tls_node.address],
         secret="t",
-        certfile=certs["client"],
-        keyfile=certs["client_key"],
-        cafile=certs["ca"],
+        **client_tls(certs),
     ) as cluster:
         out = cluster.submit(arr)(timeout=60)
     assert np.array_equal(out, arr * 2)
