@@ -39,9 +39,10 @@ import weakref
 
 import cloudpickle
 
-from . import _loop, config, serialize, transport
+from . import _loop, config, discovery, serialize, transport
 from ._data import NodeData, check_name
 from ._data import _local as data_local
+from ._finder import NodeFinder
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
 from .core import jobstate
@@ -101,15 +102,16 @@ class _Permanent(DispyError):
     """A node that will not work for this cluster however often we try."""
 
 
-def _parse_nodes(nodes, node_port: int) -> tuple[list[tuple[str, int, NodeAllocate | None]], bool]:
-    """Turn the ``nodes`` argument into (host, port, allocation) entries; and whether
-    a local node must be started."""
+def _parse_nodes(nodes, node_port: int):
+    """Turn the ``nodes`` argument into (host, port, allocation) entries for named
+    nodes, (wildcard, port, allocation) entries for discovery, and whether a local
+    node must be started."""
     if nodes is None:
         env = os.environ.get("DISPY_NODES", "").strip()
         nodes = [n.strip() for n in env.split(",") if n.strip()] if env else ["*"]
     if isinstance(nodes, str | NodeAllocate | DispyNode):
         nodes = [nodes]
-    out, local = [], False
+    out, patterns, local = [], [], False
     for spec in nodes:
         alloc = None
         if isinstance(spec, NodeAllocate):
@@ -129,21 +131,15 @@ def _parse_nodes(nodes, node_port: int) -> tuple[list[tuple[str, int, NodeAlloca
                 f"nodes entries must be host names, addresses, NodeAllocate or DispyNode, "
                 f"not {type(spec).__name__}"
             )
+        if not host:
+            raise ValueError(f"node {spec!r}: empty host name")
         if host == "local":
             local = True
-            continue
-        if "*" in host or "?" in host:
-            if host != "*":
-                logger.warning(
-                    "node pattern %r: broadcast discovery is not available in this version; "
-                    "list nodes by name or address, or use nodes='local'",
-                    host,
-                )
-                continue
-            # '*' without broadcast discovery: a node on this machine, by unicast
-            host = "127.0.0.1"
-        out.append((host, port, alloc))
-    return out, local
+        elif discovery.is_wildcard(host):
+            patterns.append((host, port, alloc))
+        else:
+            out.append((host, port, alloc))
+    return out, patterns, local
 
 
 class _NodeLink:
@@ -240,6 +236,20 @@ class _NodeLink:
         chan.on_close = lambda exc: closed.done() or closed.set_result(exc)
         chan.start()
         info = await self._request(Kind.INFO_REQ, {"pulse": engine.pulse_interval}, Kind.INFO)
+        if info.get("relay"):
+            logger.info(
+                "%s:%s is a dispynetrelay: it relays discovery for its network",
+                self.host,
+                self.port,
+            )
+            self._closing = True
+            chan.close()
+            return
+        if not engine.claim(info.get("nid"), self):
+            logger.debug("%s:%s is a node this cluster uses already", self.host, self.port)
+            self._closing = True
+            chan.close()
+            return
         cpus = field(info, "cpus", int)
         self.node.name = field(info, "name", str)
         self.node.platform = info.get("platform", "")
@@ -498,12 +508,17 @@ def _avail(d) -> DispyNodeAvailInfo | None:
 class _Engine:
     """The cluster's state on the loop thread: scheduler, node links, live jobs."""
 
-    def __init__(self, cluster: JobCluster, package, key: bytes, specs, reentrant: bool) -> None:
+    def __init__(
+        self, cluster: JobCluster, package, key: bytes, specs, reentrant: bool, patterns=()
+    ) -> None:
         self.cluster = cluster
         self.package = package
         self.key = key
         self.cid = uuid.uuid4().hex
         self.specs = specs
+        self.patterns = list(patterns)
+        self.finder: NodeFinder | None = None
+        self.nids: dict[str, tuple] = {}  # node run id -> link key: one link per node
         self.sched = Scheduler(reentrant=reentrant)
         self.links: dict[tuple, _NodeLink] = {}
         self.live: dict[int, DispyJob] = {}
@@ -515,9 +530,51 @@ class _Engine:
 
     async def start(self) -> None:
         self.add_links(self.specs)
-        if not self.links:
+        if self.patterns:
+            await self.discover(self.patterns, self.specs)
+        if not self.links and not self.patterns:
             self.fatal = "no nodes to use: give nodes=[...] names or addresses, or nodes='local'"
             logger.error("%s", self.fatal)
+
+    async def discover(self, patterns, specs) -> None:
+        """Look for nodes matching ``patterns``; ask the named hosts in ``specs`` too
+        (relays answer for their networks)."""
+        c = self.cluster
+        if self.finder is None:
+            self.finder = NodeFinder(
+                self.key,
+                self.discovered,
+                ip_addrs=c._ip_addrs,
+                client_port=c._client_port,
+                ext_ip_addr=c._ext_ip_addr,
+                ping_interval=c._ping_interval,
+            )
+            await self.finder.start()
+        self.finder.add(list(patterns), [(h, p) for h, p, _ in specs])
+        if patterns:
+            self.fatal = None
+
+    def discovered(self, ip: str, port: int, nid: str, alloc) -> None:
+        """Discovery found a node matching a wildcard: link to it unless linked already."""
+        if nid in self.nids and self.nids[nid] in self.links:
+            return
+        for link in self.links.values():
+            if link.port == port and ip in (link.host, link.node.ip_addr):
+                return
+        logger.info("discovered node %s:%s", ip, port)
+        self.add_links([(ip, port, alloc)])
+
+    def claim(self, nid, link: _NodeLink) -> bool:
+        """A link learned its node's run id: False if another live link has that node."""
+        if not isinstance(nid, str):
+            return True
+        other = self.nids.get(nid)
+        if other is not None and other != link.key and other in self.links:
+            olink = self.links[other]
+            if olink.failure is None and not olink._closing:
+                return False
+        self.nids[nid] = link.key
+        return True
 
     def add_links(self, specs) -> int:
         added = 0
@@ -749,6 +806,8 @@ class _Engine:
                 self._complete(job, None)
 
     async def close(self, terminate: bool) -> None:
+        if self.finder is not None:
+            self.finder.close()
         await asyncio.gather(*(lk.close(terminate) for lk in self.links.values()))
         for job in list(self.live.values()):
             event = jobstate.CANCEL if job.status == jobstate.Created else jobstate.ABANDON
@@ -852,9 +911,13 @@ class JobCluster:
         package = serialize.package_computation(computation, depends, setup, cleanup)
         self._node_port = node_port or config.NODE_PORT
         self._ssl = client_context(certfile, keyfile, cafile)
-        specs, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
+        self._ip_addrs = [ip_addr] if isinstance(ip_addr, str) else list(ip_addr or [])
+        self._ext_ip_addr = ext_ip_addr[0] if isinstance(ext_ip_addr, list | tuple) else ext_ip_addr
+        self._client_port = port or config.CLIENT_PORT
+        self._ping_interval = float(ping_interval) if ping_interval else None
+        specs, patterns, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
         self._local: LocalNode | None = None
-        if want_local and not specs and not secret and not insecure:
+        if want_local and not specs and not patterns and not secret and not insecure:
             secret = None  # only our own node: a fresh random secret, no key file needed
         else:
             secret, source = resolve_secret(secret, insecure)
@@ -888,7 +951,7 @@ class JobCluster:
                 target=self._run_callbacks, name=f"dispy-callbacks-{self.name}", daemon=True
             )
             self._cb_thread.start()
-        self._engine = _Engine(self, package, self._key, specs, reentrant)
+        self._engine = _Engine(self, package, self._key, specs, reentrant, patterns)
         self._loop = _loop.get_loop()
         _loop.run(self._engine.start()).result()
         _open_clusters.add(self)
@@ -980,10 +1043,27 @@ class JobCluster:
     def allocate_node(self, node) -> int:
         """Add a node (name, address, 'host:port', NodeAllocate, or a list) to the
         cluster while it runs; returns how many were added."""
-        specs, local = _parse_nodes(node if isinstance(node, list) else [node], self._node_port)
+        specs, patterns, local = _parse_nodes(
+            node if isinstance(node, list) else [node], self._node_port
+        )
         if local:
             raise ValueError("allocate_node('local') is not supported; use nodes='local'")
-        return self._on_loop(self._engine.add_links, specs)
+        added = self._on_loop(self._engine.add_links, specs)
+        if patterns:
+            self._on_loop(self._engine.discover, patterns, [])
+        return added
+
+    def discover_nodes(self, nodes) -> None:
+        """Look for nodes now: names or addresses (contacted directly; relays pass the
+        request on) and wildcards such as ``'192.168.2.*'`` (broadcast)."""
+        specs, patterns, local = _parse_nodes(
+            nodes if isinstance(nodes, list) else [nodes], self._node_port
+        )
+        if local:
+            raise ValueError("discover_nodes('local') is not supported; use nodes='local'")
+        self._on_loop(self._engine.add_links, specs)
+        if patterns:
+            self._on_loop(self._engine.discover, patterns, specs)
 
     def deallocate_node(self, node) -> int:
         """Stop giving new jobs to ``node`` (running jobs go on); 0, or -1 if unknown."""

@@ -33,8 +33,15 @@ class LocalNode:
     the node find its own (the key file, see ``dispy.keys``).  Use as a context manager, or call ``stop()``.
     """
 
-    def __init__(self, cpus: int | None = None, secret: str | None = None, extra_args=()) -> None:
+    def __init__(
+        self,
+        cpus: int | None = None,
+        secret: str | None = None,
+        extra_args=(),
+        discoverable: bool = False,
+    ) -> None:
         self.cpus = cpus
+        self.discoverable = discoverable
         self.secret = secret if secret is not None else secrets.token_hex(16)
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
@@ -59,6 +66,8 @@ class LocalNode:
             self._dir,
             *self.extra_args,
         ]
+        if not self.discoverable:
+            cmd.append("--no_discovery")  # a private node: found by its address only
         if self.cpus:
             cmd += ["--cpus", str(self.cpus)]
         env = dict(os.environ)

@@ -58,6 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--node_port", type=int, default=config.NODE_PORT, help="TCP port (default %(default)s)"
     )
     p.add_argument(
+        "--client_port",
+        type=int,
+        default=config.CLIENT_PORT,
+        help="UDP port clients hear announcements on (default %(default)s)",
+    )
+    p.add_argument(
+        "--no_discovery",
+        action="store_true",
+        help="do not answer or send discovery datagrams (clients must name this node)",
+    )
+    p.add_argument(
         "-s",
         "--secret",
         default=None,
@@ -266,6 +277,8 @@ async def run(args: argparse.Namespace) -> int:
         serve=args.serve,
         handshake_timeout=args.handshake_timeout,
         max_unauth=args.max_unauth,
+        client_port=args.client_port,
+        discover=not args.no_discovery,
     )
     if args.clean:
         node.clean()

@@ -31,12 +31,13 @@ import time
 import psutil
 
 from dispy import _data as data
-from dispy import config, transport
+from dispy import config, discovery, transport
 from dispy._data import check_name
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed, ProtocolError
 from dispy.protocol import Kind, derive_key, field, join_segments, split_segments
+from dispy.protocol._datagram import DatagramKind
 
 from .executor import Computation, Worker, safe_relpath
 
@@ -388,8 +389,14 @@ class NodeServer:
         max_unauth: int = config.MAX_UNAUTHENTICATED,
         ssl=None,
         zombie_interval: float = 3600.0,
+        client_port: int = config.CLIENT_PORT,
+        discover: bool = True,
     ) -> None:
         self.ssl = ssl
+        self.client_port = client_port
+        self.discover = discover
+        self.nid = os.urandom(8).hex()  # this run of the node, so clients see one node once
+        self.udp: discovery.Endpoint | None = None
         self.zombie_interval = zombie_interval
         self.handshake_timeout = handshake_timeout
         self.max_unauth = max_unauth
@@ -433,6 +440,60 @@ class NodeServer:
             if self.port == 0 and self.bound:  # the other addresses use the same port
                 self.port = self.bound[0][1]
         self._servers.append(await transport.serve_unix(self.worker_addr, self._on_worker))
+        if self.discover:
+            await self._start_discovery()
+
+    # -- discovery (UDP) ------------------------------------------------------
+    def _loopback_only(self) -> bool:
+        return bool(self.bound) and all(
+            host.startswith("127.") or host == "::1" for host, _ in self.bound
+        )
+
+    async def _start_discovery(self) -> None:
+        host = "127.0.0.1" if self._loopback_only() else "0.0.0.0"
+        try:
+            self.udp = await discovery.open_endpoint(
+                self.key, self._on_datagram, host, self.port, reuse=True, name="dispynode"
+            )
+        except OSError as exc:
+            logger.warning(
+                "no discovery: cannot use UDP port %s (%s); clients must name this node",
+                self.port,
+                exc.strerror or exc,
+            )
+            return
+        self.announce()
+
+    def announcement(self) -> dict:
+        body = {"nid": self.nid, "port": self.port, "name": self.name, "cpus": self.cpus}
+        specific = [h for h, _ in self.bound if h not in ("0.0.0.0", "::")]
+        if self.ext_ip_addr:
+            body["ip"] = self.ext_ip_addr
+        elif len(specific) == 1:
+            body["ip"] = specific[0]
+        return body
+
+    def announce(self) -> None:
+        """Tell clients on this node's networks (client port, broadcast) that it is free."""
+        if self.udp is None:
+            return
+        body = self.announcement()
+        if not self._loopback_only():
+            targets = discovery.broadcast_targets(["*"], [h for h, _ in self.bound])
+            self.udp.broadcast(DatagramKind.ANNOUNCE, body, self.client_port, targets)
+        self.udp.send(DatagramKind.ANNOUNCE, body, ("127.0.0.1", self.client_port))
+
+    def _on_datagram(self, kind: DatagramKind, body: dict, addr) -> None:
+        if kind != DatagramKind.DISCOVER:
+            return
+        ip = body.get("ip") or addr[0]
+        port = body.get("port") or addr[1]
+        if not isinstance(ip, str) or isinstance(port, bool) or not isinstance(port, int):
+            raise ValueError(f"bad reply address {ip!r}:{port!r}")
+        if not 0 < port < 65536:
+            raise ValueError(f"bad reply port {port}")
+        logger.debug("discovery request from %s (answer to %s:%s)", addr[0], ip, port)
+        self.udp.send(DatagramKind.ANNOUNCE, self.announcement(), (ip, port))
 
     @property
     def ip_addr(self) -> str:
@@ -446,6 +507,7 @@ class NodeServer:
     def info(self) -> dict:
         return {
             "name": self.name,
+            "nid": self.nid,
             "ip": self.ip_addr,
             "cpus": self.cpus,
             "platform": platform.platform(),
@@ -473,6 +535,8 @@ class NodeServer:
     def session_ended(self, session: Session) -> None:
         self.sessions.discard(session)
         self.served += 1
+        if not self.sessions and not self.stopped.is_set():
+            self.announce()  # free again: clients that came meanwhile can find us
         if 0 < self.serve_limit <= self.served:
             logger.info("served %d clients (--serve); exiting", self.served)
             self.stopped.set()
@@ -550,6 +614,8 @@ class NodeServer:
 
     # -- lifetime -------------------------------------------------------------
     async def shutdown(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
         for srv in self._servers:
             srv.close()
         sessions = list(self.sessions)

@@ -16,6 +16,12 @@ import sys
 import pytest
 
 import dispy
+from dispy import discovery
+
+# Network safety: in the machine's own network namespace no test (nor any
+# program a test starts: the variable is inherited) may send a datagram
+# beyond loopback; broadcast discovery runs only inside test namespaces.
+os.environ[discovery.GUARD_ENV] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -23,11 +29,16 @@ EXAMPLES = os.path.join(ROOT, "examples")
 
 @pytest.fixture
 def node_factory():
-    """Start dispynode daemons: ``node_factory(cpus=2, secret=None, extra_args=())``."""
+    """Start dispynode daemons on 127.0.0.1:
+    ``node_factory(cpus=2, secret=None, extra_args=(), discoverable=False)``."""
     started: list[dispy.LocalNode] = []
 
-    def make(cpus: int = 2, secret: str | None = None, extra_args=()) -> dispy.LocalNode:
-        node = dispy.LocalNode(cpus=cpus, secret=secret, extra_args=extra_args).start()
+    def make(
+        cpus: int = 2, secret: str | None = None, extra_args=(), discoverable: bool = False
+    ) -> dispy.LocalNode:
+        node = dispy.LocalNode(
+            cpus=cpus, secret=secret, extra_args=extra_args, discoverable=discoverable
+        ).start()
         started.append(node)
         return node
 

@@ -1,0 +1,226 @@
+"""Finding nodes over UDP: the one datagram endpoint that clients, nodes and
+``dispynetrelay`` share, and the rules for where discovery may broadcast.
+
+The conversation (every datagram is authenticated with the cluster secret,
+see ``protocol._datagram``; none carries pickle):
+
+* a client sends DISCOVER ``{"port": p}`` by broadcast (for ``'*'`` and
+  wildcards such as ``'192.168.2.*'``) and by unicast (to named hosts, which
+  may be relays) to the node port (51348);
+* a node that hears an authenticated DISCOVER answers, by unicast UDP to the
+  client's address, with ANNOUNCE ``{"nid", "port", "name", "cpus"[, "ip"]}``;
+  the client then connects to the node over TCP (the node never connects
+  out, so a datagram can never make it open a connection anywhere);
+* a node that starts, or whose client leaves, broadcasts ANNOUNCE to the
+  client port (51347), so clients started earlier find it;
+* a relay forwards a client's DISCOVER onto its own network, with the
+  client's address in ``ip``/``port`` and ``relayed`` set, and forwards the
+  ANNOUNCEs it hears there to the clients it has heard from.
+
+Safety: a program broadcasts only on the interfaces of its own network
+namespace.  When ``$DISPY_BROADCAST_ONLY_IN_NETNS`` is set (the test suite
+sets it), every non-loopback datagram from the machine's initial network
+namespace is refused, so tests can only broadcast inside the namespaces they
+create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import psutil
+
+from .errors import AuthenticationFailed, DispyError, ProtocolError
+from .protocol._datagram import DatagramDecoder, DatagramKind, encode_datagram
+
+logger = logging.getLogger("dispy.discovery")
+
+GUARD_ENV = "DISPY_BROADCAST_ONLY_IN_NETNS"
+
+
+def _netns_inode(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def in_initial_netns() -> bool:
+    """True unless this process is provably in another network namespace than PID 1."""
+    mine, init = _netns_inode("self"), _netns_inode("1")
+    return mine is None or init is None or mine == init
+
+
+def guarded() -> bool:
+    """True when only loopback may be reached: the guard is set and we are in the
+    machine's own network namespace."""
+    return bool(os.environ.get(GUARD_ENV)) and in_initial_netns()
+
+
+def is_wildcard(host: str) -> bool:
+    return "*" in host or "?" in host or "[" in host
+
+
+def interfaces(bind: list[str] | None = None) -> list[ipaddress.IPv4Interface]:
+    """The non-loopback IPv4 interfaces of this host (those holding a ``bind``
+    address, when given and not a wildcard address)."""
+    want = {b for b in (bind or []) if b not in ("", "0.0.0.0")}
+    out = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family != socket.AF_INET or not a.netmask:
+                continue
+            try:
+                iface = ipaddress.IPv4Interface(f"{a.address}/{a.netmask}")
+            except ValueError:
+                continue
+            if iface.ip.is_loopback or (want and a.address not in want):
+                continue
+            out.append(iface)
+    return out
+
+
+def pattern_broadcast(pattern: str) -> str | None:
+    """The broadcast address of a wildcard like ``'192.168.2.*'`` (``'192.168.2.255'``),
+    or None when the pattern is not trailing stars on a dotted quad."""
+    parts = pattern.split(".")
+    if len(parts) != 4 or parts[0] == "*":
+        return None
+    seen_star = False
+    for i, p in enumerate(parts):
+        if p == "*":
+            seen_star = True
+            parts[i] = "255"
+        elif seen_star or not p.isdigit() or int(p) > 255:
+            return None
+    return ".".join(parts) if seen_star else None
+
+
+def broadcast_targets(patterns: list[str], bind: list[str] | None = None) -> list[str]:
+    """Where to broadcast for ``patterns``: each local interface's broadcast
+    address for ``'*'``, the pattern's own for ``'a.b.c.*'``."""
+    out: list[str] = []
+    ifaces = interfaces(bind)
+    for pat in patterns:
+        if pat == "*":
+            cands = [str(i.network.broadcast_address) for i in ifaces if i.network.prefixlen < 31]
+        else:
+            b = pattern_broadcast(pat)
+            cands = [b] if b else []
+            # a pattern covering a local network: that network's own broadcast too
+            cands += [
+                str(i.network.broadcast_address)
+                for i in ifaces
+                if i.network.prefixlen < 31 and fnmatch.fnmatchcase(str(i.ip), pat)
+            ]
+        for c in cands:
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def matches(ip: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(ip, p) for p in patterns)
+
+
+class Endpoint(asyncio.DatagramProtocol):
+    """One UDP socket speaking authenticated discovery datagrams.
+
+    ``on_datagram(kind, body, addr)`` gets every datagram that authenticated;
+    the rest are dropped silently: counted in ``dropped`` and logged at debug.
+    """
+
+    def __init__(self, key: bytes, on_datagram: Callable, name: str = "discovery") -> None:
+        self.key = key
+        self.decoder = DatagramDecoder(key)
+        self.on_datagram = on_datagram
+        self.name = name
+        self.transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+        self.received = 0
+        self.refused = 0  # sends the network guard stopped
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.transport.get_extra_info("sockname")[:2] if self.transport else ("", 0)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            kind, body = self.decoder.decode(data, time.time())
+        except (ProtocolError, AuthenticationFailed, ValueError, TypeError) as exc:
+            self.dropped += 1
+            logger.debug("%s: datagram from %s dropped: %s", self.name, addr[0], exc)
+            return
+        self.received += 1
+        try:
+            self.on_datagram(kind, body, addr)
+        except (KeyError, TypeError, ValueError, DispyError) as exc:
+            self.dropped += 1
+            logger.debug("%s: datagram from %s ignored: %s", self.name, addr[0], exc)
+
+    def error_received(self, exc) -> None:
+        logger.debug("%s: %s", self.name, exc)
+
+    def send(self, kind: DatagramKind, body: dict, addr: tuple[str, int]) -> bool:
+        """Send one datagram; False (logged at debug) if it could not go."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        if guarded() and not ipaddress.ip_address(addr[0]).is_loopback:
+            self.refused += 1
+            logger.debug(
+                "%s: not sending to %s: %s is set and this is the machine's own network namespace",
+                self.name,
+                addr[0],
+                GUARD_ENV,
+            )
+            return False
+        try:
+            self.transport.sendto(encode_datagram(kind, body, self.key, now=time.time()), addr)
+        except (OSError, ValueError) as exc:
+            logger.debug("%s: cannot send to %s:%s: %s", self.name, addr[0], addr[1], exc)
+            return False
+        return True
+
+    def broadcast(self, kind: DatagramKind, body: dict, port: int, targets: list[str]) -> int:
+        """Send to each broadcast address in ``targets``; return how many went."""
+        return sum(self.send(kind, body, (t, port)) for t in targets)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_endpoint(
+    key: bytes,
+    on_datagram: Callable,
+    host: str = "0.0.0.0",
+    port: int = 0,
+    *,
+    reuse: bool = False,
+    name: str = "discovery",
+) -> Endpoint:
+    """A bound ``Endpoint`` (SO_BROADCAST on; SO_REUSEADDR when ``reuse``, so
+    several programs on one host can all hear broadcasts on a shared port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host or "0.0.0.0", port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    ep = Endpoint(key, on_datagram, name)
+    await asyncio.get_running_loop().create_datagram_endpoint(lambda: ep, sock=sock)
+    return ep
