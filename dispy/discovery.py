@@ -18,10 +18,10 @@ see ``protocol._datagram``; none carries pickle):
   ANNOUNCEs it hears there to the clients it has heard from.
 
 Safety: a program broadcasts only on the interfaces of its own network
-namespace.  When ``$DISPY_BROADCAST_ONLY_IN_NETNS`` is set (the test suite
-sets it), every non-loopback datagram from the machine's initial network
-namespace is refused, so tests can only broadcast inside the namespaces they
-create.
+namespace.  When ``$DISPY_BROADCAST_ONLY_IN_NETNS`` holds a namespace's
+inode (the test suite sets it to the machine's own), every non-loopback
+datagram from that namespace is refused, so tests can only broadcast inside
+the namespaces they create.
 """
 
 from __future__ import annotations
@@ -45,23 +45,27 @@ logger = logging.getLogger("dispy.discovery")
 GUARD_ENV = "DISPY_BROADCAST_ONLY_IN_NETNS"
 
 
-def _netns_inode(pid: str) -> int | None:
+def netns_inode() -> int | None:
+    """The inode that names this process's network namespace (None if unreadable)."""
     try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
+        return os.stat("/proc/self/ns/net").st_ino
     except OSError:
         return None
 
 
-def in_initial_netns() -> bool:
-    """True unless this process is provably in another network namespace than PID 1."""
-    mine, init = _netns_inode("self"), _netns_inode("1")
-    return mine is None or init is None or mine == init
-
-
 def guarded() -> bool:
-    """True when only loopback may be reached: the guard is set and we are in the
-    machine's own network namespace."""
-    return bool(os.environ.get(GUARD_ENV)) and in_initial_netns()
+    """True when only loopback may be reached from here: ``$DISPY_BROADCAST_ONLY_IN_NETNS``
+    holds the inode of the namespace to protect (the test suite sets it to the
+    machine's own) and this process is in it.  A value that is not an inode
+    number protects every namespace."""
+    value = os.environ.get(GUARD_ENV)
+    if not value:
+        return False
+    mine = netns_inode()
+    try:
+        return mine is None or mine == int(value)
+    except ValueError:
+        return True
 
 
 def is_wildcard(host: str) -> bool:
@@ -104,21 +108,21 @@ def pattern_broadcast(pattern: str) -> str | None:
 
 
 def broadcast_targets(patterns: list[str], bind: list[str] | None = None) -> list[str]:
-    """Where to broadcast for ``patterns``: each local interface's broadcast
-    address for ``'*'``, the pattern's own for ``'a.b.c.*'``."""
+    """Where to broadcast for ``patterns``: for ``'a.b.c.*'`` its own broadcast
+    address and that of a local network it covers; for ``'*'`` and other
+    shapes (``'10.0.0.[2-5]'``), every local network's (answers are filtered
+    by the pattern)."""
     out: list[str] = []
-    ifaces = interfaces(bind)
+    ifaces = [i for i in interfaces(bind) if i.network.prefixlen < 31]
     for pat in patterns:
-        if pat == "*":
-            cands = [str(i.network.broadcast_address) for i in ifaces if i.network.prefixlen < 31]
+        own = pattern_broadcast(pat) if pat != "*" else None
+        if own is None:
+            cands = [str(i.network.broadcast_address) for i in ifaces]
         else:
-            b = pattern_broadcast(pat)
-            cands = [b] if b else []
-            # a pattern covering a local network: that network's own broadcast too
-            cands += [
+            cands = [own] + [
                 str(i.network.broadcast_address)
                 for i in ifaces
-                if i.network.prefixlen < 31 and fnmatch.fnmatchcase(str(i.ip), pat)
+                if fnmatch.fnmatchcase(str(i.ip), pat)
             ]
         for c in cands:
             if c not in out:

@@ -21,7 +21,7 @@ from dispy import discovery
 # Network safety: in the machine's own network namespace no test (nor any
 # program a test starts: the variable is inherited) may send a datagram
 # beyond loopback; broadcast discovery runs only inside test namespaces.
-os.environ[discovery.GUARD_ENV] = "1"
+os.environ[discovery.GUARD_ENV] = str(discovery.netns_inode() or "all")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -109,3 +109,14 @@ def _key_file_in_tmp(tmp_path_factory):
     for k, v in old.items():
         if v is not None:
             os.environ[k] = v
+
+
+# Private networks of network namespaces (tests/netns.py): the ``netns`` fixture
+# and the ``netns`` marker for tests that use it (they need root and iproute2).
+from .netns import netns  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "netns: builds private network namespaces (needs root and iproute2)"
+    )

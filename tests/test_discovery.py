@@ -65,7 +65,7 @@ def test_parse_nodes_splits_names_and_wildcards():
 def test_guard_refuses_beyond_loopback_in_own_namespace():
     """The suite's safety net: from the machine's namespace nothing leaves loopback."""
     assert os.environ.get(discovery.GUARD_ENV)
-    assert discovery.in_initial_netns()  # pytest runs in the machine's namespace
+    assert discovery.guarded()  # pytest runs in the machine's own namespace
 
     async def go():
         ep = await discovery.open_endpoint(derive_key("k"), lambda *a: None, "127.0.0.1", 0)

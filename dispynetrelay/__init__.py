@@ -1,0 +1,1 @@
+"""dispynetrelay: relays dispy discovery between a network of nodes and clients elsewhere."""

@@ -1,0 +1,280 @@
+"""``dispynetrelay``: run on a host in a network of nodes, so clients in other
+networks find those nodes.
+
+::
+
+    dispynetrelay [-i ADDR]... [--relay_port PORT] [--node_port 51348]
+                  [--client_port 51347] [-s SECRET | --secret_file F]
+                  [--certfile F [--keyfile F]] [--daemon] [-d]
+
+A client names the relay in ``nodes`` next to a wildcard for the relay's
+network (``nodes=['<relay ip>', '192.168.3.*']``).  Then:
+
+* the client's DISCOVER reaches the relay by unicast (UDP, ``--relay_port``,
+  the node port by default); the relay broadcasts it on its own networks
+  with the client's address in it, and the nodes there answer the client
+  directly (UDP), after which the client connects to them (TCP);
+* the relay remembers such clients for a while and forwards them the
+  ANNOUNCEs its network's nodes broadcast when they start or free up;
+* the client's TCP connection to the relay (it is a name in ``nodes``) is
+  authenticated and told "relay", so the client does not take it for a node.
+
+Only authenticated datagrams are relayed (the relay holds the cluster
+secret); a relayed datagram is never relayed again.  Prints one line
+``dispynetrelay ready: ...`` once it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+import time
+
+from dispy import config, discovery, transport
+from dispy.errors import DispyError
+from dispy.keys import read_secret_file, resolve_secret
+from dispy.protocol import Kind, derive_key
+from dispy.protocol._datagram import DatagramKind
+from dispy.tls import server_context
+
+logger = logging.getLogger("dispynetrelay")
+
+#: Seconds a client that asked through this relay keeps hearing its network's announcements.
+CLIENT_TTL = 24 * 3600.0
+#: Most clients remembered (the oldest is forgotten first).
+MAX_CLIENTS = 1024
+
+
+class Relay:
+    """The relay's state: two UDP sockets, one TCP listener, the clients heard from."""
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        ip_addrs: list[str],
+        relay_port: int,
+        node_port: int,
+        client_port: int,
+        ssl=None,
+    ) -> None:
+        self.key = key
+        self.ip_addrs = ip_addrs
+        self.relay_port = relay_port
+        self.node_port = node_port
+        self.client_port = client_port
+        self.ssl = ssl
+        self.clients: collections.OrderedDict[tuple[str, int], float] = collections.OrderedDict()
+        self.requests: discovery.Endpoint | None = None
+        self.announcements: discovery.Endpoint | None = None
+        self.server: asyncio.Server | None = None
+        self.relayed = 0
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        host = self.ip_addrs[0] if len(self.ip_addrs) == 1 else "0.0.0.0"
+        self.requests = await discovery.open_endpoint(
+            self.key, self._on_request, host, self.relay_port, reuse=True, name="relay requests"
+        )
+        self.announcements = await discovery.open_endpoint(
+            self.key, self._on_announce, "0.0.0.0", self.client_port, reuse=True, name="relay"
+        )
+        self.server = await transport.serve(
+            host if host != "0.0.0.0" else None,
+            self.requests.address[1],
+            self.key,
+            self._on_client,
+            ssl=self.ssl,
+        )
+
+    def local_networks(self) -> list[ipaddress.IPv4Network]:
+        return [i.network for i in discovery.interfaces(self.ip_addrs)]
+
+    def _targets(self) -> list[str]:
+        return discovery.broadcast_targets(["*"], self.ip_addrs)
+
+    def _remember(self, ip: str, port: int) -> None:
+        self.clients[(ip, port)] = time.monotonic()
+        self.clients.move_to_end((ip, port))
+        while len(self.clients) > MAX_CLIENTS:
+            self.clients.popitem(last=False)
+
+    def _on_request(self, kind: DatagramKind, body: dict, addr) -> None:
+        if kind != DatagramKind.DISCOVER or body.get("relayed"):
+            return
+        ip = body.get("ip") or addr[0]
+        port = body.get("port") or addr[1]
+        if not isinstance(ip, str) or isinstance(port, bool) or not isinstance(port, int):
+            raise ValueError("malformed discovery request")
+        ip = str(ipaddress.ip_address(ip))
+        src = ipaddress.ip_address(addr[0])
+        if any(src in net for net in self.local_networks()):
+            return  # a client on our own network: its broadcast reached the nodes already
+        self._remember(ip, port)
+        fwd = {"port": port, "ip": ip, "relayed": 1}
+        n = self.requests.broadcast(DatagramKind.DISCOVER, fwd, self.node_port, self._targets())
+        self.requests.send(DatagramKind.DISCOVER, fwd, ("127.0.0.1", self.node_port))
+        self.relayed += 1
+        logger.info("relayed discovery for client %s:%s to %d network(s)", ip, port, n)
+
+    def _on_announce(self, kind: DatagramKind, body: dict, addr) -> None:
+        if kind != DatagramKind.ANNOUNCE or body.get("relayed"):
+            return
+        if not isinstance(body.get("nid"), str):
+            raise ValueError("malformed announcement")
+        now = time.monotonic()
+        for key in [k for k, t in self.clients.items() if now - t > CLIENT_TTL]:
+            del self.clients[key]
+        fwd = dict(body, relayed=1)
+        fwd.setdefault("ip", addr[0])
+        for client in self.clients:
+            self.announcements.send(DatagramKind.ANNOUNCE, fwd, client)
+        if self.clients:
+            logger.info("node %s announced; told %d client(s)", fwd["ip"], len(self.clients))
+
+    def _on_client(self, chan: transport.Channel) -> None:
+        """A client that names the relay in ``nodes`` connects: tell it what we are."""
+
+        def on_message(msg) -> None:
+            if msg.kind == Kind.INFO_REQ:  # the client closes once it has read this
+                chan.send(Kind.INFO, {"relay": True, "name": socket.gethostname(), "cpus": 0})
+            else:
+                chan.close()
+
+        chan.on_message = on_message
+        chan.start()
+
+    async def shutdown(self) -> None:
+        for ep in (self.requests, self.announcements):
+            if ep is not None:
+                ep.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dispynetrelay",
+        description="Relay dispy node discovery between this host's network and clients elsewhere.",
+    )
+    p.add_argument(
+        "-i",
+        "--ip_addr",
+        "--host",
+        dest="ip_addr",
+        action="append",
+        default=[],
+        help="address (and network) to relay on (repeatable; default: all)",
+    )
+    p.add_argument(
+        "--relay_port",
+        type=int,
+        default=None,
+        help="port clients send discovery to (default: --node_port)",
+    )
+    p.add_argument(
+        "--node_port", type=int, default=config.NODE_PORT, help="nodes' port (default %(default)s)"
+    )
+    p.add_argument(
+        "--client_port",
+        type=int,
+        default=config.CLIENT_PORT,
+        help="port node announcements go to (default %(default)s)",
+    )
+    p.add_argument(
+        "-s",
+        "--secret",
+        default=None,
+        help="cluster secret (prefer --secret_file or $DISPY_SECRET)",
+    )
+    p.add_argument("--secret_file", help="read the cluster secret from this file")
+    p.add_argument("--certfile", help="TLS certificate for clients that connect (PEM)")
+    p.add_argument("--keyfile", help="TLS private key, if not in --certfile")
+    p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    args = p.parse_args(argv)
+    if args.relay_port is None:
+        args.relay_port = args.node_port
+    for name in ("relay_port", "node_port", "client_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            p.error(f"--{name} {getattr(args, name)} is not a port number (0-65535)")
+    if args.secret and args.secret_file:
+        p.error("give --secret or --secret_file, not both")
+    if args.keyfile and not args.certfile:
+        p.error("--keyfile needs --certfile")
+    try:
+        if args.secret_file:
+            args.secret, args.auth = read_secret_file(args.secret_file), args.secret_file
+        else:
+            args.secret, args.auth = resolve_secret(args.secret)
+    except DispyError as exc:
+        p.error(str(exc))
+    return args
+
+
+async def _stdin_quit(relay: Relay) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line or line.strip() in ("quit", "exit"):
+            relay.stopped.set()
+            return
+
+
+async def run(args: argparse.Namespace) -> int:
+    ssl_ctx = None
+    if args.certfile:
+        try:
+            ssl_ctx = server_context(args.certfile, args.keyfile, None)
+        except DispyError as exc:
+            print(f"dispynetrelay: {exc}", file=sys.stderr)
+            return 2
+    relay = Relay(
+        derive_key(args.secret),
+        ip_addrs=args.ip_addr,
+        relay_port=args.relay_port,
+        node_port=args.node_port,
+        client_port=args.client_port,
+        ssl=ssl_ctx,
+    )
+    try:
+        await relay.start()
+    except OSError as exc:
+        print(
+            f"dispynetrelay: cannot listen on port {args.relay_port} or {args.client_port}: "
+            f"{exc.strerror or exc} (try --relay_port)",
+            file=sys.stderr,
+        )
+        await relay.shutdown()
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, relay.stopped.set)
+    nets = " ".join(str(n) for n in relay.local_networks()) or "none"
+    print(f"dispynetrelay ready: port={relay.requests.address[1]} networks={nets}", flush=True)
+    logger.info("secret from %s", args.auth)
+    task = None if args.daemon else loop.create_task(_stdin_quit(relay))
+    await relay.stopped.wait()
+    if task is not None:
+        task.cancel()
+    await relay.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s dispynetrelay %(levelname)s %(message)s",
+    )
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
