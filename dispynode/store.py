@@ -1,0 +1,418 @@
+"""The node's durable result store: computed results stay on disk until the client acks them.
+
+The node (an asyncio program) calls ``put``/``ack``/``save_computation``/
+``drop_computation`` on its event loop: they only queue the write.  The
+store's writer thread (``dispy._sqlite._BatchWriter``) commits everything
+queued in one transaction, so ~10,000 tiny results a second cost a few
+commits, not 10,000.  A result acknowledged before the writer took it is
+never written.
+
+Reads (``pending``, ``pending_cids``, ``computations``) block: run them in a
+worker thread (``asyncio.to_thread``).  Each opens its own connection and
+reads one consistent snapshot of what is *committed*: call ``flush()``
+first for the puts and acks queued so far to show.
+
+Durability: SQLite in WAL mode with ``synchronous=NORMAL``.  A commit is in
+the operating system's hands when ``flush()`` returns, so the results
+survive the node process being killed (``kill -9``, a crash, the OOM
+killer): that is what the store promises and what its tests check.  The WAL
+is not fsync'ed at each commit, so a power loss or an operating-system
+crash may lose the last transactions (never the file's integrity).
+``synchronous=FULL`` would fsync every commit, at a large cost in job
+throughput, for a failure that also loses the jobs the node was running.
+
+Layout (schema version ``SCHEMA_VERSION`` in ``PRAGMA user_version``;
+``PRAGMA application_id`` = ``APP_ID`` marks the file as a result store):
+
+* ``results(cid, jid, created, info, nsegs)``: ``info`` is the msgpack'ed
+  dict given to ``put``.
+* ``chunks(cid, jid, seg, part, data)``: the payload segments, each one row
+  (or several ``CHUNK_BYTES`` parts, for segments beyond SQLite's blob
+  limit).  Segments are bound as blobs straight from the caller's buffers:
+  no concatenation, and a one-part segment reads back as one ``bytes``
+  without slicing.
+* ``computations(cid, updated, meta)``.
+
+Copies: ``put`` keeps references to the caller's buffers (the caller must
+not modify them until the result is flushed or acked; the node does not).
+The writer thread binds them to SQLite directly; only a non-contiguous
+buffer is copied (``tobytes``), in the writer thread.  SQLite itself copies
+a bound blob once into its pages.  The file mode is 0600 (also of the
+``-wal``/``-shm`` files, which SQLite creates with the database's mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
+
+from dispy import _sqlite
+from dispy._sqlite import StorageError
+
+__all__ = ["ResultStore", "StoreError"]
+
+logger = logging.getLogger("dispynode")
+
+#: ``PRAGMA application_id`` of a result store ("dsRS").
+APP_ID = 0x64735253
+#: ``PRAGMA user_version`` of the layout written by this module.
+SCHEMA_VERSION = 1
+#: Default retention of unacked results and computation records: 7 days.
+DEFAULT_RETENTION_S = 7 * 86400.0
+
+_SCHEMA = (
+    """CREATE TABLE results (
+        cid TEXT NOT NULL, jid INTEGER NOT NULL, created REAL NOT NULL,
+        info BLOB NOT NULL, nsegs INTEGER NOT NULL,
+        PRIMARY KEY (cid, jid)) WITHOUT ROWID""",
+    """CREATE TABLE chunks (
+        cid TEXT NOT NULL, jid INTEGER NOT NULL, seg INTEGER NOT NULL, part INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (cid, jid, seg, part))""",
+    """CREATE TABLE computations (
+        cid TEXT PRIMARY KEY, updated REAL NOT NULL, meta BLOB NOT NULL) WITHOUT ROWID""",
+)
+
+# kinds of queued operations (the first item of each operation tuple)
+_PUT, _ACK, _SAVE, _DROP = "put", "ack", "save", "drop"
+
+
+class StoreError(StorageError):
+    """The result store cannot be opened, read or written; the message says what to do."""
+
+
+def _clean_hint(path: str) -> str:
+    return (
+        f"remove it or start dispynode with --clean (its unacknowledged results are then "
+        f"lost; a new store is made at {path})"
+    )
+
+
+def _pack(obj: Any, what: str) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"{what} cannot be stored ({exc}): use only dicts, lists, str, bytes, "
+            "int, float, bool and None"
+        ) from exc
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _byte_view(seg: memoryview) -> memoryview:
+    """``seg`` as a flat view of bytes, without copying unless it is not contiguous.
+
+    A contiguous buffer (C or Fortran order) gives its memory as laid out; a
+    non-contiguous one is copied in C order.
+    """
+    try:
+        return pickle.PickleBuffer(seg).raw()
+    except BufferError:
+        return memoryview(seg.tobytes())
+
+
+class ResultStore:
+    """Results kept on disk until acknowledged, and the computations they belong to.
+
+    ``put``, ``ack``, ``save_computation`` and ``drop_computation`` never
+    block (call them from the event loop); the other methods block.  All
+    methods are thread safe.  Use as a context manager or call ``close()``.
+    """
+
+    #: Largest blob per ``chunks`` row; longer segments are split in parts
+    #: (SQLite's limit is 1,000,000,000 bytes per blob).
+    CHUNK_BYTES = 256 << 20
+
+    def __init__(self, path: str, *, retention: float = DEFAULT_RETENTION_S) -> None:
+        """Open the store at ``path`` (created if missing; its folder must exist).
+
+        ``retention``: seconds after which ``expire()`` deletes an unacked
+        result (counted from its ``put``) or a computation record (from its
+        last ``save_computation``).  Raises ``StoreError`` if the file is not
+        a result store, is damaged, or cannot be created or read.
+        """
+        if not retention > 0:
+            raise ValueError(f"retention must be a positive number of seconds, not {retention!r}")
+        self.path = os.fspath(path)
+        self.retention = float(retention)
+        conn = self._open(self.path)
+        self._writer = _sqlite._BatchWriter(
+            conn,
+            self._apply,
+            name="dispynode-store-writer",
+            what=f"result store {self.path}",
+            logger=logger,
+            error_cls=StoreError,
+        )
+
+    # -- opening --------------------------------------------------------------------------
+    @staticmethod
+    def _open(path: str) -> sqlite3.Connection:
+        """The writer's connection to a checked (or new) store at ``path``."""
+        try:
+            _sqlite.create_private_file(path, exclusive=False)
+            is_sqlite, app_id = _sqlite.read_header(path)
+            empty = os.path.getsize(path) == 0
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open result store {path}: {exc}; {_clean_hint(path)}"
+            ) from exc
+        if not empty and not is_sqlite:
+            raise StoreError(
+                f"result store {path} is damaged (not an SQLite database); {_clean_hint(path)}"
+            )
+        if is_sqlite and app_id != APP_ID:
+            raise StoreError(
+                f"{path} is an SQLite database but not a dispynode result store; "
+                f"{_clean_hint(path)}"
+            )
+        conn = _sqlite.connect(path, writer=True)
+        try:
+            if empty:
+                _sqlite.init_schema(conn, app_id=APP_ID, version=SCHEMA_VERSION, statements=_SCHEMA)
+            _sqlite.set_wal(conn)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"result store {path} was written by a newer dispynode (layout "
+                    f"{version}; this one reads {SCHEMA_VERSION}): use that version, or "
+                    f"{_clean_hint(path)}"
+                )
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema")}
+            if version != SCHEMA_VERSION or not {"results", "chunks", "computations"} <= tables:
+                raise StoreError(
+                    f"result store {path} is damaged (layout {version}, tables "
+                    f"{sorted(tables)}); {_clean_hint(path)}"
+                )
+            conn.execute("SELECT count(*) FROM computations").fetchone()
+        except StoreError:
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(
+                f"result store {path} is damaged or unreadable ({exc}); {_clean_hint(path)}"
+            ) from exc
+        return conn
+
+    # -- writes (non-blocking) ------------------------------------------------------------
+    def put(self, cid: str, jid: int, info: dict, segs: Sequence) -> None:
+        """Queue the result of job ``jid`` of computation ``cid`` to be written.
+
+        ``info``: a dict msgpack can carry (packed now: a ``TypeError`` says
+        what cannot be).  ``segs``: the payload as bytes-like segments
+        (``bytes``, ``memoryview``, numpy arrays...); they are referenced,
+        not copied, until written, so they must not be modified meanwhile.
+        A later put of the same ``(cid, jid)`` replaces the result.
+
+        Raises ``StoreError`` if the store is closed or its last commit
+        failed (disk full...): the result is then *not* queued.
+        """
+        packed = _pack(info, f"result info of job {jid} of computation {cid}")
+        try:
+            views = [memoryview(s) for s in segs]
+        except TypeError as exc:
+            raise TypeError(
+                f"result segments of job {jid} of computation {cid} must be bytes-like "
+                f"objects (bytes, bytearray, memoryview, numpy arrays): {exc}"
+            ) from exc
+        self._writer.submit(
+            (_PUT, cid, jid, time.time(), packed, views), key=(cid, jid), check=True
+        )
+
+    def ack(self, cid: str, jids: Iterable[int]) -> None:
+        """Queue the deletion of results the client received; results still queued are never written."""
+        jids = list(jids)
+        self._writer.submit((_ACK, cid, jids), cancel=[(cid, j) for j in jids])
+
+    def save_computation(self, cid: str, meta: dict) -> None:
+        """Queue saving (or replacing) the record of computation ``cid``; ``meta`` must be msgpack-able."""
+        packed = _pack(meta, f"metadata of computation {cid}")
+        self._writer.submit((_SAVE, cid, time.time(), packed))
+
+    def drop_computation(self, cid: str) -> None:
+        """Queue deleting the record of computation ``cid``; its unacked results stay."""
+        self._writer.submit((_DROP, cid))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued before this call is committed; False on timeout.
+
+        Raises ``StoreError`` if the writer cannot commit (disk full...).
+        """
+        return self._writer.flush(timeout)
+
+    # -- reads (blocking) -----------------------------------------------------------------
+    def pending(self, cid: str) -> list[tuple[int, dict, list[bytes]]]:
+        """Committed, unacked results of computation ``cid`` as ``(jid, info, segs)``, by jid."""
+
+        def read(conn: sqlite3.Connection) -> list[tuple[int, dict, list[bytes]]]:
+            rows = conn.execute(
+                "SELECT jid, info, nsegs FROM results WHERE cid = ? ORDER BY jid", (cid,)
+            ).fetchall()
+            parts: dict[int, list[list[bytes]]] = {}
+            for jid, _seg, part, data in conn.execute(
+                "SELECT jid, seg, part, data FROM chunks WHERE cid = ? ORDER BY jid, seg, part",
+                (cid,),
+            ):
+                segs = parts.setdefault(jid, [])
+                if part == 0:
+                    segs.append([data])
+                else:
+                    segs[-1].append(data)
+            out = []
+            for jid, info, nsegs in rows:
+                segs = [p[0] if len(p) == 1 else b"".join(p) for p in parts.pop(jid, [])]
+                if len(segs) != nsegs:
+                    logger.error(
+                        "result store %s: job %s of computation %s has %d of its %d segments; "
+                        "skipped",
+                        self.path,
+                        jid,
+                        cid,
+                        len(segs),
+                        nsegs,
+                    )
+                    continue
+                out.append((jid, _unpack(info), segs))
+            return out
+
+        return self._read(read)
+
+    def pending_cids(self) -> dict[str, int]:
+        """Number of committed, unacked results per computation id."""
+        return self._read(
+            lambda conn: dict(conn.execute("SELECT cid, count(*) FROM results GROUP BY cid"))
+        )
+
+    def computations(self) -> dict[str, dict]:
+        """Committed computation records: cid -> meta."""
+        return self._read(
+            lambda conn: {
+                cid: _unpack(meta)
+                for cid, meta in conn.execute("SELECT cid, meta FROM computations")
+            }
+        )
+
+    def _read(self, fn):
+        try:
+            return _sqlite.read_transaction(self.path, fn)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot read result store {self.path} ({exc}); if it is damaged, "
+                f"{_clean_hint(self.path)}"
+            ) from exc
+
+    # -- maintenance ----------------------------------------------------------------------
+    def expire(self, now: float | None = None) -> int:
+        """Delete results put, and computation records saved, more than ``retention`` s
+        before ``now`` (default: the current time); return how many were deleted.
+
+        Runs in the writer thread after what is queued; blocks until done.
+        """
+        cutoff = (time.time() if now is None else now) - self.retention
+
+        def delete(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM chunks WHERE (cid, jid) IN "
+                "(SELECT cid, jid FROM results WHERE created < ?)",
+                (cutoff,),
+            )
+            n = conn.execute("DELETE FROM results WHERE created < ?", (cutoff,)).rowcount
+            n += conn.execute("DELETE FROM computations WHERE updated < ?", (cutoff,)).rowcount
+            return n
+
+        try:
+            count = self._writer.run(delete)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot expire old results in {self.path}: {exc}") from exc
+        if count:
+            logger.info("result store %s: expired %d results and computations", self.path, count)
+        return count
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Writer counters: commits, ops (written), cancelled (puts acked before written),
+        failed_commits, queued."""
+        return self._writer.stats
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer thread and close the file; idempotent.
+
+        Writes that cannot be committed (disk full) are logged as lost.
+        """
+        self._writer.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @staticmethod
+    def remove(path: str) -> None:
+        """Delete the store at ``path`` and its ``-wal``/``-shm`` files (``dispynode --clean``).
+
+        The store must not be open.
+        """
+        _sqlite.remove_db_files(os.fspath(path))
+
+    # -- the writer thread ----------------------------------------------------------------
+    def _apply(self, conn: sqlite3.Connection, ops: list) -> None:
+        """Execute a batch in order, each run of same-kind operations with ``executemany``."""
+        start = 0
+        for i in range(1, len(ops) + 1):
+            if i == len(ops) or ops[i][0] != ops[start][0]:
+                self._apply_run(conn, ops[start][0], ops[start:i])
+                start = i
+
+    def _apply_run(self, conn: sqlite3.Connection, kind: str, ops: list) -> None:
+        if kind == _PUT:
+            # a put replaces: drop the parts of an earlier result with the same key
+            conn.executemany(
+                "DELETE FROM chunks WHERE cid = ? AND jid = ?", [(op[1], op[2]) for op in ops]
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO results (cid, jid, created, info, nsegs) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(cid, jid, created, info, len(segs)) for _k, cid, jid, created, info, segs in ops],
+            )
+            conn.executemany(
+                "INSERT INTO chunks (cid, jid, seg, part, data) VALUES (?, ?, ?, ?, ?)",
+                self._chunk_rows(ops),
+            )
+        elif kind == _ACK:
+            keys = [(cid, jid) for _k, cid, jids in ops for jid in jids]
+            conn.executemany("DELETE FROM results WHERE cid = ? AND jid = ?", keys)
+            conn.executemany("DELETE FROM chunks WHERE cid = ? AND jid = ?", keys)
+        elif kind == _SAVE:
+            conn.executemany(
+                "INSERT OR REPLACE INTO computations (cid, updated, meta) VALUES (?, ?, ?)",
+                [op[1:] for op in ops],
+            )
+        elif kind == _DROP:
+            conn.executemany("DELETE FROM computations WHERE cid = ?", [op[1:] for op in ops])
+        else:  # pragma: no cover - a bug in this module
+            raise AssertionError(f"unknown store operation {kind!r}")
+
+    def _chunk_rows(self, ops: list):
+        """Rows of ``chunks`` for a run of puts; segments are sliced (no copy) into parts."""
+        step = self.CHUNK_BYTES
+        for _k, cid, jid, _created, _info, segs in ops:
+            for s, seg in enumerate(segs):
+                data = _byte_view(seg)
+                n = len(data)
+                if n <= step:
+                    yield cid, jid, s, 0, data
+                else:
+                    for p, off in enumerate(range(0, n, step)):
+                        yield cid, jid, s, p, data[off : off + step]
