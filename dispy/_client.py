@@ -160,6 +160,9 @@ class _NodeLink:
         self._ack_scheduled = False
         self._closing = False
         self.setup_done = False
+        self.was_setup = False  # the computation was set up there: reconnect with RESUME
+        self.suspect = False  # connection lost, within the liveness window: jobs wait
+        self._grace: asyncio.TimerHandle | None = None
         self.last_heard = time.monotonic()
         self.task: asyncio.Task | None = None
 
@@ -181,7 +184,11 @@ class _NodeLink:
             except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
                 if self._closing:
                     return
-                if not warned:
+                if isinstance(exc, ConnectionRefusedError) and self.suspect:
+                    # the host answers but no node listens: the node process is gone,
+                    # and its running jobs with it
+                    self._declare_dead("its dispynode is not running any more")
+                if not warned and not self.suspect:
                     logger.warning(
                         "cannot use node %s:%s: %s; is dispynode running there? retrying",
                         self.host,
@@ -193,7 +200,7 @@ class _NodeLink:
                 self._lost()
             if self._closing:
                 return
-            await asyncio.sleep(delay)  # back-off before reconnecting
+            await asyncio.sleep(min(delay, 0.5) if self.suspect else delay)  # back-off
             delay = min(delay * 2, 10.0)
 
     async def _session(self) -> None:
@@ -209,8 +216,13 @@ class _NodeLink:
                 "or give its IP address"
             ) from None
         addr = infos[0][4][0]
+        timeout = config.HANDSHAKE_TIMEOUT
+        if self.suspect:
+            timeout = max(1.0, min(timeout, self.window - (time.monotonic() - self.last_heard)))
         try:
-            chan = await transport.connect(addr, self.port, engine.key, ssl=engine.ssl)
+            chan = await transport.connect(
+                addr, self.port, engine.key, ssl=engine.ssl, timeout=timeout
+            )
         except ssl.SSLError as exc:
             why = exc.reason or str(exc)
             hint = (
@@ -265,8 +277,12 @@ class _NodeLink:
                 self._closing = True
                 return
         self.node.cpus = self.node.avail_cpus = cpus
-        await self._send_computation()
-        self.setup_done = True
+        known = False
+        if self.was_setup:  # we had the computation there: what became of it and its jobs?
+            known = await self._resume()
+        if not known:
+            await self._send_computation()
+        self.setup_done = self.was_setup = True
         for name, (version, segs) in list(engine.data.items()):  # what put() placed so far
             await self.put_data(name, version, segs)
         self.ready = True
@@ -278,6 +294,45 @@ class _NodeLink:
             watchdog.cancel()
         if not self._closing:
             raise ConnectionClosed(f"connection to node {self.host}:{self.port} lost: {exc}")
+
+    @property
+    def window(self) -> float:
+        """Seconds of silence after which the node is declared dead."""
+        return self.engine.pulse_interval * MISSED_PULSES
+
+    async def _resume(self) -> bool:
+        """Reconnected: take the computation over again.  The node answers with the
+        jobs it still has (queued or running) and those ended but not acknowledged,
+        whose results it sends again right after.  While the node was only suspect,
+        its other jobs of ours are lost there (it restarted): they are requeued or
+        abandoned now.  True if the computation is still set up there."""
+        engine = self.engine
+        reply = await self._request(Kind.RESUME, {"c": engine.cid}, Kind.RESUMED)
+        on_node = set(field(reply, "jobs", list)) | set(field(reply, "done", list))
+        if self.suspect:
+            self._end_grace()
+            state = engine.sched.nodes.get(self.key)
+            lost = [j for j in state.running.values() if j._uid not in on_node] if state else []
+            engine.jobs_lost(self, lost, "its node restarted while running it")
+        logger.info(
+            "node %s:%s reconnected: %d job(s) there, computation %s",
+            self.host, self.port, len(on_node), "kept" if reply.get("known") else "set up again",
+        )  # fmt: skip
+        return bool(reply.get("known"))
+
+    def _end_grace(self) -> None:
+        self.suspect = False
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _declare_dead(self, why: str) -> None:
+        """The liveness window passed (or the node process is gone): its jobs are lost."""
+        if not self.suspect:
+            return
+        self._end_grace()
+        logger.warning("node %s:%s declared dead: %s", self.host, self.port, why)
+        self.engine.node_lost(self)
 
     async def _send_computation(self) -> None:
         pkg = self.engine.package
@@ -419,7 +474,15 @@ class _NodeLink:
         self.setup_done = False
         if self.ready:
             self.ready = False
-            self.engine.node_lost(self)
+            remaining = self.window - (time.monotonic() - self.last_heard)
+            if self._closing or remaining <= 0:
+                self.engine.node_lost(self)
+            else:  # wait for it within the liveness window; its jobs stay put meanwhile
+                self.engine.sched.set_ready(self.key, False)
+                self.suspect = True
+                self._grace = asyncio.get_running_loop().call_later(
+                    remaining, self._declare_dead, f"no connection for {self.window:g} s"
+                )
 
     async def _watch(self, chan: transport.Channel) -> None:
         """Pulse the node, and declare it dead if it is silent for MISSED_PULSES intervals
@@ -465,6 +528,8 @@ class _NodeLink:
 
     async def close(self, terminate: bool) -> None:
         self._closing = True
+        if self.suspect:
+            self._declare_dead("the cluster is closing")
         await self.close_computation(terminate)
         if self.chan is not None:
             self.node.tx += self.chan.bytes_sent
@@ -668,9 +733,16 @@ class _Engine:
                         f"the job's result cannot be unpickled on the client: {exc} "
                         "(its class must be importable here)"
                     )
+            elsewhere = job._node
             if not self.sched.ended(job, event):
                 logger.debug("late result for job %s ignored", uid)
                 continue
+            if elsewhere is not None and elsewhere != link.key and elsewhere in self.links:
+                # a late result from a node declared dead: the rerun is not needed
+                logger.debug(
+                    "job %s ended on %s; its rerun on %s is cancelled", uid, link, elsewhere
+                )
+                self.links[elsewhere].cancel(job)
             job.result = result
             job.exception = exc_text
             job.stdout = entry.get("o", "")
@@ -782,6 +854,17 @@ class _Engine:
         self.sched.add_node(link.key, link.node.cpus)
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
         self.cluster._node_status(DispyNode.Initialized, link.node)
+        self.dispatch()
+
+    def jobs_lost(self, link: _NodeLink, jobs: list, why: str) -> None:
+        """Jobs a node no longer has (it restarted): requeue or abandon them."""
+        for job, status in self.sched.lose_jobs(link.key, jobs):
+            if status == jobstate.Abandoned:
+                job.exception = f"node {link.node.name} ({link.host}:{link.port}): {why}"
+                job.end_time = time.time()
+                self._complete(job, link.node)
+            else:
+                self.cluster._status_changed(job, link.node)
         self.dispatch()
 
     def node_lost(self, link: _NodeLink) -> None:

@@ -93,11 +93,17 @@ class Worker:
             return
         session, cid = self.comp.session, self.comp.cid
         if msg.kind == Kind.W_PROVISIONAL:
-            segs = split_segments(msg.payload, msg.ctl["s"])
-            session.send_provisional(cid, job.jid, segs)
+            if session is not None:  # no client connected: a provisional result is not kept
+                segs = split_segments(msg.payload, msg.ctl["s"])
+                session.send_provisional(cid, job.jid, segs)
             return
         if msg.kind == Kind.W_SENDFILE:
-            session.send_file(cid, job.jid, msg.ctl["p"], msg.ctl.get("m", 0o644), msg.payload)
+            if session is None:
+                logger.warning(
+                    "file %r from job %s dropped: its client is gone", msg.ctl["p"], job.jid
+                )
+            else:
+                session.send_file(cid, job.jid, msg.ctl["p"], msg.ctl.get("m", 0o644), msg.payload)
             return
         if msg.kind != Kind.W_RESULT:
             return
@@ -178,6 +184,7 @@ class Computation:
         self._reply: asyncio.Future | None = None
         self._drained = asyncio.Event()
         self._early_deaths = 0
+        self.detached_at: float | None = None  # when its client went away (monotonic)
         node.computations[cid] = self
 
     # -- files ----------------------------------------------------------------
@@ -235,7 +242,12 @@ class Computation:
         if ok:
             self.ready = True
             self._ctl.send(Kind.C_FORK, {"n": self.node.cpus})
-            logger.info("computation %s (%s) set up for %s", self.name, self.cid, self.session.peer)
+            logger.info(
+                "computation %s (%s) set up for %s",
+                self.name,
+                self.cid,
+                self.session.peer if self.session is not None else "a client now gone",
+            )
         else:
             self.error = (
                 f"setup of computation {self.name!r} failed on node {self.node.name}: {reason}"

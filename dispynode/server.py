@@ -40,11 +40,15 @@ from dispy.protocol import Kind, derive_key, field, join_segments, split_segment
 from dispy.protocol._datagram import DatagramKind
 
 from .executor import Computation, Worker, safe_relpath
+from .store import ResultStore, StoreError
 
 logger = logging.getLogger("dispynode")
 
 #: Folder (inside a computation's) where cluster.put() data lives.
 DATA_FOLDER = ".dispy_data"
+
+#: The node's result store, in --dest_path: results kept until their client acknowledges them.
+STORE_FILE = "results.db"
 
 #: Seconds between a node's pulses to a client (its resources; liveness later).
 DEFAULT_PULSE_INTERVAL = 10.0
@@ -84,7 +88,6 @@ class Session:
         self.chan = chan
         self.peer = chan.peer
         self.comps: dict[str, Computation] = {}
-        self.unacked: dict[tuple[str, int], tuple] = {}
         self._out: list = []
         self._flush_scheduled = False
         self._ops: asyncio.Queue = asyncio.Queue()
@@ -103,9 +106,7 @@ class Session:
         if kind == Kind.JOBS:
             self._jobs(ctl, msg.payload)
         elif kind == Kind.ACK:
-            cid = field(ctl, "c", str)
-            for jid in field(ctl, "j", list):
-                self.unacked.pop((cid, jid), None)
+            self.node.ack(field(ctl, "c", str), field(ctl, "j", list))
         elif kind == Kind.INFO_REQ:
             pulse = field(ctl, "pulse", (int, float), default=0)
             if pulse:
@@ -113,7 +114,7 @@ class Session:
             if self._pulse_task is None:
                 self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
             self.chan.send(Kind.INFO, self.node.info())
-        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA):
+        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME):
             if self._ops.qsize() >= config.MAX_PENDING_OPS:
                 raise ProtocolError(f"more than {config.MAX_PENDING_OPS} pending requests")
             self._ops.put_nowait((kind, ctl, msg.payload))
@@ -182,6 +183,8 @@ class Session:
                     await self._close_comp(ctl)
                 elif kind == Kind.DATA:
                     await self._data(ctl, payload)
+                elif kind == Kind.RESUME:
+                    await self._resume(ctl)
             except (ProtocolError, ValueError) as exc:
                 logger.warning("request from %s refused: %s", self.peer, exc)
                 self._reply_error(kind, ctl, str(exc))
@@ -286,14 +289,55 @@ class Session:
         if comp is not None:
             self.node.drop_jobs(comp, terminate=bool(ctl.get("t", False)))
             error = await comp.close(terminate=bool(ctl.get("t", False)))
+        self.node.forget(cid)  # the client closed it: nothing of it is owed any more
         if not self.chan.is_closed:
             self.chan.send(Kind.CLOSED, {"c": cid, "r": error or ""})
 
+    async def _resume(self, ctl: dict) -> None:
+        """A client reconnected (or ``recover_jobs`` runs): attach the computation to
+        this connection, say what the node still has of it, and send again every
+        result not acknowledged yet (kept in memory, or on disk across a restart)."""
+        cid = field(ctl, "c", str)
+        node = self.node
+        comp = node.computations.get(cid)
+        if comp is not None and not comp.closed:
+            old = comp.session
+            if old is not None and old is not self:
+                old.comps.pop(cid, None)  # a connection that died unnoticed
+            comp.session = self
+            comp.detached_at = None
+            self.comps[cid] = comp
+        else:
+            comp = None
+        await node.restore(cid)
+        owed = node.unacked.get(cid, {})
+        jobs = []
+        if comp is not None:
+            jobs = [j.jid for j in node.queue if j.comp is comp]
+            jobs += [w.job.jid for w in comp.workers.values() if w.job is not None]
+        logger.info(
+            "client %s resumed computation %s: %s, %d job(s) on the node, %d result(s) owed",
+            self.peer, cid, "known" if comp else "not known here", len(jobs), len(owed),
+        )  # fmt: skip
+        if self.chan.is_closed:
+            return
+        self.chan.send(
+            Kind.RESUMED,
+            {
+                "c": cid,
+                "known": bool(comp is not None and comp.ready),
+                "jobs": jobs,
+                "done": list(owed),
+            },
+        )
+        for entry, segs in list(owed.values()):
+            self.queue_result(entry, segs)
+
     # -- results to the client ------------------------------------------------
     def send_result(self, cid: str, jid: int, info: dict, segs) -> None:
-        entry = dict(info)
-        entry["c"], entry["j"], entry["n"] = cid, jid, len(segs)
-        self.unacked[(cid, jid)] = (entry, segs)
+        self.node.deliver(cid, jid, info, segs, self)
+
+    def queue_result(self, entry: dict, segs) -> None:
         if self.chan.is_closed:
             return
         self._out.append((entry, segs))
@@ -354,10 +398,19 @@ class Session:
         asyncio.get_running_loop().create_task(self._close_all())
 
     async def _close_all(self) -> None:
+        """The connection ended without CLOSE: the client crashed, or the network
+        failed.  Its computations go on; their results are kept (on disk too) for
+        the client to resume, or for ``recover_jobs``, until --zombie_interval."""
         comps, self.comps = list(self.comps.values()), {}
         for comp in comps:
-            self.node.drop_jobs(comp, terminate=True)
-        await asyncio.gather(*(c.close(terminate=True) for c in comps), return_exceptions=True)
+            if comp.session is self:
+                comp.session = None
+                comp.detached_at = self.last_heard  # the client's last sign of life
+                logger.info(
+                    "computation %s (%s) lost its client; jobs go on, results are kept",
+                    comp.name,
+                    comp.cid,
+                )
         self.node.session_ended(self)
 
 
@@ -416,12 +469,26 @@ class NodeServer:
         self.jobs_done = 0
         self.worker_addr = f"\0dispynode-{os.getpid()}-{os.urandom(8).hex()}"
         self.stopped = asyncio.Event()
+        #: results not acknowledged yet: cid -> jid -> (entry, segments); on disk too
+        self.unacked: dict[str, dict[int, tuple[dict, list]]] = {}
+        self.store: ResultStore | None = None
+        self._stored_cids: dict[str, int] = {}  # results an earlier run left on disk
+        self._reaper: asyncio.Task | None = None
         self._servers: list[asyncio.Server] = []
         self.bound: list[tuple[str, int]] = []
         self.served = 0
 
     async def start(self) -> None:
         os.makedirs(self.dest_path, mode=0o700, exist_ok=True)
+        self.store = ResultStore(os.path.join(self.dest_path, STORE_FILE))
+        self._stored_cids = self.store.pending_cids()
+        if self._stored_cids:
+            logger.info(
+                "%d result(s) of %d computation(s) kept from an earlier run, for their clients",
+                sum(self._stored_cids.values()),
+                len(self._stored_cids),
+            )
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
         psutil.cpu_percent(None)
         hosts = self.ip_addrs or [None]
         for host in hosts:
@@ -586,15 +653,81 @@ class NodeServer:
         self.jobs_done += 1
         comp = job.comp
         comp.jobs_done += 1
-        comp.session.send_result(comp.cid, job.jid, info, segs)
+        self.deliver(comp.cid, job.jid, info, segs, comp.session)
         self.dispatch()
+
+    # -- results owed to clients ------------------------------------------------
+    def deliver(self, cid: str, jid: int, info: dict, segs, session: Session | None) -> None:
+        """Keep a job's end (memory and disk) until its client acknowledges it, and
+        send it now on ``session`` (its computation's client connection, if any)."""
+        entry = dict(info)
+        entry["c"], entry["j"], entry["n"] = cid, jid, len(segs)
+        self.unacked.setdefault(cid, {})[jid] = (entry, segs)
+        if self.store is not None:
+            try:
+                self.store.put(cid, jid, entry, segs)
+            except StoreError as exc:
+                logger.error("result of job %s not kept on disk: %s", jid, exc)
+        if session is not None:
+            session.queue_result(entry, segs)
+
+    def ack(self, cid: str, jids: list) -> None:
+        owed = self.unacked.get(cid)
+        if owed is not None:
+            for jid in jids:
+                owed.pop(jid, None)
+            if not owed and cid not in self.computations:
+                del self.unacked[cid]
+        if self.store is not None:
+            self.store.ack(cid, [j for j in jids if isinstance(j, int)])
+
+    def forget(self, cid: str) -> None:
+        owed = self.unacked.pop(cid, None)
+        if owed and self.store is not None:
+            self.store.ack(cid, list(owed))
+
+    async def restore(self, cid: str) -> None:
+        """Results of ``cid`` that an earlier run of this node left on disk, into memory."""
+        if self.store is None or self._stored_cids.pop(cid, None) is None:
+            return
+        rows = await asyncio.to_thread(self.store.pending, cid)
+        owed = self.unacked.setdefault(cid, {})
+        for jid, entry, segs in rows:
+            owed.setdefault(jid, (entry, segs))
+
+    async def _reap(self) -> None:
+        """Close computations whose client has been gone for --zombie_interval (their
+        results stay on disk for ``recover_jobs``); expire old results."""
+        period = max(0.5, min(60.0, self.zombie_interval / 4))
+        last_expire = 0.0
+        while True:
+            await asyncio.sleep(period)  # a housekeeping period, not a wait for a condition
+            now = time.monotonic()
+            for comp in list(self.computations.values()):
+                gone = getattr(comp, "detached_at", None)
+                if comp.session is None and gone is not None and now - gone > self.zombie_interval:
+                    logger.warning(
+                        "client of computation %s (%s) gone for %.0f s (zombie interval): "
+                        "closing it; its results stay for recover_jobs",
+                        comp.name, comp.cid, now - gone,
+                    )  # fmt: skip
+                    self.drop_jobs(comp, terminate=True)
+                    await comp.close(terminate=True)
+                    self.unacked.pop(comp.cid, None)  # on disk until the retention limit
+            if self.store is not None and now - last_expire > 3600:
+                last_expire = now
+                await asyncio.to_thread(self.store.expire)
 
     def cancel(self, comp: Computation, jid: int) -> None:
         for job in self.queue:
             if job.comp is comp and job.jid == jid:
                 self.queue.remove(job)
-                comp.session.send_result(
-                    comp.cid, jid, {"st": jobstate.Cancelled, "x": "cancelled"}, [b"N."]
+                self.deliver(
+                    comp.cid,
+                    jid,
+                    {"st": jobstate.Cancelled, "x": "cancelled"},
+                    [b"N."],
+                    comp.session,
                 )
                 return
         comp.cancel_running(jid)
@@ -605,8 +738,12 @@ class NodeServer:
         keep = collections.deque()
         for job in self.queue:
             if job.comp is comp:
-                comp.session.send_result(
-                    comp.cid, job.jid, {"st": jobstate.Created, "x": "returned unstarted"}, [b"N."]
+                self.deliver(
+                    comp.cid,
+                    job.jid,
+                    {"st": jobstate.Created, "x": "returned unstarted"},
+                    [b"N."],
+                    comp.session,
                 )
             else:
                 keep.append(job)
@@ -616,13 +753,17 @@ class NodeServer:
     async def shutdown(self) -> None:
         if self.udp is not None:
             self.udp.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
         for srv in self._servers:
             srv.close()
         sessions = list(self.sessions)
         for s in sessions:
             s.chan.close()
-        comps = [c for s in sessions for c in s.comps.values()]
+        comps = list(self.computations.values())
         await asyncio.gather(*(c.close(terminate=True) for c in comps), return_exceptions=True)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
 
     def clean(self) -> None:
         """--clean: remove what earlier runs left under dest_path."""

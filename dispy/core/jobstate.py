@@ -50,6 +50,8 @@ TRANSITIONS: dict[tuple[int, str], int] = {
     (Created, CANCEL): Cancelled,
     (Created, ABANDON): Abandoned,
     (Created, FAIL): Terminated,  # e.g. its node rejected the arguments before starting it
+    # a late result from a node declared dead, for a job requeued but not yet run again
+    (Created, FINISH): Finished,
     **{(s, PROVISIONAL): ProvisionalResult for s in _LIVE},
     **{(s, FINISH): Finished for s in _LIVE},
     **{(s, FAIL): Terminated for s in _LIVE},

@@ -68,19 +68,29 @@ class Scheduler:
         node = self.nodes.pop(key, None)
         if node is None:
             return []
-        changed = []
-        for job in list(node.running.values()) + list(node.pinned):
-            may_rerun = self.reentrant and job._pinned is None
-            if job.status == jobstate.Created:  # pinned, not yet sent
-                event = jobstate.ABANDON
-            else:
-                event = jobstate.REQUEUE if may_rerun else jobstate.ABANDON
-            job.status = jobstate.next_status(job.status, event)
-            job._node = None
-            if job.status == jobstate.Created:
-                self.pending.appendleft(job)
-            changed.append((job, job.status))
-        return changed
+        return [self._lose(job) for job in list(node.running.values()) + list(node.pinned)]
+
+    def lose_jobs(self, key, jobs) -> list[tuple[object, int]]:
+        """A node lost these of its jobs (it restarted): requeue or abandon them."""
+        node = self.nodes.get(key)
+        out = []
+        for job in jobs:
+            if node is not None:
+                node.running.pop(job._uid, None)
+            out.append(self._lose(job))
+        return out
+
+    def _lose(self, job) -> tuple[object, int]:
+        may_rerun = self.reentrant and job._pinned is None
+        if job.status == jobstate.Created:  # pinned, not yet sent
+            event = jobstate.ABANDON
+        else:
+            event = jobstate.REQUEUE if may_rerun else jobstate.ABANDON
+        job.status = jobstate.next_status(job.status, event)
+        job._node = None
+        if job.status == jobstate.Created:
+            self.pending.appendleft(job)
+        return job, job.status
 
     # -- jobs -------------------------------------------------------------------
     def submit(self, job, node_key=None) -> bool:
@@ -118,14 +128,25 @@ class Scheduler:
 
     def ended(self, job, event: str) -> bool:
         """A job's node reported its end; False (and nothing changes) if it already ended."""
+        before = job.status
         try:
             job.status = jobstate.next_status(job.status, event)
         except jobstate.InvalidTransition:
             return False
+        if before == jobstate.Created:  # requeued, and a late result came: unqueue it
+            self._unqueue(job)
         node = self.nodes.get(job._node)
         if node is not None:
             node.running.pop(job._uid, None)
         return True
+
+    def _unqueue(self, job) -> None:
+        try:
+            self.pending.remove(job)
+        except ValueError:
+            node = self.nodes.get(job._pinned)
+            if node is not None and job in node.pinned:
+                node.pinned.remove(job)
 
     def requeue(self, job) -> bool:
         """A node handed back a job it never started: queue it again (first)."""
