@@ -15,6 +15,7 @@ from ._data import NodeData
 from ._executor import ClusterExecutor
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
+from ._recovery import recover_jobs
 from ._version import __version__
 from .errors import (
     AuthenticationFailed,
@@ -47,6 +48,7 @@ if not any(isinstance(h, _UntilConfigured) for h in logger.handlers):
         logger.setLevel(logging.WARNING)
 
 __all__ = [
+    "recover_jobs",
     "DispyHTTPServer",
     "ClusterExecutor",
     "AuthenticationFailed",

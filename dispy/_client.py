@@ -45,6 +45,9 @@ from ._data import _local as data_local
 from ._finder import NodeFinder
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
+from ._recover import RecoverFile
+from ._recovery import default_path as _default_recover_path
+from ._recovery import job_blob
 from .core import jobstate
 from .core.scheduler import Scheduler
 from .errors import (
@@ -583,6 +586,7 @@ class _Engine:
         self.specs = specs
         self.patterns = list(patterns)
         self.finder: NodeFinder | None = None
+        self.recover: RecoverFile | None = None  # jobs sent to nodes, for recover_jobs()
         self.nids: dict[str, tuple] = {}  # node run id -> link key: one link per node
         self.sched = Scheduler(reentrant=reentrant)
         self.links: dict[tuple, _NodeLink] = {}
@@ -684,6 +688,12 @@ class _Engine:
                 job.start_time = now
                 self.cluster._status_changed(job, link.node)
             link.node.busy = len(node.running)
+            if self.recover is not None:
+                where = f"{link.node.ip_addr}:{link.port}"
+                try:
+                    self.recover.add_jobs((job._uid, job_blob(job, where)) for job in batch)
+                except DispyError as exc:
+                    logger.error("recover file: %s", exc)
             link.send_jobs(batch)
 
     def cancel(self, job: DispyJob) -> None:
@@ -830,6 +840,8 @@ class _Engine:
         if job._end.is_set():
             return
         self.live.pop(job._uid, None)
+        if self.recover is not None:
+            self.recover.jobs_done((job._uid,))
         job._segs = None
         self.cluster._job_ended(job, node)  # counts first: job() returns after them
         job._end.set()
@@ -852,6 +864,11 @@ class _Engine:
     # -- nodes -----------------------------------------------------------------------
     def node_ready(self, link: _NodeLink) -> None:
         self.sched.add_node(link.key, link.node.cpus)
+        if self.recover is not None:
+            nodes = sorted(
+                {f"{lk.node.ip_addr}:{lk.port}" for lk in self.links.values() if lk.ready}
+            )
+            self.recover.set_meta("nodes", nodes)
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
         self.cluster._node_status(DispyNode.Initialized, link.node)
         self.dispatch()
@@ -1035,6 +1052,25 @@ class JobCluster:
             )
             self._cb_thread.start()
         self._engine = _Engine(self, package, self._key, specs, reentrant, patterns)
+        #: the recover file's path (None: not kept, e.g. for nodes='local' only)
+        self.recover_file = None
+        if recover_file is not False and (specs or patterns):
+            self.recover_file = os.path.abspath(
+                recover_file or _default_recover_path(self._engine.cid)
+            )
+            self._engine.recover = RecoverFile.create(
+                self.recover_file,
+                {
+                    "cid": self._engine.cid,
+                    "name": self.name,
+                    "key": self._key,  # derived from the secret; never the secret itself
+                    "nodes": [],
+                    "created": time.time(),
+                    "certfile": os.path.abspath(certfile) if certfile else None,
+                    "keyfile": os.path.abspath(keyfile) if keyfile else None,
+                    "cafile": os.path.abspath(cafile) if cafile else None,
+                },
+            )
         self._loop = _loop.get_loop()
         _loop.run(self._engine.start()).result()
         _open_clusters.add(self)
@@ -1487,6 +1523,8 @@ class JobCluster:
             if self._local is not None:
                 self._local.stop()
                 self._local = None
+            if self._engine.recover is not None:  # closed normally: nothing to recover
+                self._engine.recover.close(remove=True)
 
     def shutdown(self) -> None:
         """Close the cluster, terminating jobs that are still running."""

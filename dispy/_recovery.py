@@ -1,0 +1,253 @@
+"""``recover_jobs()``: collect the results of a cluster whose client crashed.
+
+A ``JobCluster`` keeps a recover file (``dispy._recover.RecoverFile``): its
+computation id, the key derived from its secret, its nodes, and each job it
+sent to a node and that has not ended (its id and arguments).  When the
+client dies, the nodes go on: running jobs finish, and every result is kept
+(in memory and on disk) until a client acknowledges it.
+
+``recover_jobs`` opens that file in a new process and, for each node,
+connects, sends RESUME for the computation and collects what the node sends
+again: every result not acknowledged yet (also those of jobs that ended while
+no client existed), then those of the jobs still running, as they end (up to
+``timeout``; with ``terminate_pending`` the rest are cancelled).  It
+acknowledges the results, closes the computation on the node (cleanup runs
+there), marks the jobs done in the file and returns them as ``DispyJob``s.
+A second call returns only what the first did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import logging
+import os
+import pickle
+import time
+
+from . import _loop, serialize, transport
+from ._job import DispyJob
+from ._recover import RecoverFile, RecoverFileError
+from .core import jobstate
+from .errors import AuthenticationFailed, ConnectionClosed, ProtocolError
+from .protocol import Kind, field, split_segments
+from .tls import client_context
+
+logger = logging.getLogger("dispy")
+
+#: Recover files made without ``recover_file=``: ``_dispy_<time>_<id>`` in the working directory.
+DEFAULT_PREFIX = "_dispy_"
+#: Arguments larger than this (pickled) are not kept in the recover file.
+MAX_ARGS_BYTES = 1 << 20
+#: Seconds ``recover_jobs`` waits for the nodes to confirm cancelled jobs and closing.
+CLOSE_WAIT = 30.0
+
+
+def default_path(cid: str) -> str:
+    return os.path.abspath(f"{DEFAULT_PREFIX}{time.strftime('%Y%m%d%H%M%S')}_{cid[:8]}")
+
+
+def job_blob(job: DispyJob, node: str) -> bytes:
+    """What the recover file keeps of a job sent to ``node``: its id, the node, and
+    its pickled arguments (unless larger than MAX_ARGS_BYTES)."""
+    nfiles = len(job._opts.get("f", ())) if job._opts else 0
+    segs = job._segs[nfiles:] if job._segs else []
+    size = sum(memoryview(s).nbytes for s in segs)
+    args = [bytes(s) for s in segs] if size <= MAX_ARGS_BYTES else None
+    try:
+        jid = pickle.dumps(job.id)
+    except Exception:
+        jid = pickle.dumps(repr(job.id))
+    return pickle.dumps({"id": jid, "node": node, "args": args, "t": job.submit_time})
+
+
+def _job_from_blob(uid: int, blob: bytes) -> tuple[DispyJob, str]:
+    rec = pickle.loads(blob)
+    args, kwargs = (), {}
+    if rec.get("args"):
+        try:
+            args, kwargs = serialize.loads(rec["args"])
+        except Exception as exc:  # a class not importable here, say
+            logger.debug("arguments of job %s not restored: %s", uid, exc)
+    job = DispyJob(args, kwargs, [], None)
+    try:
+        job.id = pickle.loads(rec["id"])
+    except Exception:
+        job.id = None
+    job._uid = uid
+    job.submit_time = rec.get("t")
+    job.status = jobstate.Running
+    return job, rec["node"]
+
+
+def _newest_default() -> str:
+    files = [
+        f
+        for f in glob.glob(DEFAULT_PREFIX + "*")
+        if not f.endswith(("-wal", "-shm", "-journal")) and os.path.isfile(f)
+    ]
+    if not files:
+        raise RecoverFileError(
+            f"no recover file ({DEFAULT_PREFIX}*) in {os.getcwd()}: run recover_jobs in the "
+            "folder the cluster ran in, or pass recover_file= the path it used"
+        )
+    return max(files, key=os.path.getmtime)
+
+
+def recover_jobs(
+    recover_file: str | None = None,
+    timeout: float | None = None,
+    terminate_pending: bool = False,
+) -> list[DispyJob]:
+    """Collect the jobs of a cluster whose client crashed (see the module doc).
+
+    ``recover_file``: the path the cluster used (default: the newest
+    ``_dispy_*`` file in the working directory).  ``timeout``: seconds to wait
+    for jobs still running (None: until they end).  ``terminate_pending``:
+    after ``timeout``, cancel the jobs still running.  Returns the jobs with
+    their ``id`` (as the program set it), ``status``, ``result``, ``stdout``,
+    ``stderr``, ``exception`` and times; jobs that the nodes no longer have
+    end ``Abandoned`` with the reason.
+    """
+    path = recover_file or _newest_default()
+    rf = RecoverFile.open(path)
+    try:
+        meta = rf.meta
+        rows = rf.unfinished()
+        if not rows:
+            return []
+        by_node: dict[str, dict[int, DispyJob]] = {}
+        for uid, blob, _ in rows:
+            job, node = _job_from_blob(uid, blob)
+            by_node.setdefault(node, {})[uid] = job
+        ssl = None
+        if meta.get("certfile") or meta.get("cafile"):
+            ssl = client_context(meta.get("certfile"), meta.get("keyfile"), meta.get("cafile"))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        coro = _recover_all(meta, by_node, ssl, deadline, terminate_pending)
+        jobs = _loop.run(coro).result()
+        rf.jobs_done([j._uid for j in jobs if j.status in jobstate.TERMINAL])
+        rf.flush()
+        return [j for j in jobs if j.status in jobstate.TERMINAL]
+    finally:
+        rf.close()
+
+
+async def _recover_all(meta, by_node, ssl, deadline, terminate) -> list[DispyJob]:
+    parts = await asyncio.gather(
+        *(
+            _recover_node(meta, addr, jobs, ssl, deadline, terminate)
+            for addr, jobs in by_node.items()
+        )
+    )
+    return [job for part in parts for job in part]
+
+
+def _abandon(jobs, reason: str) -> None:
+    for job in jobs:
+        if job.status not in jobstate.TERMINAL:
+            job.status = jobstate.Abandoned
+            job.exception = reason
+            job.end_time = time.time()
+
+
+async def _recover_node(meta, addr: str, jobs: dict, ssl, deadline, terminate) -> list[DispyJob]:
+    host, _, port = addr.rpartition(":")
+    cid = meta["cid"]
+    try:
+        chan = await transport.connect(host, int(port), meta["key"], ssl=ssl)
+    except (OSError, ConnectionClosed, TimeoutError, AuthenticationFailed, ProtocolError) as exc:
+        logger.warning(
+            "recover_jobs: cannot reach node %s: %s; its jobs stay unrecovered", addr, exc
+        )
+        return list(jobs.values())  # not terminal: a later call may still get them
+    waiting: set[int] = set()
+    reply: asyncio.Future = asyncio.get_running_loop().create_future()
+    changed = asyncio.Event()
+    closed = asyncio.get_running_loop().create_future()
+
+    def on_message(msg) -> None:
+        if msg.kind == Kind.RESUMED and not reply.done():
+            reply.set_result(msg.ctl)
+        elif msg.kind == Kind.RESULTS:
+            segs = split_segments(msg.payload, field(msg.ctl, "s", list))
+            pos, acks = 0, []
+            for entry in field(msg.ctl, "r", list):
+                n = field(entry, "n", int)
+                part, pos = segs[pos : pos + n], pos + n
+                uid = field(entry, "j", int)
+                acks.append(uid)
+                job = jobs.get(uid)
+                if job is None or job.status in jobstate.TERMINAL:
+                    continue
+                _apply_result(job, entry, part, host)
+                waiting.discard(uid)
+            chan.send(Kind.ACK, {"c": cid, "j": acks})
+            changed.set()
+        elif msg.kind == Kind.CLOSED and not closed.done():
+            closed.set_result(msg.ctl)
+
+    chan.on_message = on_message
+    chan.on_close = lambda exc: (changed.set(), closed.done() or closed.set_result(None))
+    chan.start()
+    try:
+        chan.send(Kind.RESUME, {"c": cid})
+        info = await asyncio.wait_for(reply, 30)
+        waiting.update(u for u in field(info, "jobs", list) if u in jobs)
+        owed = set(field(info, "done", list))
+        gone = [j for u, j in jobs.items() if u not in waiting and u not in owed]
+        _abandon(gone, f"node {addr} no longer has this job (it restarted before the job ended)")
+        while waiting and not chan.is_closed:
+            changed.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                break
+        if waiting and terminate and not chan.is_closed:
+            chan.send(Kind.CANCEL, {"c": cid, "j": sorted(waiting)})
+            end = time.monotonic() + CLOSE_WAIT
+            while waiting and not chan.is_closed and time.monotonic() < end:
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), end - time.monotonic())
+                except TimeoutError:
+                    break
+        if not waiting and not chan.is_closed:  # everything collected: close it there
+            chan.send(Kind.CLOSE, {"c": cid, "t": True})
+            try:
+                await asyncio.wait_for(closed, CLOSE_WAIT)
+            except TimeoutError:
+                pass
+    except (ConnectionClosed, TimeoutError, ProtocolError) as exc:
+        logger.warning("recover_jobs: node %s: %s", addr, exc)
+    finally:
+        chan.close()
+        await chan.wait_closed()
+    return list(jobs.values())
+
+
+def _apply_result(job: DispyJob, entry: dict, part, host: str) -> None:
+    st = field(entry, "st", int)
+    if st == jobstate.Created:  # queued there, never started (its computation closed)
+        job.status = jobstate.Abandoned
+        job.exception = "the job never started: its computation was closed on the node"
+        return
+    job.status = st if st in jobstate.TERMINAL else jobstate.Terminated
+    job.exception = entry.get("x")
+    if st == jobstate.Finished:
+        try:
+            job.result = serialize.loads(part)
+        except Exception as exc:
+            job.status = jobstate.Terminated
+            job.exception = (
+                f"the job's result cannot be unpickled here: {exc} "
+                "(its class must be importable in the recovering program)"
+            )
+    job.stdout = entry.get("o", "")
+    job.stderr = entry.get("e", "")
+    job.start_time = entry.get("t0") or job.start_time
+    job.end_time = entry.get("t1") or time.time()
+    job.ip_addr = host
