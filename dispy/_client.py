@@ -26,6 +26,7 @@ import atexit
 import collections
 import concurrent.futures
 import copy
+import functools
 import logging
 import os
 import queue
@@ -691,7 +692,9 @@ class _Engine:
             if self.recover is not None:
                 where = f"{link.node.ip_addr}:{link.port}"
                 try:
-                    self.recover.add_jobs((job._uid, job_blob(job, where)) for job in batch)
+                    self.recover.add_jobs(
+                        (job._uid, functools.partial(job_blob, job, where)) for job in batch
+                    )
                 except DispyError as exc:
                     logger.error("recover file: %s", exc)
             link.send_jobs(batch)

@@ -49,6 +49,9 @@ _SCHEMA = (
     "CREATE TABLE jobs (uid INTEGER PRIMARY KEY, blob BLOB NOT NULL, node TEXT)",
 )
 
+#: Seconds a job waits in memory before it is written: one that ends sooner is never written.
+WRITE_DELAY = 0.1
+
 # kinds of queued operations (the first item of each operation tuple)
 _ADD, _SENT, _DONE, _META = "add", "sent", "done", "meta"
 
@@ -69,6 +72,17 @@ def _pack(value: Any, what: str) -> bytes:
 
 def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _resolve(uid: int, blob) -> tuple | None:
+    """A row to insert; a callable blob is made here, in the writer thread."""
+    if callable(blob):
+        try:
+            blob = blob()
+        except Exception:
+            logger.exception("recover file: the record of job %s could not be made", uid)
+            return None
+    return (uid, blob)
 
 
 def _is_recover_file(path: str) -> bool:
@@ -94,6 +108,7 @@ class RecoverFile:
             what=f"recover file {path}",
             logger=logger,
             error_cls=RecoverFileError,
+            delay=WRITE_DELAY,
         )
 
     # -- opening --------------------------------------------------------------------------
@@ -223,12 +238,15 @@ class RecoverFile:
     def add_jobs(self, rows: Iterable[tuple[int, bytes]]) -> None:
         """Queue new jobs as ``(uid, blob)``; the blob (bytes-like) is referenced until written.
 
+        ``blob`` may also be a function returning it, called in the writer
+        thread only if the job is still to be written then.
+
         Raises ``RecoverFileError`` if the file is closed or its last commit
         failed (disk full...): the jobs are then not queued.
         """
         items = []
         for uid, blob in rows:
-            if not isinstance(blob, bytes | bytearray | memoryview):
+            if not isinstance(blob, bytes | bytearray | memoryview) and not callable(blob):
                 try:
                     memoryview(blob)
                 except TypeError:
@@ -245,8 +263,9 @@ class RecoverFile:
 
     def jobs_done(self, uids: Iterable[int]) -> None:
         """Queue deleting finished jobs; jobs still queued are never written."""
-        uids = [int(u) for u in uids]
-        self._writer.submit((_DONE, uids), cancel=uids)
+        missed = self._writer.cancel([int(u) for u in uids])
+        if missed:  # those may be written already
+            self._writer.submit((_DONE, missed))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued before this call is committed; False on timeout.
@@ -299,7 +318,7 @@ class RecoverFile:
                 if kind == _ADD:
                     conn.executemany(
                         "INSERT OR REPLACE INTO jobs (uid, blob, node) VALUES (?, ?, NULL)",
-                        [(uid, blob) for _k, uid, blob in run],
+                        [row for row in (_resolve(uid, blob) for _k, uid, blob in run) if row],
                     )
                 elif kind == _SENT:
                     conn.executemany(

@@ -51,7 +51,8 @@ def job_blob(job: DispyJob, node: str) -> bytes:
     """What the recover file keeps of a job sent to ``node``: its id, the node, and
     its pickled arguments (unless larger than MAX_ARGS_BYTES)."""
     nfiles = len(job._opts.get("f", ())) if job._opts else 0
-    segs = job._segs[nfiles:] if job._segs else []
+    segs = job._segs  # None once the job ended (it is then not written at all, normally)
+    segs = segs[nfiles:] if segs else []
     size = sum(memoryview(s).nbytes for s in segs)
     args = [bytes(s) for s in segs] if size <= MAX_ARGS_BYTES else None
     try:

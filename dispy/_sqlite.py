@@ -185,8 +185,13 @@ class _BatchWriter:
         what: str,
         logger: logging.Logger,
         error_cls: type[StorageError],
+        delay: float = 0.0,
     ) -> None:
         self._conn = conn
+        # seconds the writer lets operations gather before taking them: what is
+        # cancelled meanwhile (a result acknowledged, a job ended) is never written
+        self._delay = delay
+        self._hurry = False  # flush() or close() wants the queue now
         self._apply = apply
         self._what = what
         self._log = logger
@@ -235,6 +240,20 @@ class _BatchWriter:
             if len(self._ops) == 1:
                 self._cond.notify_all()
 
+    def cancel(self, keys: Iterable) -> list:
+        """Cancel the queued operations submitted with these keys; return the keys that
+        had none queued (their earlier operations may be written already)."""
+        missed = []
+        with self._cond:
+            for k in keys:
+                i = self._keyed.pop(k, None)
+                if i is None:
+                    missed.append(k)
+                else:
+                    self._ops[i] = _CANCELLED
+                    self._stats["cancelled"] += 1
+        return missed
+
     def submit_many(self, items: Iterable[tuple[Any, Any]], *, check: bool = False) -> None:
         """Queue several ``(op, key)`` pairs at once (``key`` may be None); see ``submit``."""
         with self._cond:
@@ -265,6 +284,8 @@ class _BatchWriter:
         with self._cond:
             target = self._submitted
             failures = self._stats["failed_commits"]
+            self._hurry = True
+            self._cond.notify_all()
             if self._error is not None:
                 self._retry_now = True
                 self._cond.notify_all()
@@ -349,6 +370,11 @@ class _BatchWriter:
                         pause = min(pause * 2, RETRY_MAX_S)
                     else:
                         self._cond.wait_for(lambda: self._ops or self._calls or self._stopping)
+                        if self._delay and self._ops:
+                            self._cond.wait_for(
+                                lambda: self._stopping or self._calls or self._hurry, self._delay
+                            )
+                    self._hurry = False
                     batch = retry + self._ops
                     self._ops = []
                     self._keyed = {}

@@ -83,6 +83,11 @@ _SCHEMA = (
 # kinds of queued operations (the first item of each operation tuple)
 _PUT, _ACK, _SAVE, _DROP = "put", "ack", "save", "drop"
 
+#: Seconds a result waits in memory before it is written: most are acknowledged
+#: by a connected client within a millisecond, and then never touch the disk.
+#: A result not acknowledged by then is on disk within WRITE_DELAY + a commit.
+WRITE_DELAY = 0.1
+
 
 class StoreError(StorageError):
     """The result store cannot be opened, read or written; the message says what to do."""
@@ -153,6 +158,7 @@ class ResultStore:
             what=f"result store {self.path}",
             logger=logger,
             error_cls=StoreError,
+            delay=WRITE_DELAY,
         )
 
     # -- opening --------------------------------------------------------------------------
@@ -232,8 +238,9 @@ class ResultStore:
 
     def ack(self, cid: str, jids: Iterable[int]) -> None:
         """Queue the deletion of results the client received; results still queued are never written."""
-        jids = list(jids)
-        self._writer.submit((_ACK, cid, jids), cancel=[(cid, j) for j in jids])
+        missed = self._writer.cancel([(cid, j) for j in jids])
+        if missed:  # those may be on disk already
+            self._writer.submit((_ACK, cid, [j for _, j in missed]))
 
     def save_computation(self, cid: str, meta: dict) -> None:
         """Queue saving (or replacing) the record of computation ``cid``; ``meta`` must be msgpack-able."""
