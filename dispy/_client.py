@@ -177,6 +177,7 @@ class _NodeLink:
         delay = 0.5
         warned = False
         while not self._closing:
+            live = False  # the connection was in use when it failed: reconnect at once
             try:
                 await self._session()
                 delay = 0.5
@@ -188,22 +189,28 @@ class _NodeLink:
             except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
                 if self._closing:
                     return
+                live = self.ready
+                why = getattr(exc, "strerror", None) or exc
                 if isinstance(exc, ConnectionRefusedError) and self.suspect:
                     # the host answers but no node listens: the node process is gone,
                     # and its running jobs with it
                     self._declare_dead("its dispynode is not running any more")
-                if not warned and not self.suspect:
+                elif live:
+                    logger.info("node %s:%s: %s; reconnecting", self.host, self.port, why)
+                elif not warned and not self.suspect:
                     logger.warning(
                         "cannot use node %s:%s: %s; is dispynode running there? retrying",
                         self.host,
                         self.port,
-                        getattr(exc, "strerror", None) or exc,
+                        why,
                     )
                     warned = True
             finally:
                 self._lost()
             if self._closing:
                 return
+            if live and self.suspect:
+                continue
             await asyncio.sleep(min(delay, 0.5) if self.suspect else delay)  # back-off
             delay = min(delay * 2, 10.0)
 
