@@ -296,6 +296,8 @@ class _NodeLink:
         self.setup_done = self.was_setup = True
         for name, (version, segs) in list(engine.data.items()):  # what put() placed so far
             await self.put_data(name, version, segs)
+        if self._closing:  # closed meanwhile (close() sent CLOSE): no jobs for it
+            return
         self.ready = True
         engine.node_ready(self)
         watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
@@ -518,7 +520,9 @@ class _NodeLink:
     async def close_computation(self, terminate: bool) -> None:
         """Close the computation on the node (cleanup runs there); keep the connection."""
         chan = self.chan
-        if chan is not None and not chan.is_closed and self.ready:
+        # also while the computation is being set up there (or set up again after a
+        # restart of the node): a connection that ends without CLOSE leaves it running
+        if chan is not None and not chan.is_closed:
             self.engine.sched.set_ready(self.key, False)
             try:
                 await asyncio.wait_for(
