@@ -296,7 +296,8 @@ class _NodeLink:
         self.setup_done = self.was_setup = True
         for name, (version, segs) in list(engine.data.items()):  # what put() placed so far
             await self.put_data(name, version, segs)
-        if self._closing:  # closed meanwhile (close() sent CLOSE): no jobs for it
+        if self._closing:  # closed meanwhile: close() sends CLOSE, then closes the connection
+            await closed
             return
         self.ready = True
         engine.node_ready(self)
@@ -360,7 +361,7 @@ class _NodeLink:
             await self.send_file(rel, path)
         reply = await self._request(
             Kind.COMPUTE,
-            {"c": cid, "n": pkg.name, "sa": len(setup_args)},
+            {"c": cid, "n": pkg.name, "sa": len(setup_args), **self.engine.compute_opts},
             Kind.COMPUTE_REPLY,
             [pkg.spec_bytes, setup_args],
         )
@@ -417,6 +418,12 @@ class _NodeLink:
             return
         if kind == Kind.STATUS:
             if "a" in msg.ctl:
+                cpus = msg.ctl.get("cpus")  # a scheduler's CPUs change as its nodes come and go
+                if isinstance(cpus, int) and cpus > 0 and cpus != self.node.cpus:
+                    self.node.cpus = self.node.avail_cpus = cpus
+                    if self.key in self.engine.sched.nodes:
+                        self.engine.sched.set_cpus(self.key, cpus)
+                        self.engine.dispatch()
                 self.node.avail_info = _avail(msg.ctl["a"])
                 self.node.update_time = time.time()
                 self.engine.cluster._node_status(DispyNode.AvailInfo, self.node)
@@ -599,6 +606,7 @@ class _Engine:
         self.patterns = list(patterns)
         self.finder: NodeFinder | None = None
         self.recover: RecoverFile | None = None  # jobs sent to nodes, for recover_jobs()
+        self.compute_opts: dict = {}  # extra COMPUTE fields (SharedJobCluster's, for the scheduler)
         self.nids: dict[str, tuple] = {}  # node run id -> link key: one link per node
         self.sched = Scheduler(reentrant=reentrant)
         self.links: dict[tuple, _NodeLink] = {}
@@ -1066,6 +1074,7 @@ class JobCluster:
             )
             self._cb_thread.start()
         self._engine = _Engine(self, package, self._key, specs, reentrant, patterns)
+        self._engine_created(self._engine)
         #: the recover file's path (None: not kept, e.g. for nodes='local' only)
         self.recover_file = None
         if recover_file is not False and (specs or patterns):
@@ -1088,6 +1097,9 @@ class JobCluster:
         self._loop = _loop.get_loop()
         _loop.run(self._engine.start()).result()
         _open_clusters.add(self)
+
+    def _engine_created(self, engine: _Engine) -> None:
+        """A hook for subclasses (SharedJobCluster), before any node is contacted."""
 
     # -- jobs ------------------------------------------------------------------------
     def submit(self, *args, **kwargs) -> DispyJob:

@@ -331,7 +331,7 @@ def _serve(chan: BlockingChannel, ctl: dict, spec, comp_dir: str) -> None:
                 continue
             try:
                 events = chan.recv_available()
-            except ConnectionClosed:
+            except (ConnectionClosed, ConnectionError):  # reset: the daemon was killed
                 events = None
             if events is None:  # the daemon is gone: stop everything
                 _stop(children, 1.0, rfd)

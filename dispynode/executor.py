@@ -330,6 +330,7 @@ class Computation:
         self.closed = True
         self.ready = False
         self.node.computations.pop(self.cid, None)
+        self.node.closed_cids.append(self.cid)
         error = ""
         if self._ctl is not None and not self._ctl.is_closed:
             if not terminate:
