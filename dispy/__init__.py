@@ -16,6 +16,7 @@ from ._executor import ClusterExecutor
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
 from ._recovery import recover_jobs
+from ._shared import SharedJobCluster
 from ._version import __version__
 from .errors import (
     AuthenticationFailed,
@@ -49,6 +50,7 @@ if not any(isinstance(h, _UntilConfigured) for h in logger.handlers):
 
 __all__ = [
     "recover_jobs",
+    "SharedJobCluster",
     "DispyHTTPServer",
     "ClusterExecutor",
     "AuthenticationFailed",

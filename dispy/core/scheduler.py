@@ -12,6 +12,7 @@ between two short jobs.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Iterable
 
 from . import jobstate
@@ -45,10 +46,16 @@ class Scheduler:
     None) and ``_node`` attributes (``DispyJob``).
     """
 
-    def __init__(self, reentrant: bool = False, prefetch: int = 2) -> None:
+    def __init__(
+        self, reentrant: bool = False, prefetch: int = 2, queue=None, eligible=None
+    ) -> None:
         self.reentrant = reentrant
         self.prefetch = prefetch
-        self.pending: collections.deque = collections.deque()
+        #: queued jobs: a deque (one cluster), or a ``queues.ClusterQueue`` (several)
+        self.pending = queue if queue is not None else collections.deque()
+        #: ``eligible(node_key, cluster)``: may that node run that cluster's jobs now?
+        #: (None: every node runs every job; needs a ClusterQueue otherwise)
+        self.eligible = eligible
         self.nodes: dict[object, NodeState] = {}
 
     # -- nodes ----------------------------------------------------------------
@@ -81,7 +88,7 @@ class Scheduler:
         return out
 
     def _lose(self, job) -> tuple[object, int]:
-        may_rerun = self.reentrant and job._pinned is None
+        may_rerun = getattr(job, "_reentrant", self.reentrant) and job._pinned is None
         if job.status == jobstate.Created:  # pinned, not yet sent
             event = jobstate.ABANDON
         else:
@@ -116,9 +123,20 @@ class Scheduler:
             while free > 0 and node.pinned:
                 batch.append(node.pinned.popleft())
                 free -= 1
-            while free > 0 and self.pending:
-                batch.append(self.pending.popleft())
-                free -= 1
+            if self.eligible is None:
+                while free > 0 and self.pending:
+                    batch.append(self.pending.popleft())
+                    free -= 1
+            else:
+                ok = functools.partial(self.eligible, node.key)
+                while free > 0 and self.pending:
+                    job = self.pending.pop_for(ok)
+                    if job is None:
+                        break
+                    batch.append(job)
+                    free -= 1
+            if not batch:
+                continue
             for job in batch:
                 job.status = jobstate.next_status(job.status, jobstate.DISPATCH)
                 job._node = node.key

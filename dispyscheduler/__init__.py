@@ -1,0 +1,1 @@
+"""dispyscheduler: shares dispynode nodes between many client programs (SharedJobCluster)."""

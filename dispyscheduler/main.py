@@ -1,0 +1,228 @@
+"""``dispyscheduler``: share nodes between client programs (``SharedJobCluster``).
+
+::
+
+    dispyscheduler [-n NODE]... [-i ADDR]... [-p PORT] [--node_secret S]
+                   [--cluster_secret S] [--fair_cluster_scheduler |
+                   --early_cluster_scheduler] [--daemon] [-d] ...
+
+Finds nodes like a client does (``-n`` names, addresses or wildcards; by
+default ``'*'``: broadcast), and serves clients on the scheduler port (51349).
+Prints one line ``dispyscheduler ready: ...`` once it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+
+from dispy import config
+from dispy.errors import DispyError
+from dispy.keys import resolve_secret
+from dispy.protocol import derive_key
+from dispy.tls import client_context, server_context
+
+from .server import SchedulerServer
+
+logger = logging.getLogger("dispyscheduler")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dispyscheduler",
+        description="Share dispynode nodes between client programs (SharedJobCluster).",
+    )
+    p.add_argument(
+        "-n",
+        "--node",
+        dest="nodes",
+        action="append",
+        default=[],
+        help="node name, address or wildcard (repeatable; default '*': broadcast)",
+    )
+    p.add_argument(
+        "-i",
+        "--ip_addr",
+        "--host",
+        dest="ip_addr",
+        action="append",
+        default=[],
+        help="address to serve clients on (repeatable; default all)",
+    )
+    p.add_argument("--ext_ip_addr", help="address clients should use (behind NAT)")
+    p.add_argument(
+        "-p",
+        "--port",
+        type=int,
+        default=config.SCHEDULER_PORT,
+        help="port clients connect to (default %(default)s)",
+    )
+    p.add_argument(
+        "--node_port", type=int, default=config.NODE_PORT, help="nodes' port (default %(default)s)"
+    )
+    p.add_argument(
+        "--node_secret",
+        default=None,
+        help="the nodes' secret (default: $DISPY_SECRET or the key file)",
+    )
+    p.add_argument(
+        "--cluster_secret",
+        default=None,
+        help="secret clients must prove (default: the node secret)",
+    )
+    p.add_argument("--node_certfile", help="TLS certificate to present to nodes")
+    p.add_argument("--node_keyfile", help="its key, if not in --node_certfile")
+    p.add_argument("--cluster_certfile", help="TLS certificate for clients")
+    p.add_argument("--cluster_keyfile", help="its key, if not in --cluster_certfile")
+    p.add_argument(
+        "--pulse_interval",
+        type=float,
+        default=2.0,
+        help="seconds between pulses with nodes and clients (default %(default)s)",
+    )
+    p.add_argument(
+        "--ping_interval",
+        type=float,
+        default=None,
+        help="seconds between discovery requests (default: at start only)",
+    )
+    p.add_argument(
+        "--zombie_interval",
+        type=float,
+        default=60.0,
+        help="minutes a silent client keeps its computations (default %(default)s)",
+    )
+    p.add_argument(
+        "--dest_path_prefix",
+        "--dest_path",
+        dest="dest_path",
+        default=os.path.join(tempfile.gettempdir(), "dispy-scheduler"),
+        help="where clients' files are kept (default %(default)s)",
+    )
+    p.add_argument(
+        "--max_file_size",
+        type=int,
+        default=0,
+        help="largest file a client may send (bytes; 0: no limit)",
+    )
+    p.add_argument("--clean", action="store_true", help="remove what earlier runs left")
+    p.add_argument("--httpd", action="store_true", help=argparse.SUPPRESS)
+    policy = p.add_mutually_exclusive_group()
+    policy.add_argument(
+        "--fair_cluster_scheduler", action="store_true", help="clusters take turns, one job each"
+    )
+    policy.add_argument(
+        "--early_cluster_scheduler",
+        action="store_true",
+        help="the cluster created first goes first",
+    )
+    p.add_argument(
+        "--cooperative",
+        action="store_true",
+        help="accepted for dispy compatibility (clients may always set node CPUs)",
+    )
+    p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    args = p.parse_args(argv)  # fmt: skip
+    for name in ("port", "node_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            p.error(f"--{name} {getattr(args, name)} is not a port number (0-65535)")
+    try:
+        args.node_secret, args.node_auth = resolve_secret(args.node_secret)
+    except DispyError as exc:
+        p.error(str(exc))
+    if args.cluster_secret is None:
+        args.cluster_secret = args.node_secret
+    args.policy = (
+        "fair"
+        if args.fair_cluster_scheduler
+        else "early"
+        if args.early_cluster_scheduler
+        else "first"
+    )
+    return args
+
+
+async def _stdin_quit(stopped: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line or line.strip() in ("quit", "exit"):
+            stopped.set()
+            return
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        client_ssl = (
+            server_context(args.cluster_certfile, args.cluster_keyfile, None)
+            if args.cluster_certfile else None
+        )  # fmt: skip
+        node_ssl = (
+            client_context(args.node_certfile, args.node_keyfile, None)
+            if args.node_certfile else None
+        )  # fmt: skip
+    except DispyError as exc:
+        print(f"dispyscheduler: {exc}", file=sys.stderr)
+        return 2
+    if args.clean:
+        import shutil
+
+        shutil.rmtree(args.dest_path, ignore_errors=True)
+    server = SchedulerServer(
+        cluster_key=derive_key(args.cluster_secret),
+        node_key=derive_key(args.node_secret),
+        ip_addrs=args.ip_addr,
+        port=args.port,
+        node_port=args.node_port,
+        nodes=args.nodes,
+        policy=args.policy,
+        dest_path=args.dest_path,
+        pulse_interval=args.pulse_interval,
+        ping_interval=args.ping_interval,
+        zombie_interval=args.zombie_interval * 60.0,
+        max_file_size=args.max_file_size,
+        client_ssl=client_ssl,
+        node_ssl=node_ssl,
+        ext_ip_addr=args.ext_ip_addr,
+    )
+    try:
+        await server.start()
+    except OSError as exc:
+        print(
+            f"dispyscheduler: cannot listen on port {args.port}: {exc.strerror or exc} "
+            "(is another dispyscheduler using it? try --port)",
+            file=sys.stderr,
+        )
+        await server.shutdown()
+        return 2
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stopped.set)
+    addrs = " ".join(f"{h}:{p}" for h, p in server.bound)
+    print(f"dispyscheduler ready: addr={addrs} policy={args.policy}", flush=True)
+    logger.info("nodes: %s; secret for nodes from %s", " ".join(server.node_specs), args.node_auth)
+    task = None if args.daemon else loop.create_task(_stdin_quit(server.stopped))
+    await server.stopped.wait()
+    if task is not None:
+        task.cancel()
+    await server.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s dispyscheduler %(levelname)s %(message)s",
+    )
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1021 @@
+"""The shared scheduler's event-loop side.
+
+To a client (``SharedJobCluster``) the scheduler looks like one big node: it
+speaks the node protocol (INFO, FILE, COMPUTE, JOBS, RESULTS, ACK, CANCEL,
+CLOSE, RESUME, DATA) on the scheduler port, authenticated with the cluster
+secret.  Behind it, it keeps one connection per real node (authenticated
+with the node secret) over which the computations of all its clients are set
+up and their jobs run::
+
+    client A --\\                        /-- node 1
+    client B ---> SchedulerServer ------+--- node 2      (one connection each,
+    client C --/   queue by policy       \\-- node 3       every client's cid on it)
+
+Scheduling is ``dispy.core``'s: one ``Scheduler`` holds the nodes and their
+slots, a ``ClusterQueue`` orders the clients' jobs by the sharing policy
+(``first``, ``fair``, ``early``), and ``eligible`` says which node may run
+which cluster's jobs (set up there; exclusive clusters own their nodes).
+
+The scheduler never unpickles: arguments and results are forwarded as the
+bytes the client and the job process made.  A result is acknowledged to the
+node only once the client acknowledged it, so until then it is on the node's
+disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import platform
+import shutil
+import socket
+import time
+
+from dispy import config, transport
+from dispy._finder import NodeFinder
+from dispy._version import __version__
+from dispy.core import jobstate
+from dispy.core.queues import ClusterQueue
+from dispy.core.scheduler import Scheduler
+from dispy.errors import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    IncompatibleVersion,
+    ProtocolError,
+)
+from dispy.protocol import Kind, field, join_segments, split_segments
+
+logger = logging.getLogger("dispyscheduler")
+
+FILE_CHUNK = 1 << 20
+MISSED_PULSES = 5
+_END_EVENT = {
+    jobstate.Finished: jobstate.FINISH,
+    jobstate.Terminated: jobstate.FAIL,
+    jobstate.Cancelled: jobstate.CANCEL,
+    jobstate.Abandoned: jobstate.ABANDON,
+}
+
+
+def _safe_relpath(path: str) -> str:
+    norm = os.path.normpath(path)
+    if not path or os.path.isabs(path) or norm.startswith("..") or "\0" in path:
+        raise ProtocolError(f"file path {path!r} must be relative and stay inside the computation")
+    return norm
+
+
+class SJob:
+    """A client's job as the scheduler holds it (the scheduler core's job interface)."""
+
+    __slots__ = ("_uid", "status", "_pinned", "_node", "_cluster", "_seq", "_reentrant",
+                 "cjid", "segs", "opts", "comp")  # fmt: skip
+
+    def __init__(self, uid: int, comp: Comp, cjid: int, segs: list, opts) -> None:
+        self._uid = uid
+        self.status = jobstate.Created
+        self._pinned = None
+        self._node = None
+        self._cluster = comp.cid
+        self._seq = None
+        self._reentrant = comp.reentrant
+        self.cjid = cjid
+        self.segs = segs
+        self.opts = opts
+        self.comp = comp
+
+
+class Comp:
+    """One client's computation: its files, spec, options, jobs and owed results."""
+
+    def __init__(self, server: SchedulerServer, session: ClientSession, cid: str, name: str):
+        if len(cid) > 64 or not cid.isalnum():
+            raise ProtocolError("computation id must be alphanumeric, at most 64 characters")
+        self.server = server
+        self.session: ClientSession | None = session
+        self.cid = cid
+        self.name = name
+        self.dir = os.path.join(server.dest_path, cid)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.files: dict[str, int] = {}  # relative path -> mode, in arrival order
+        self.spec: bytes | None = None
+        self.setup_args = b""
+        self.exclusive = False
+        self.reentrant = False
+        self.patterns: list[str] = ["*"]
+        self.jobs: dict[int, SJob] = {}  # client job id -> job (until acknowledged)
+        self.owed: dict[int, tuple[dict, list]] = {}  # client job id -> (entry, segments)
+        self.ready_on: set = set()  # node keys where it is set up
+        self.setting_up: set = set()
+        self.failed: dict = {}  # node key -> why its setup failed
+        self.data: dict[
+            str, tuple[int, list, object]
+        ] = {}  # cluster.put: name -> (v, lens, payload)
+        self.compute_reply: asyncio.Future | None = None
+        self.detached_at: float | None = None
+        self.closed = False
+        self.created = time.monotonic()
+
+    def write_file(self, rel: str, offset: int, data, mode: int) -> None:
+        """Runs in a thread: one chunk of a dependency file the client sent."""
+        path = os.path.join(self.dir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def deliver(self, entry: dict, segs) -> None:
+        """A job's end for the client: kept until it acknowledges, sent if connected."""
+        self.owed[entry["j"]] = (entry, segs)
+        if self.session is not None:
+            self.session.queue_result(entry, segs)
+
+
+class ClientSession:
+    """One authenticated client (SharedJobCluster) connection."""
+
+    def __init__(self, server: SchedulerServer, chan: transport.Channel) -> None:
+        self.server = server
+        self.chan = chan
+        self.peer = chan.peer
+        self.comps: dict[str, Comp] = {}
+        self._out: list = []
+        self._flush_scheduled = False
+        self._ops: asyncio.Queue = asyncio.Queue()
+        self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+        self._pulse_task: asyncio.Task | None = None
+        self.pulse_interval = server.pulse_interval
+        self.last_heard = time.monotonic()
+        chan.on_message = self.on_message
+        chan.on_close = self.on_close
+        chan.start()
+
+    def on_message(self, msg) -> None:
+        self.last_heard = time.monotonic()
+        kind, ctl = msg.kind, msg.ctl
+        server = self.server
+        if kind == Kind.JOBS:
+            server.client_jobs(self, ctl, msg.payload)
+        elif kind == Kind.ACK:
+            comp = self.comps.get(field(ctl, "c", str))
+            if comp is not None:
+                server.client_acks(comp, field(ctl, "j", list))
+        elif kind == Kind.CANCEL:
+            comp = self.comps.get(field(ctl, "c", str))
+            if comp is not None:
+                for cjid in field(ctl, "j", list):
+                    server.cancel(comp, cjid)
+        elif kind == Kind.INFO_REQ:
+            pulse = field(ctl, "pulse", (int, float), default=0)
+            if pulse:
+                self.pulse_interval = max(0.2, float(pulse))
+            if self._pulse_task is None:
+                self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
+            self.chan.send(Kind.INFO, server.info())
+        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME):
+            if self._ops.qsize() >= config.MAX_PENDING_OPS:
+                raise ProtocolError(f"more than {config.MAX_PENDING_OPS} pending requests")
+            self._ops.put_nowait((kind, ctl, msg.payload))
+        elif kind == Kind.PING:
+            self.chan.send(Kind.PONG, {})
+        else:
+            raise ProtocolError(f"unexpected message kind {kind} from a client")
+
+    async def _run_ops(self) -> None:
+        while True:
+            kind, ctl, payload = await self._ops.get()
+            try:
+                if kind == Kind.FILE:
+                    await self._file(ctl, payload)
+                elif kind == Kind.COMPUTE:
+                    await self._compute(ctl, payload)
+                elif kind == Kind.CLOSE:
+                    await self._close_comp(ctl)
+                elif kind == Kind.DATA:
+                    await self._data(ctl, payload)
+                elif kind == Kind.RESUME:
+                    self._resume(ctl)
+            except (ProtocolError, ValueError, OSError) as exc:
+                logger.warning("request from %s refused: %s", self.peer, exc)
+                self._reply_error(kind, ctl, str(exc))
+            except ConnectionClosed:
+                return
+            except Exception as exc:
+                logger.exception("request %s from %s failed", kind, self.peer)
+                self._reply_error(kind, ctl, f"{type(exc).__name__}: {exc}")
+
+    def _reply_error(self, kind, ctl, reason: str) -> None:
+        if self.chan.is_closed:
+            return
+        cid = ctl.get("c", "") if isinstance(ctl.get("c"), str) else ""
+        if kind == Kind.COMPUTE:
+            self.chan.send(Kind.COMPUTE_REPLY, {"c": cid, "ok": False, "r": reason})
+        elif kind == Kind.DATA:
+            self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": False, "r": reason})
+        else:
+            self.chan.send(Kind.ERROR, {"c": cid, "r": reason})
+
+    def _comp(self, cid: str, name: str) -> Comp:
+        comp = self.comps.get(cid)
+        if comp is None:
+            comp = self.server.comps.get(cid)
+            if comp is None or comp.closed:
+                comp = Comp(self.server, self, cid, name)
+                self.server.add_comp(comp)
+            comp.session = self
+            self.comps[cid] = comp
+        return comp
+
+    async def _file(self, ctl: dict, payload) -> None:
+        comp = self._comp(field(ctl, "c", str), field(ctl, "n", str, default="computation"))
+        rel = _safe_relpath(field(ctl, "p", str))
+        offset = field(ctl, "o", int, default=0)
+        mode = field(ctl, "m", int, default=0o644) & 0o777
+        if offset + len(payload) > self.server.max_file_size:
+            raise ValueError(f"file {rel!r} exceeds the scheduler's limit (--max_file_size)")
+        await asyncio.to_thread(comp.write_file, rel, offset, bytes(payload), mode)
+        comp.files[rel] = mode
+
+    async def _compute(self, ctl: dict, payload) -> None:
+        cid = field(ctl, "c", str)
+        comp = self._comp(cid, field(ctl, "n", str))
+        nargs = field(ctl, "sa", int, default=0)
+        if not 0 <= nargs <= len(payload):
+            raise ProtocolError("bad setup arguments length")
+        comp.spec = bytes(payload[: len(payload) - nargs])
+        comp.setup_args = bytes(payload[len(payload) - nargs :])
+        comp.exclusive = bool(ctl.get("x", False))
+        comp.reentrant = bool(ctl.get("r", False))
+        patterns = ctl.get("np") or ["*"]
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ProtocolError("node patterns must be a list of strings")
+        comp.patterns = patterns
+        comp.compute_reply = asyncio.get_running_loop().create_future()
+        self.server.setup_everywhere(comp)
+        ok, why = await comp.compute_reply
+        if not self.chan.is_closed:
+            reply = {"c": cid, "ok": ok}
+            if not ok:
+                reply["r"] = why
+            self.chan.send(Kind.COMPUTE_REPLY, reply)
+
+    async def _data(self, ctl: dict, payload) -> None:
+        cid = field(ctl, "c", str)
+        comp = self.comps.get(cid)
+        if comp is None or comp.spec is None:
+            raise ValueError(f"computation {cid} is not set up on this scheduler")
+        name = field(ctl, "n", str)
+        version = field(ctl, "v", int)
+        lens = field(ctl, "s", list)
+        comp.data[name] = (version, lens, bytes(payload))
+        links = [self.server.links[k] for k in list(comp.ready_on) if k in self.server.links]
+        results = await asyncio.gather(
+            *(lk.put_data(comp, name) for lk in links), return_exceptions=True
+        )
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        if not self.chan.is_closed:
+            reply = {"c": cid, "t": ctl.get("t"), "ok": not errors}
+            if errors:
+                reply["r"] = "; ".join(errors)
+            self.chan.send(Kind.DATA_OK, reply)
+
+    async def _close_comp(self, ctl: dict) -> None:
+        cid = field(ctl, "c", str)
+        comp = self.comps.pop(cid, None)
+        error = ""
+        if comp is not None:
+            error = await self.server.close_comp(comp, bool(ctl.get("t", False)))
+        if not self.chan.is_closed:
+            self.chan.send(Kind.CLOSED, {"c": cid, "r": error or ""})
+
+    def _resume(self, ctl: dict) -> None:
+        cid = field(ctl, "c", str)
+        comp = self.server.comps.get(cid)
+        if comp is not None and not comp.closed:
+            old = comp.session
+            if old is not None and old is not self:
+                old.comps.pop(cid, None)
+            comp.session = self
+            comp.detached_at = None
+            self.comps[cid] = comp
+        else:
+            comp = None
+        owed = comp.owed if comp is not None else {}
+        jobs = [c for c, j in comp.jobs.items() if c not in owed] if comp is not None else []
+        self.chan.send(
+            Kind.RESUMED,
+            {"c": cid, "known": comp is not None and comp.spec is not None, "jobs": jobs,
+             "done": list(owed)},
+        )  # fmt: skip
+        for entry, segs in list(owed.values()):
+            self.queue_result(entry, segs)
+
+    # -- to the client ----------------------------------------------------------------
+    def queue_result(self, entry: dict, segs) -> None:
+        if self.chan.is_closed:
+            return
+        self._out.append((entry, segs))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.chan.is_closed or not out:
+            return
+        lens, flat = join_segments(segs for _, segs in out)
+        try:
+            self.chan.send(Kind.RESULTS, {"r": [e for e, _ in out], "s": lens}, flat)
+        except ConnectionClosed:
+            pass
+
+    def forward(self, kind: Kind, ctl: dict, payload=()) -> None:
+        if not self.chan.is_closed:
+            self.chan.send(kind, ctl, payload)
+
+    async def _pulses(self) -> None:
+        while not self.chan.is_closed:
+            await asyncio.sleep(self.pulse_interval)  # the pulse period
+            silent = time.monotonic() - self.last_heard
+            if silent > self.server.zombie_interval:
+                logger.warning("client %s silent for %.0f s: dropped", self.peer, silent)
+                self.chan.abort()
+                return
+            if not self.chan.is_closed:
+                self.chan.send(Kind.STATUS, {"a": {}, "cpus": self.server.total_cpus()})
+
+    def on_close(self, exc) -> None:
+        if exc is not None:
+            logger.info("client %s disconnected: %s", self.peer, exc)
+        self._ops_task.cancel()
+        if self._pulse_task is not None:
+            self._pulse_task.cancel()
+        for comp in self.comps.values():
+            if comp.session is self:
+                comp.session = None
+                comp.detached_at = self.last_heard
+        self.comps = {}
+        self.server.sessions.discard(self)
+
+
+class NodeLink:
+    """The scheduler's one connection to a node, shared by every computation."""
+
+    def __init__(self, server: SchedulerServer, host: str, port: int) -> None:
+        self.server = server
+        self.host = host
+        self.port = port
+        self.key = (host, port)
+        self.ip = host
+        self.name = host
+        self.cpus = 0
+        self.chan: transport.Channel | None = None
+        self.ready = False
+        self.closing = False
+        self.last_heard = time.monotonic()
+        self._waiters: dict = {}
+        self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
+        self._acks: dict[str, list] = {}
+        self._ack_scheduled = False
+        self.task: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def run(self) -> None:
+        delay = 0.5
+        warned = False
+        while not self.closing:
+            try:
+                await self._session()
+                delay = 0.5
+            except (AuthenticationFailed, IncompatibleVersion) as exc:
+                logger.error(
+                    "node %s: %s (the scheduler's --node_secret must be the nodes' secret)",
+                    self,
+                    exc,
+                )
+                return
+            except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
+                if not warned:
+                    logger.warning(
+                        "node %s: %s; retrying", self, getattr(exc, "strerror", None) or exc
+                    )
+                    warned = True
+            finally:
+                self._lost()
+            if self.closing:
+                return
+            await asyncio.sleep(delay)  # back-off between reconnections
+            delay = min(delay * 2, 10.0)
+
+    async def _session(self) -> None:
+        server = self.server
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM
+        )
+        self.ip = infos[0][4][0]
+        chan = await transport.connect(self.ip, self.port, server.node_key, ssl=server.node_ssl)
+        self.chan = chan
+        self.last_heard = time.monotonic()
+        closed = asyncio.get_running_loop().create_future()
+        chan.on_message = self.on_message
+        chan.on_close = lambda exc: closed.done() or closed.set_result(exc)
+        chan.start()
+        info = await self._request(Kind.INFO_REQ, {"pulse": server.pulse_interval}, Kind.INFO)
+        if info.get("relay"):
+            self.closing = True
+            chan.close()
+            return
+        self.cpus = field(info, "cpus", int)
+        self.name = field(info, "name", str)
+        nid = info.get("nid")
+        if isinstance(nid, str) and not server.claim(nid, self):
+            self.closing = True
+            chan.close()
+            return
+        # computations set up here before a reconnection: take them over again (the
+        # node kept them, and their results), or close those closed meanwhile
+        for cid in list(self.had):
+            comp = server.comps.get(cid)
+            if comp is None or comp.closed:
+                self.had.discard(cid)
+                chan.send(Kind.CLOSE, {"c": cid, "t": True})
+                continue
+            reply = await self._request(Kind.RESUME, {"c": cid}, (Kind.RESUMED, cid))
+            if reply.get("known"):
+                comp.ready_on.add(self.key)
+            else:
+                self.had.discard(cid)
+        self.ready = True
+        server.node_ready(self)
+        watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
+        try:
+            exc = await closed
+        finally:
+            watchdog.cancel()
+        if not self.closing:
+            raise ConnectionClosed(f"connection to node {self} lost: {exc}")
+
+    async def _watch(self, chan) -> None:
+        interval = self.server.pulse_interval
+        while not chan.is_closed:
+            await asyncio.sleep(interval)  # the pulse period
+            if time.monotonic() - self.last_heard > interval * MISSED_PULSES:
+                logger.warning("node %s silent for %d pulses: declared dead", self, MISSED_PULSES)
+                chan.abort()
+                return
+            try:
+                chan.send(Kind.PING, {})
+            except ConnectionClosed:
+                return
+
+    def _lost(self) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(f"node {self} disconnected"))
+        self._waiters.clear()
+        if self.chan is not None:
+            self.chan.abort()
+            self.chan = None
+        if self.ready:
+            self.ready = False
+            self.server.node_lost(self)
+
+    async def _request(self, kind, ctl: dict, reply_key, payload=()) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[reply_key] = fut
+        self.chan.send(kind, ctl, payload)
+        return await fut
+
+    def on_message(self, msg) -> None:
+        self.last_heard = time.monotonic()
+        kind, ctl = msg.kind, msg.ctl
+        if kind == Kind.RESULTS:
+            self.server.node_results(self, ctl, msg.payload)
+            return
+        if kind == Kind.STATUS:
+            if "j" in ctl:  # a provisional result: to its client
+                self.server.forward_to_client(self, Kind.STATUS, ctl, msg.payload)
+            return
+        if kind == Kind.FILE:  # dispy_send_file from a job
+            self.server.forward_to_client(self, Kind.FILE, ctl, msg.payload)
+            return
+        if kind in (Kind.COMPUTE_REPLY, Kind.CLOSED, Kind.RESUMED):
+            key = (kind, ctl.get("c"))
+        elif kind == Kind.DATA_OK:
+            key = (kind, ctl.get("c"), ctl.get("t"))
+        else:
+            key = kind
+        fut = self._waiters.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(ctl)
+        elif kind == Kind.ERROR:
+            logger.warning("node %s: %s", self, ctl.get("r"))
+        elif kind not in (Kind.PONG,):
+            logger.debug("node %s: unexpected %s", self, kind)
+
+    # -- computations on this node -----------------------------------------------------
+    async def setup(self, comp: Comp) -> None:
+        """Send the computation's files and spec; mark it ready here if set up."""
+        try:
+            for rel, mode in list(comp.files.items()):
+                await self._send_file(comp, rel, mode)
+            reply = await self._request(
+                Kind.COMPUTE,
+                {"c": comp.cid, "n": comp.name, "sa": len(comp.setup_args)},
+                (Kind.COMPUTE_REPLY, comp.cid),
+                [comp.spec, comp.setup_args],
+            )
+            if not reply.get("ok"):
+                comp.failed[self.key] = str(reply.get("r", "setup failed"))
+                logger.warning(
+                    "computation %s on node %s: %s", comp.name, self, comp.failed[self.key]
+                )
+            else:
+                for name in list(comp.data):
+                    await self.put_data(comp, name)
+                if comp.closed:  # closed while being set up here
+                    self.chan.send(Kind.CLOSE, {"c": comp.cid, "t": True})
+                    return
+                comp.ready_on.add(self.key)
+                self.had.add(comp.cid)
+                logger.info("computation %s (%s) set up on node %s", comp.name, comp.cid, self)
+        except (ConnectionClosed, OSError) as exc:
+            comp.failed[self.key] = str(exc)
+        finally:
+            comp.setting_up.discard(self.key)
+            self.server.setup_done(comp)
+
+    async def _send_file(self, comp: Comp, rel: str, mode: int) -> None:
+        path = os.path.join(comp.dir, rel)
+        size = os.path.getsize(path)
+        offset = 0
+        while True:
+            chunk = await asyncio.to_thread(_read_chunk, path, offset, FILE_CHUNK)
+            self.chan.send(
+                Kind.FILE,
+                {"c": comp.cid, "n": comp.name, "p": rel, "o": offset, "m": mode},
+                [chunk],
+            )
+            await self.chan.drain()
+            offset += len(chunk)
+            if offset >= size or not chunk:
+                return
+
+    async def put_data(self, comp: Comp, name: str) -> None:
+        version, lens, payload = comp.data[name]
+        tag = f"{name}:{version}"
+        reply = await self._request(
+            Kind.DATA,
+            {"c": comp.cid, "n": name, "v": version, "s": lens, "t": tag},
+            (Kind.DATA_OK, comp.cid, tag),
+            [payload],
+        )
+        if not reply.get("ok"):
+            raise RuntimeError(f"node {self}: {reply.get('r')}")
+
+    async def close_comp(self, comp: Comp, terminate: bool) -> str:
+        if self.chan is None or self.chan.is_closed:
+            return ""
+        self.had.discard(comp.cid)
+        try:
+            reply = await asyncio.wait_for(
+                self._request(Kind.CLOSE, {"c": comp.cid, "t": terminate}, (Kind.CLOSED, comp.cid)),
+                60,
+            )
+            return str(reply.get("r") or "")
+        except (ConnectionClosed, TimeoutError) as exc:
+            return f"node {self}: {exc}"
+
+    def send_jobs(self, jobs: list[SJob]) -> None:
+        by_comp: dict[str, list[SJob]] = {}
+        for job in jobs:
+            by_comp.setdefault(job.comp.cid, []).append(job)
+        for cid, batch in by_comp.items():
+            entries = [
+                [j._uid, len(j.segs), j.opts] if j.opts else [j._uid, len(j.segs)] for j in batch
+            ]
+            lens, flat = join_segments(j.segs for j in batch)
+            try:
+                self.chan.send(Kind.JOBS, {"c": cid, "j": entries, "s": lens}, flat)
+            except (ConnectionClosed, AttributeError):
+                pass  # the loss handler requeues or abandons them
+
+    def cancel(self, job: SJob) -> None:
+        if self.chan is not None and not self.chan.is_closed:
+            self.chan.send(Kind.CANCEL, {"c": job.comp.cid, "j": [job._uid]})
+
+    def ack(self, cid: str, uid: int) -> None:
+        self._acks.setdefault(cid, []).append(uid)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_acks)
+
+    def _send_acks(self) -> None:
+        self._ack_scheduled = False
+        acks, self._acks = self._acks, {}
+        if self.chan is not None and not self.chan.is_closed:
+            for cid, uids in acks.items():
+                self.chan.send(Kind.ACK, {"c": cid, "j": uids})
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.chan is not None:
+            self.chan.close()
+            await self.chan.wait_closed()
+        if self.task is not None:
+            self.task.cancel()
+
+
+def _read_chunk(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+class SchedulerServer:
+    """Clients on one side, nodes on the other, dispy.core's scheduler between."""
+
+    def __init__(
+        self,
+        *,
+        cluster_key: bytes,
+        node_key: bytes,
+        ip_addrs: list[str],
+        port: int,
+        node_port: int = config.NODE_PORT,
+        nodes: list[str] = (),
+        policy: str = "first",
+        dest_path: str,
+        pulse_interval: float = 2.0,
+        ping_interval: float | None = None,
+        zombie_interval: float = 3600.0,
+        max_file_size: int = 0,
+        client_ssl=None,
+        node_ssl=None,
+        ext_ip_addr: str | None = None,
+        client_port: int = config.CLIENT_PORT,
+    ) -> None:
+        self.cluster_key = cluster_key
+        self.node_key = node_key
+        self.ip_addrs = ip_addrs
+        self.port = port
+        self.node_port = node_port
+        self.node_specs = list(nodes) or ["*"]
+        self.dest_path = os.path.abspath(dest_path)
+        self.pulse_interval = pulse_interval
+        self.ping_interval = ping_interval
+        self.zombie_interval = zombie_interval
+        self.max_file_size = max_file_size or (1 << 40)
+        self.client_ssl = client_ssl
+        self.node_ssl = node_ssl
+        self.ext_ip_addr = ext_ip_addr
+        self.client_port = client_port
+        self.name = f"dispyscheduler@{socket.gethostname()}"
+        self.nid = os.urandom(8).hex()
+        self.queue = ClusterQueue(policy)
+        self.sched = Scheduler(prefetch=2, queue=self.queue, eligible=self.eligible)
+        self.comps: dict[str, Comp] = {}
+        self.links: dict[tuple, NodeLink] = {}
+        self.nids: dict[str, tuple] = {}
+        self.jobs: dict[int, SJob] = {}  # scheduler job id -> job, while on a node
+        self.uids = itertools.count(1)
+        self.owner: dict[tuple, str] = {}  # node key -> the exclusive computation owning it
+        self.sessions: set[ClientSession] = set()
+        self.finder: NodeFinder | None = None
+        self.bound: list[tuple[str, int]] = []
+        self._servers: list[asyncio.Server] = []
+        self._reaper: asyncio.Task | None = None
+        self.stopped = asyncio.Event()
+
+    # -- start / stop ---------------------------------------------------------------------
+    async def start(self) -> None:
+        os.makedirs(self.dest_path, mode=0o700, exist_ok=True)
+        for host in self.ip_addrs or [None]:
+            srv = await transport.serve(
+                host, self.port, self.cluster_key, self._on_client, ssl=self.client_ssl
+            )
+            self._servers.append(srv)
+            for sock in srv.sockets:
+                self.bound.append(sock.getsockname()[:2])
+            if self.port == 0 and self.bound:
+                self.port = self.bound[0][1]
+        named, patterns = [], []
+        for spec in self.node_specs:
+            host, port = spec, self.node_port
+            if spec.count(":") == 1:
+                host, p = spec.split(":")
+                port = int(p)
+            (patterns if any(c in host for c in "*?[") else named).append((host, port))
+        for host, port in named:
+            self.add_link(host, port)
+        if patterns:
+            self.finder = NodeFinder(
+                self.node_key,
+                self._discovered,
+                ip_addrs=self.ip_addrs,
+                client_port=self.client_port,
+                ping_interval=self.ping_interval,
+            )
+            await self.finder.start()
+            self.finder.add([(h, p, None) for h, p in patterns], named)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def shutdown(self) -> None:
+        if self.finder is not None:
+            self.finder.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for srv in self._servers:
+            srv.close()
+        for s in list(self.sessions):
+            s.chan.close()
+        for comp in list(self.comps.values()):
+            await self.close_comp(comp, terminate=True)
+        await asyncio.gather(*(lk.close() for lk in self.links.values()))
+
+    # -- nodes ----------------------------------------------------------------------------
+    def add_link(self, host: str, port: int) -> None:
+        if (host, port) in self.links:
+            return
+        link = NodeLink(self, host, port)
+        self.links[link.key] = link
+        link.task = asyncio.get_running_loop().create_task(link.run())
+
+    def _discovered(self, ip: str, port: int, nid: str, alloc) -> None:
+        if nid in self.nids and self.nids[nid] in self.links:
+            return
+        for link in self.links.values():
+            if link.port == port and ip in (link.host, link.ip):
+                return
+        logger.info("discovered node %s:%s", ip, port)
+        self.add_link(ip, port)
+
+    def claim(self, nid: str, link: NodeLink) -> bool:
+        other = self.nids.get(nid)
+        if other is not None and other != link.key and other in self.links:
+            if not self.links[other].closing:
+                return False
+        self.nids[nid] = link.key
+        return True
+
+    def total_cpus(self) -> int:
+        return max(1, sum(lk.cpus for lk in self.links.values() if lk.ready))
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "nid": self.nid,
+            "cpus": self.total_cpus(),
+            "platform": platform.platform(),
+            "version": __version__,
+            "ip": self.ext_ip_addr or (self.bound[0][0] if self.bound else ""),
+            "scheduler": True,
+        }
+
+    def node_ready(self, link: NodeLink) -> None:
+        self.sched.add_node(link.key, link.cpus)
+        logger.info("node %s (%s) ready with %d CPUs", link.name, link, link.cpus)
+        for comp in list(self.comps.values()):
+            self._maybe_setup(comp, link)
+        self._tell_cpus()
+        self.dispatch()
+
+    def _tell_cpus(self) -> None:
+        """Clients size their queues to the scheduler's CPUs: tell them when that changes."""
+        for s in list(self.sessions):
+            if not s.chan.is_closed:
+                s.chan.send(Kind.STATUS, {"a": {}, "cpus": self.total_cpus()})
+
+    def node_lost(self, link: NodeLink) -> None:
+        (logger.info if link.closing else logger.warning)("node %s (%s) lost", link.name, link)
+        self._tell_cpus()
+        for comp in self.comps.values():
+            comp.ready_on.discard(link.key)
+        self.owner.pop(link.key, None)
+        for job, status in self.sched.remove_node(link.key):
+            if status == jobstate.Abandoned:
+                self._end(job, {"st": jobstate.Abandoned,
+                                "x": f"node {link.name} ({link}) was lost while running the job "
+                                     "(use reentrant=True to run such jobs again elsewhere)"},
+                          [b"N."])  # fmt: skip
+        self.dispatch()
+
+    # -- computations ---------------------------------------------------------------------
+    def add_comp(self, comp: Comp) -> None:
+        self.comps[comp.cid] = comp
+        self.queue.add_cluster(comp.cid)
+
+    def _node_matches(self, comp: Comp, link: NodeLink) -> bool:
+        import fnmatch
+
+        return any(
+            fnmatch.fnmatchcase(link.ip, p) or fnmatch.fnmatchcase(link.host, p) or p == link.name
+            for p in comp.patterns
+        )
+
+    def _maybe_setup(self, comp: Comp, link: NodeLink) -> None:
+        if (
+            comp.spec is None
+            or comp.closed
+            or not link.ready
+            or link.key in comp.ready_on
+            or link.key in comp.setting_up
+            or link.key in comp.failed
+            or not self._node_matches(comp, link)
+        ):
+            return
+        owner = self.owner.get(link.key)
+        if owner is not None and owner != comp.cid:
+            return  # an exclusive cluster has it
+        if comp.exclusive:
+            if any(link.key in c.ready_on or link.key in c.setting_up
+                   for c in self.comps.values() if c is not comp):  # fmt: skip
+                return  # shared with others now; exclusive clusters wait for free nodes
+            self.owner[link.key] = comp.cid
+        comp.setting_up.add(link.key)  # now: COMPUTE is answered once every node answered
+        asyncio.get_running_loop().create_task(link.setup(comp))
+
+    def setup_everywhere(self, comp: Comp) -> None:
+        for link in list(self.links.values()):
+            self._maybe_setup(comp, link)
+        self.setup_done(comp)
+
+    def setup_done(self, comp: Comp) -> None:
+        """Answer the client's COMPUTE once every node it was sent to has set it up or
+        refused it: ok if one runs it (or none is there yet), else every node's reason."""
+        fut = comp.compute_reply
+        if fut is not None and not fut.done() and not comp.setting_up:  # every node answered
+            if comp.ready_on:
+                fut.set_result((True, ""))
+            else:
+                tried = [
+                    lk for lk in self.links.values() if lk.ready and self._node_matches(comp, lk)
+                ]
+                if tried and all(lk.key in comp.failed for lk in tried):
+                    fut.set_result((False, "; ".join(comp.failed.values())))
+                else:  # no node for it yet (none found, or all taken by exclusive clusters)
+                    fut.set_result((True, ""))
+        self.dispatch()
+
+    def eligible(self, node_key, cid) -> bool:
+        comp = self.comps.get(cid)
+        if comp is None or node_key not in comp.ready_on:
+            return False
+        owner = self.owner.get(node_key)
+        return owner is None or owner == cid
+
+    async def close_comp(self, comp: Comp, terminate: bool) -> str:
+        comp.closed = True
+        self.comps.pop(comp.cid, None)
+        for job in self.queue.remove_cluster(comp.cid):
+            job.status = jobstate.next_status(job.status, jobstate.CANCEL)
+        links = [self.links[k] for k in list(comp.ready_on) if k in self.links]
+        errors = await asyncio.gather(*(lk.close_comp(comp, terminate) for lk in links))
+        for job in list(comp.jobs.values()):
+            self.jobs.pop(job._uid, None)
+            if job._node is not None and job.status not in jobstate.TERMINAL:
+                state = self.sched.nodes.get(job._node)
+                if state is not None:
+                    state.running.pop(job._uid, None)
+        for key, owner in list(self.owner.items()):
+            if owner == comp.cid:
+                del self.owner[key]
+        shutil.rmtree(comp.dir, ignore_errors=True)
+        logger.info("computation %s (%s) closed", comp.name, comp.cid)
+        for other in list(self.comps.values()):  # freed nodes: exclusive ones may go now
+            for link in list(self.links.values()):
+                self._maybe_setup(other, link)
+        self.dispatch()
+        return "; ".join(e for e in errors if e)
+
+    async def _reap(self) -> None:
+        period = max(0.5, min(60.0, self.zombie_interval / 4))
+        while True:
+            await asyncio.sleep(period)  # housekeeping period
+            now = time.monotonic()
+            for comp in list(self.comps.values()):
+                if comp.session is None and comp.detached_at is not None:
+                    if now - comp.detached_at > self.zombie_interval:
+                        logger.warning(
+                            "client of computation %s gone for %.0f s: closing it",
+                            comp.name,
+                            now - comp.detached_at,
+                        )
+                        await self.close_comp(comp, terminate=True)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def client_jobs(self, session: ClientSession, ctl: dict, payload) -> None:
+        cid = field(ctl, "c", str)
+        comp = session.comps.get(cid)
+        segs = split_segments(payload, field(ctl, "s", list))
+        pos = 0
+        for entry in field(ctl, "j", list):
+            if not (isinstance(entry, list) and len(entry) in (2, 3)):
+                raise ProtocolError("job entry must be [job id, segment count, (options)]")
+            cjid, n = entry[0], entry[1]
+            opts = entry[2] if len(entry) == 3 else None
+            if not isinstance(cjid, int) or not isinstance(n, int) or n < 1 or pos + n > len(segs):
+                raise ProtocolError("bad job entry")
+            part = segs[pos : pos + n]
+            pos += n
+            if comp is None or comp.spec is None:
+                session.queue_result(
+                    {"c": cid, "j": cjid, "n": 1, "st": jobstate.Terminated,
+                     "x": "computation not set up on the scheduler"},
+                    [b"N."],
+                )  # fmt: skip
+                continue
+            job = SJob(next(self.uids), comp, cjid, [bytes(p) for p in part], opts)
+            comp.jobs[cjid] = job
+            self.sched.submit(job)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        for node, batch in self.sched.assign():
+            for job in batch:
+                self.jobs[job._uid] = job
+            self.links[node.key].send_jobs(batch)
+
+    def cancel(self, comp: Comp, cjid: int) -> None:
+        job = comp.jobs.get(cjid)
+        if job is None:
+            return
+        if job.status == jobstate.Created:
+            try:
+                self.queue.remove(job)
+            except ValueError:
+                return
+            job.status = jobstate.next_status(job.status, jobstate.CANCEL)
+            comp.deliver({"c": comp.cid, "j": cjid, "n": 1, "st": jobstate.Cancelled,
+                          "x": "cancelled before it started"}, [b"N."])  # fmt: skip
+        elif job._node in self.links:
+            self.links[job._node].cancel(job)
+
+    def node_results(self, link: NodeLink, ctl: dict, payload) -> None:
+        segs = split_segments(payload, field(ctl, "s", list))
+        pos = 0
+        for entry in field(ctl, "r", list):
+            if not isinstance(entry, dict):
+                raise ProtocolError("result entry is not a map")
+            n = field(entry, "n", int)
+            part = segs[pos : pos + n]
+            pos += n
+            uid = field(entry, "j", int)
+            cid = field(entry, "c", str)
+            job = self.jobs.get(uid)
+            if job is None or job.comp.closed:
+                link.ack(cid, uid)  # nobody wants it any more
+                continue
+            st = field(entry, "st", int)
+            if st == jobstate.Created:  # handed back unstarted
+                link.ack(cid, uid)
+                self.sched.requeue(job)
+                continue
+            event = _END_EVENT.get(st)
+            if event is None or not self.sched.ended(job, event):
+                link.ack(cid, uid)
+                continue
+            job.segs = None
+            job._node = link.key  # where its result waits for the client's ACK
+            out = dict(entry)
+            out["j"] = job.cjid
+            job.comp.deliver(out, part)
+        self.dispatch()
+
+    def _end(self, job: SJob, info: dict, segs) -> None:
+        entry = dict(info)
+        entry["c"], entry["j"], entry["n"] = job.comp.cid, job.cjid, len(segs)
+        self.jobs.pop(job._uid, None)
+        job._node = None
+        job.comp.deliver(entry, segs)
+
+    def client_acks(self, comp: Comp, cjids: list) -> None:
+        for cjid in cjids:
+            comp.owed.pop(cjid, None)
+            job = comp.jobs.pop(cjid, None)
+            if job is None:
+                continue
+            self.jobs.pop(job._uid, None)
+            link = self.links.get(job._node) if job._node is not None else None
+            if link is not None:
+                link.ack(comp.cid, job._uid)
+
+    def forward_to_client(self, link: NodeLink, kind: Kind, ctl: dict, payload) -> None:
+        job = self.jobs.get(ctl.get("j"))
+        if job is None or job.comp.session is None:
+            return
+        out = dict(ctl)
+        out["j"] = job.cjid
+        job.comp.session.forward(kind, out, [payload] if len(payload) else [])
+
+    # -- clients --------------------------------------------------------------------------
+    def _on_client(self, chan: transport.Channel) -> None:
+        logger.info("client %s authenticated", chan.peer)
+        self.sessions.add(ClientSession(self, chan))

@@ -1,0 +1,218 @@
+"""dispyscheduler and SharedJobCluster on loopback: several client programs on
+the same nodes, the sharing policies, exclusive clusters, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import dispy
+from dispy import DispyJob
+
+from . import jobs
+
+NODE_SECRET = "shared-node-secret"
+CLUSTER_SECRET = "shared-cluster-secret"
+
+
+class Scheduler:
+    """A dispyscheduler on 127.0.0.1 (free port) in front of ``nodes``."""
+
+    def __init__(self, nodes, tmp_path, *args):
+        env = dict(os.environ, DISPY_SECRET=NODE_SECRET)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispyscheduler", "--daemon", "-i", "127.0.0.1", "-p", "0",
+             "--cluster_secret", CLUSTER_SECRET, "--dest_path", str(tmp_path / "sched"),
+             *[a for n in nodes for a in ("-n", n.address)], *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.log: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        line = self.proc.stdout.readline()
+        assert line.startswith("dispyscheduler ready"), line
+        self.port = int(line.split("addr=")[1].split()[0].rsplit(":", 1)[1])
+        # clients that come before the nodes are up start on fewer nodes: wait for them
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: sum("ready with" in ln for ln in self.log) >= len(nodes), timeout=30
+            )
+        assert ok or not nodes, "\n".join(self.log)
+
+    def _read_log(self):
+        for line in self.proc.stderr:
+            with self._cond:
+                self.log.append(line)
+                self._cond.notify_all()
+
+    def cluster(self, computation, **kw):
+        kw.setdefault("secret", CLUSTER_SECRET)
+        kw.setdefault("recover_file", False)
+        return dispy.SharedJobCluster(
+            computation, scheduler_node="127.0.0.1", scheduler_port=self.port, **kw
+        )
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self._reader.join(10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def two_nodes(node_factory):
+    return [node_factory(cpus=1, secret=NODE_SECRET) for _ in range(2)]
+
+
+@pytest.fixture
+def scheduler_factory(two_nodes, tmp_path):
+    started = []
+
+    def make(*args, nodes=None):
+        s = Scheduler(nodes or two_nodes, tmp_path, *args)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def test_shared_cluster_runs_jobs_on_the_schedulers_nodes(scheduler_factory, two_nodes):
+    sched = scheduler_factory()
+    with sched.cluster(jobs.node_globals) as cluster:
+        js = [cluster.submit(i) for i in range(12)]
+        assert all(j() is not None for j in js), [j.exception for j in js]
+        assert {j.status for j in js} == {DispyJob.Finished}
+        nodes = cluster.status()[0]
+        assert len(nodes) == 1 and nodes[0].cpus == 2  # the scheduler: both nodes' CPUs
+
+
+CLIENT = r"""
+import json, sys
+import dispy
+def compute(x, k):
+    import time
+    time.sleep(0.02)
+    return (k, x * x)
+port, secret, k, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+cluster = dispy.SharedJobCluster(compute, scheduler_node="127.0.0.1", scheduler_port=port,
+                                 secret=secret, recover_file=False)
+jobs = [cluster.submit(i, k) for i in range(n)]
+out = [j() for j in jobs]
+cluster.close()
+print(json.dumps({"ok": out == [[k, i * i] for i in range(n)] or out == [(k, i * i) for i in range(n)],
+                  "status": sorted({j.status for j in jobs}), "bad": [j.exception for j in jobs if j.exception][:3]}))
+"""
+
+
+@pytest.mark.parametrize("clients", [2, 8])
+def test_concurrent_client_programs_share_two_nodes(scheduler_factory, clients):
+    sched = scheduler_factory()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT, str(sched.port), CLUSTER_SECRET, str(k), "15"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for k in range(clients)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        res = json.loads(out.strip().splitlines()[-1])
+        assert res["ok"] and res["status"] == [DispyJob.Finished], res
+
+
+def _finish_spread(sched, order: str) -> tuple[float, float]:
+    """Two equal clusters, 12 jobs of 0.1 s each (all at the scheduler at once) on 2 CPUs; jobs submitted
+    ``interleaved`` (A0 B0 A1 B1 ...) or ``block`` (all of A, then all of B).
+    Returns when A's last job ended and when B's did, in seconds from the start."""
+    a = sched.cluster(jobs.sleep_for)
+    b = sched.cluster(jobs.sleep_for)
+    try:
+        assert a.submit(0)() == 0 and b.submit(0)() == 0  # both set up on both nodes
+        t0 = time.time()
+        ja, jb = [], []
+        if order == "interleaved":
+            for _ in range(12):
+                ja.append(a.submit(0.1))
+                jb.append(b.submit(0.1))
+        else:
+            ja = [a.submit(0.1) for _ in range(12)]
+            # jobs of two clients sent within the same millisecond reach the scheduler in
+            # no defined order: let A's be there (one ran) before B's are sent
+            assert ja[0]() == 0.1
+            jb = [b.submit(0.1) for _ in range(12)]
+        for j in ja + jb:
+            assert j() == 0.1
+        return max(j.end_time for j in ja) - t0, max(j.end_time for j in jb) - t0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_first_submitted_policy(scheduler_factory):
+    sched = scheduler_factory()
+    ea, eb = _finish_spread(sched, "block")
+    assert eb - ea > 0.45  # B came after all of A: it ends about 0.6 s later
+
+
+def test_fair_policy_takes_turns(scheduler_factory):
+    sched = scheduler_factory("--fair_cluster_scheduler")
+    ea, eb = _finish_spread(sched, "block")
+    assert abs(eb - ea) < 0.45  # all of A came first, yet they end close (A keeps only the
+    # head start of the jobs already on the nodes when B came: about 0.3 s)
+
+
+def test_exclusive_cluster_has_nodes_to_itself(scheduler_factory):
+    sched = scheduler_factory()
+    x = sched.cluster(jobs.sleep_for, exclusive=True)
+    y = sched.cluster(jobs.sleep_for)
+    try:
+        assert x.submit(0)() == 0
+        jy = y.submit(0)
+        jx = [x.submit(0.2) for _ in range(4)]
+        for j in jx:
+            assert j() == 0.2
+        assert jy.status in (DispyJob.Created, DispyJob.Running)  # waits: no node for it
+        x.close()
+        closed = time.time()
+        assert jy(timeout=60) == 0 and jy.status == DispyJob.Finished
+        assert jy.start_time >= closed - 0.5
+    finally:
+        x.close()
+        y.close()
+
+
+def test_wrong_cluster_secret_is_refused_clearly(scheduler_factory):
+    sched = scheduler_factory()
+    cluster = sched.cluster(jobs.double, secret=NODE_SECRET)  # the nodes' secret, not the cluster's
+    try:
+        job = cluster.submit(1)
+        assert job(timeout=60) is None
+        assert job.status == DispyJob.Abandoned
+        assert "authentication" in job.exception and "secret" in job.exception
+    finally:
+        cluster.close()
+
+
+def test_scheduler_with_wrong_node_secret_runs_nothing_and_says_why(node_factory, tmp_path):
+    node = node_factory(cpus=1, secret="not-the-scheduler-secret")
+    sched = Scheduler([], tmp_path, "-n", node.address)
+    try:
+        with sched.cluster(jobs.double) as cluster:
+            job = cluster.submit(1)
+            assert job(timeout=3) is None and job.status in (DispyJob.Created, DispyJob.Running)
+            cluster.close(terminate=True)
+    finally:
+        sched.stop()
