@@ -32,8 +32,6 @@ import stat
 from collections.abc import Iterable
 from typing import Any
 
-import msgpack
-
 from . import _sqlite
 from ._sqlite import StorageError
 
@@ -58,20 +56,6 @@ _ADD, _SENT, _DONE, _META = "add", "sent", "done", "meta"
 
 class RecoverFileError(StorageError):
     """A recover file cannot be created, opened, read or written; the message says what to do."""
-
-
-def _pack(value: Any, what: str) -> bytes:
-    try:
-        return msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(
-            f"{what} cannot be stored in the recover file ({exc}): use only dicts, lists, "
-            "str, bytes, int, float, bool and None"
-        ) from exc
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 def _resolve(uid: int, blob) -> tuple | None:
@@ -122,7 +106,7 @@ class RecoverFile:
         path = os.fspath(path)
         if not isinstance(meta, dict):
             raise TypeError(f"recover file meta must be a dict, not {type(meta).__name__}")
-        packed = [(str(k), _pack(v, f"meta[{k!r}]")) for k, v in meta.items()]
+        packed = [(str(k), _sqlite.pack(v, f"meta[{k!r}]")) for k, v in meta.items()]
         try:
             if os.path.lexists(path):
                 if not os.path.isfile(path) or os.path.islink(path):
@@ -210,7 +194,7 @@ class RecoverFile:
                     f"{SCHEMA_VERSION}: recover with the dispy version that made it"
                 )
             _sqlite.set_wal(conn)
-            meta = {k: _unpack(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+            meta = {k: _sqlite.unpack(v) for k, v in conn.execute("SELECT key, value FROM meta")}
         except RecoverFileError:
             conn.close()
             raise
@@ -230,7 +214,7 @@ class RecoverFile:
 
     def set_meta(self, key: str, value: Any) -> None:
         """Set ``meta[key]`` (e.g. the node list); written in the background."""
-        packed = _pack(value, f"meta[{key!r}]")
+        packed = _sqlite.pack(value, f"meta[{key!r}]")
         self._writer.submit((_META, str(key), packed))
         self._meta[str(key)] = value
 

@@ -31,6 +31,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import msgpack
+
 from .errors import DispyError
 
 #: First 16 bytes of every SQLite 3 database file.
@@ -470,3 +472,18 @@ class _BatchWriter:
                 self._conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             self._log.error("%s: rollback failed: %s", self._what, exc)
+
+
+def pack(value: Any, what: str) -> bytes:
+    """``value`` as msgpack for a row; ``TypeError`` naming ``what`` if it cannot be."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"{what} cannot be stored ({exc}): use only dicts, lists, str, bytes, "
+            "int, float, bool and None"
+        ) from exc
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -42,14 +42,6 @@ MAX_EARLY_DEATHS = 10
 _NONE = b"N."  # pickle of None
 
 
-def safe_relpath(path: str) -> str:
-    """A client-given file path, checked to stay inside the computation's folder."""
-    norm = os.path.normpath(path)
-    if not path or os.path.isabs(path) or norm.startswith("..") or "\0" in path:
-        raise ValueError(f"file path {path!r} must be relative and stay inside the computation")
-    return norm
-
-
 def describe_exit(code: int) -> str:
     if code < 0:
         try:

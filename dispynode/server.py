@@ -33,13 +33,14 @@ import psutil
 from dispy import _data as data
 from dispy import config, discovery, transport
 from dispy._data import check_name
+from dispy._paths import safe_relpath
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed, ProtocolError
 from dispy.protocol import Kind, derive_key, field, join_segments, split_segments
 from dispy.protocol._datagram import DatagramKind
 
-from .executor import Computation, Worker, safe_relpath
+from .executor import Computation, Worker
 from .store import ResultStore, StoreError
 
 logger = logging.getLogger("dispynode")

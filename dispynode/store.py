@@ -49,9 +49,6 @@ import pickle
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import msgpack
 
 from dispy import _sqlite
 from dispy._sqlite import StorageError
@@ -98,20 +95,6 @@ def _clean_hint(path: str) -> str:
         f"remove it or start dispynode with --clean (its unacknowledged results are then "
         f"lost; a new store is made at {path})"
     )
-
-
-def _pack(obj: Any, what: str) -> bytes:
-    try:
-        return msgpack.packb(obj, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(
-            f"{what} cannot be stored ({exc}): use only dicts, lists, str, bytes, "
-            "int, float, bool and None"
-        ) from exc
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 def _byte_view(seg: memoryview) -> memoryview:
@@ -224,7 +207,7 @@ class ResultStore:
         Raises ``StoreError`` if the store is closed or its last commit
         failed (disk full...): the result is then *not* queued.
         """
-        packed = _pack(info, f"result info of job {jid} of computation {cid}")
+        packed = _sqlite.pack(info, f"result info of job {jid} of computation {cid}")
         try:
             views = [memoryview(s) for s in segs]
         except TypeError as exc:
@@ -244,7 +227,7 @@ class ResultStore:
 
     def save_computation(self, cid: str, meta: dict) -> None:
         """Queue saving (or replacing) the record of computation ``cid``; ``meta`` must be msgpack-able."""
-        packed = _pack(meta, f"metadata of computation {cid}")
+        packed = _sqlite.pack(meta, f"metadata of computation {cid}")
         self._writer.submit((_SAVE, cid, time.time(), packed))
 
     def drop_computation(self, cid: str) -> None:
@@ -290,7 +273,7 @@ class ResultStore:
                         nsegs,
                     )
                     continue
-                out.append((jid, _unpack(info), segs))
+                out.append((jid, _sqlite.unpack(info), segs))
             return out
 
         return self._read(read)
@@ -305,7 +288,7 @@ class ResultStore:
         """Committed computation records: cid -> meta."""
         return self._read(
             lambda conn: {
-                cid: _unpack(meta)
+                cid: _sqlite.unpack(meta)
                 for cid, meta in conn.execute("SELECT cid, meta FROM computations")
             }
         )

@@ -34,7 +34,9 @@ import socket
 import time
 
 from dispy import config, transport
+from dispy._client import _read_chunk
 from dispy._finder import NodeFinder
+from dispy._paths import safe_relpath
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.core.queues import ClusterQueue
@@ -57,13 +59,6 @@ _END_EVENT = {
     jobstate.Cancelled: jobstate.CANCEL,
     jobstate.Abandoned: jobstate.ABANDON,
 }
-
-
-def _safe_relpath(path: str) -> str:
-    norm = os.path.normpath(path)
-    if not path or os.path.isabs(path) or norm.startswith("..") or "\0" in path:
-        raise ProtocolError(f"file path {path!r} must be relative and stay inside the computation")
-    return norm
 
 
 class SJob:
@@ -232,7 +227,7 @@ class ClientSession:
 
     async def _file(self, ctl: dict, payload) -> None:
         comp = self._comp(field(ctl, "c", str), field(ctl, "n", str, default="computation"))
-        rel = _safe_relpath(field(ctl, "p", str))
+        rel = safe_relpath(field(ctl, "p", str))
         offset = field(ctl, "o", int, default=0)
         mode = field(ctl, "m", int, default=0o644) & 0o777
         if offset + len(payload) > self.server.max_file_size:
@@ -631,12 +626,6 @@ class NodeLink:
             await self.chan.wait_closed()
         if self.task is not None:
             self.task.cancel()
-
-
-def _read_chunk(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
 
 
 class SchedulerServer:
