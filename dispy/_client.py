@@ -245,6 +245,12 @@ class _NodeLink:
                 f"TLS with node {self.host}:{self.port} failed ({why}): {hint}"
             ) from None
         except AuthenticationFailed as exc:
+            if engine.compute_opts:  # a SharedJobCluster: the "node" is a dispyscheduler
+                raise _Permanent(
+                    f"authentication with dispyscheduler {self.host}:{self.port} failed ({exc}); "
+                    "use its cluster secret: SharedJobCluster(..., secret=...) must match "
+                    "dispyscheduler --cluster_secret (by default its node secret)"
+                ) from None
             raise _Permanent(
                 f"authentication with node {self.host}:{self.port} failed ({exc}); "
                 "use the same secret on both sides (JobCluster(..., secret=...) and dispynode -s)"

@@ -445,6 +445,8 @@ class NodeLink:
             reply = await self._request(Kind.RESUME, {"c": cid}, (Kind.RESUMED, cid))
             if reply.get("known"):
                 comp.ready_on.add(self.key)
+                if comp.exclusive:
+                    server.owner.setdefault(self.key, cid)
             else:
                 self.had.discard(cid)
         self.ready = True
@@ -529,6 +531,8 @@ class NodeLink:
             )
             if not reply.get("ok"):
                 comp.failed[self.key] = str(reply.get("r", "setup failed"))
+                if self.server.owner.get(self.key) == comp.cid:
+                    del self.server.owner[self.key]  # others may use it again
                 logger.warning(
                     "computation %s on node %s: %s", comp.name, self, comp.failed[self.key]
                 )
@@ -543,6 +547,8 @@ class NodeLink:
                 logger.info("computation %s (%s) set up on node %s", comp.name, comp.cid, self)
         except (ConnectionClosed, OSError) as exc:
             comp.failed[self.key] = str(exc)
+            if self.server.owner.get(self.key) == comp.cid:
+                del self.server.owner[self.key]
         finally:
             comp.setting_up.discard(self.key)
             self.server.setup_done(comp)
@@ -823,10 +829,7 @@ class SchedulerServer:
         owner = self.owner.get(link.key)
         if owner is not None and owner != comp.cid:
             return  # an exclusive cluster has it
-        if comp.exclusive:
-            if any(link.key in c.ready_on or link.key in c.setting_up
-                   for c in self.comps.values() if c is not comp):  # fmt: skip
-                return  # shared with others now; exclusive clusters wait for free nodes
+        if comp.exclusive:  # it is ours now: others' jobs there finish, no new ones start
             self.owner[link.key] = comp.cid
         comp.setting_up.add(link.key)  # now: COMPUTE is answered once every node answered
         asyncio.get_running_loop().create_task(link.setup(comp))
@@ -854,11 +857,19 @@ class SchedulerServer:
         self.dispatch()
 
     def eligible(self, node_key, cid) -> bool:
+        """May that node run that cluster's jobs now?  Set up there, and the node is not
+        an exclusive cluster's; an exclusive cluster's own jobs start on it once the
+        jobs of others that were running there when it took the node have ended."""
         comp = self.comps.get(cid)
         if comp is None or node_key not in comp.ready_on:
             return False
         owner = self.owner.get(node_key)
-        return owner is None or owner == cid
+        if owner is None:
+            return True
+        if owner != cid:
+            return False
+        state = self.sched.nodes.get(node_key)
+        return state is None or all(j._cluster == cid for j in state.running.values())
 
     async def close_comp(self, comp: Comp, terminate: bool) -> str:
         comp.closed = True

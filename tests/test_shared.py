@@ -133,14 +133,16 @@ def test_concurrent_client_programs_share_two_nodes(scheduler_factory, clients):
         assert res["ok"] and res["status"] == [DispyJob.Finished], res
 
 
-def _finish_spread(sched, order: str) -> tuple[float, float]:
+def _finish_spread(sched, order: str, b_first: bool = False) -> tuple[float, float]:
     """Two equal clusters, 12 jobs of 0.1 s each (all at the scheduler at once) on 2 CPUs; jobs submitted
     ``interleaved`` (A0 B0 A1 B1 ...) or ``block`` (all of A, then all of B).
     Returns when A's last job ended and when B's did, in seconds from the start."""
     a = sched.cluster(jobs.sleep_for)
-    b = sched.cluster(jobs.sleep_for)
+    b = None
     try:
-        assert a.submit(0)() == 0 and b.submit(0)() == 0  # both set up on both nodes
+        assert a.submit(0)() == 0  # A is the older cluster at the scheduler (early policy)
+        b = sched.cluster(jobs.sleep_for)
+        assert b.submit(0)() == 0  # both set up on both nodes
         t0 = time.time()
         ja, jb = [], []
         if order == "interleaved":
@@ -148,17 +150,20 @@ def _finish_spread(sched, order: str) -> tuple[float, float]:
                 ja.append(a.submit(0.1))
                 jb.append(b.submit(0.1))
         else:
-            ja = [a.submit(0.1) for _ in range(12)]
+            first, second = (b, a) if b_first else (a, b)
+            j1 = [first.submit(0.1) for _ in range(12)]
             # jobs of two clients sent within the same millisecond reach the scheduler in
-            # no defined order: let A's be there (one ran) before B's are sent
-            assert ja[0]() == 0.1
-            jb = [b.submit(0.1) for _ in range(12)]
+            # no defined order: let the first's be there (one ran) before the second's
+            assert j1[0]() == 0.1
+            j2 = [second.submit(0.1) for _ in range(12)]
+            ja, jb = (j2, j1) if b_first else (j1, j2)
         for j in ja + jb:
             assert j() == 0.1
         return max(j.end_time for j in ja) - t0, max(j.end_time for j in jb) - t0
     finally:
         a.close()
-        b.close()
+        if b is not None:
+            b.close()
 
 
 def test_first_submitted_policy(scheduler_factory):
@@ -174,10 +179,51 @@ def test_fair_policy_takes_turns(scheduler_factory):
     # head start of the jobs already on the nodes when B came: about 0.3 s)
 
 
-@pytest.mark.skip(
-    reason="hung once in a CI run (x.close() waiting for the scheduler's CLOSED): "
-    "dispyscheduler is a first version, see the open issue"
-)
+def test_early_policy_serves_the_older_cluster_first(scheduler_factory):
+    sched = scheduler_factory("--early_cluster_scheduler")
+    ea, eb = _finish_spread(sched, "block", b_first=True)
+    assert eb - ea > 0.25  # B's jobs came first, yet A (created first) ends well before B
+
+
+def test_exclusive_cluster_takes_nodes_another_cluster_is_set_up_on(scheduler_factory):
+    sched = scheduler_factory()
+    y = sched.cluster(jobs.sleep_for)
+    x = None
+    try:
+        assert y.submit(0)() == 0  # y is set up on both nodes
+        long_y = y.submit(1.0)  # running on one node when x comes
+        assert _wait_for(lambda: long_y.status == DispyJob.Running, 30)
+        x = sched.cluster(jobs.sleep_for, exclusive=True)
+        jx = [x.submit(0.2) for _ in range(4)]
+        assert jx[0](timeout=60) == 0.2  # x has the nodes now
+        later_y = y.submit(0)
+        for j in jx:
+            assert j(timeout=60) == 0.2, (j.status, j.exception)
+        assert long_y() == 1.0
+        # while y's long job ran, x had only the other node: its jobs ran one at a time
+        before = sorted((j for j in jx if j.start_time < long_y.end_time - 0.05),
+                        key=lambda j: j.start_time)  # fmt: skip
+        assert len(before) >= 2
+        for j1, j2 in zip(before, before[1:], strict=False):
+            assert j2.start_time >= j1.end_time - 0.05, (j1.start_time, j2.start_time)
+        assert later_y.status in (DispyJob.Created, DispyJob.Running)  # no node for y now
+        x.close()
+        assert later_y(timeout=60) == 0
+    finally:
+        if x is not None:
+            x.close()
+        y.close()
+
+
+def _wait_for(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)  # polling a condition, with a deadline
+    return cond()
+
+
 def test_exclusive_cluster_has_nodes_to_itself(scheduler_factory):
     sched = scheduler_factory()
     x = sched.cluster(jobs.sleep_for, exclusive=True)
@@ -205,7 +251,8 @@ def test_wrong_cluster_secret_is_refused_clearly(scheduler_factory):
         job = cluster.submit(1)
         assert job(timeout=60) is None
         assert job.status == DispyJob.Abandoned
-        assert "authentication" in job.exception and "secret" in job.exception
+        assert "authentication with dispyscheduler" in job.exception
+        assert "--cluster_secret" in job.exception
     finally:
         cluster.close()
 
