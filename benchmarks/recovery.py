@@ -137,7 +137,10 @@ def _count(db: str, sql: str) -> int:
 
 
 def recover_jobs_time(n: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp, dispy.LocalNode(cpus=2, secret="bench-rec").start() as node:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        dispy.LocalNode(cpus=2, secret="bench-rec").start() as node,
+    ):
         path, go = os.path.join(tmp, "rec"), os.path.join(tmp, "go")
         client = subprocess.Popen(
             [sys.executable, "-c", CLIENT, node.address, node.secret, path, go, str(n)],

@@ -191,7 +191,11 @@ class _NodeLink:
                     return
                 live = self.ready
                 why = getattr(exc, "strerror", None) or exc
-                if isinstance(exc, ConnectionRefusedError) and self.suspect:
+                if (
+                    isinstance(exc, ConnectionRefusedError)
+                    and self.suspect
+                    and not self.engine.compute_opts  # a scheduler keeps jobs across restarts
+                ):
                     # the host answers but no node listens: the node process is gone,
                     # and its running jobs with it
                     self._declare_dead("its dispynode is not running any more")
@@ -317,8 +321,12 @@ class _NodeLink:
 
     @property
     def window(self) -> float:
-        """Seconds of silence after which the node is declared dead."""
-        return self.engine.pulse_interval * MISSED_PULSES
+        """Seconds without a connection after which the node is declared dead.  A
+        dispyscheduler keeps its clients' jobs across a restart: it gets longer."""
+        window = self.engine.pulse_interval * MISSED_PULSES
+        if self.engine.compute_opts:
+            window = max(window, config.SCHEDULER_RECONNECT_S)
+        return window
 
     async def _resume(self) -> bool:
         """Reconnected: take the computation over again.  The node answers with the
@@ -333,7 +341,12 @@ class _NodeLink:
             self._end_grace()
             state = engine.sched.nodes.get(self.key)
             lost = [j for j in state.running.values() if j._uid not in on_node] if state else []
-            engine.jobs_lost(self, lost, "its node restarted while running it")
+            if engine.compute_opts and reply.get("known"):
+                # a restarted dispyscheduler asked its nodes: the jobs it does not list
+                # run nowhere (they came just before it stopped): send them again
+                engine.jobs_resend(self, lost)
+            else:
+                engine.jobs_lost(self, lost, "its node restarted while running it")
         logger.info(
             "node %s:%s reconnected: %d job(s) there, computation %s",
             self.host, self.port, len(on_node), "kept" if reply.get("known") else "set up again",
@@ -899,6 +912,13 @@ class _Engine:
             self.recover.set_meta("nodes", nodes)
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
         self.cluster._node_status(DispyNode.Initialized, link.node)
+        self.dispatch()
+
+    def jobs_resend(self, link: _NodeLink, jobs: list) -> None:
+        """Jobs a restarted scheduler never got: queue them again, first."""
+        for job in jobs:
+            if self.sched.requeue(job):
+                self.cluster._status_changed(job, link.node)
         self.dispatch()
 
     def jobs_lost(self, link: _NodeLink, jobs: list, why: str) -> None:

@@ -9,6 +9,9 @@ import tempfile
 CLIENT_PORT = 51347
 NODE_PORT = 51348
 SCHEDULER_PORT = 51349
+#: Seconds a SharedJobCluster waits for its dispyscheduler to come back (restart)
+#: before its jobs there are treated as lost.
+SCHEDULER_RECONNECT_S = 600.0
 
 #: Largest frame body accepted after authentication (bytes); configurable
 #: per connection.  Large enough for a multi-GB numpy array, bounded so a

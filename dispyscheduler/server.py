@@ -49,10 +49,13 @@ from dispy.errors import (
 )
 from dispy.protocol import Kind, field, join_segments, split_segments
 
+from .state import SchedulerState
+
 logger = logging.getLogger("dispyscheduler")
 
 FILE_CHUNK = 1 << 20
 MISSED_PULSES = 5
+STATE_FILE = "scheduler.db"
 _END_EVENT = {
     jobstate.Finished: jobstate.FINISH,
     jobstate.Terminated: jobstate.FAIL,
@@ -110,7 +113,27 @@ class Comp:
         self.compute_reply: asyncio.Future | None = None
         self.detached_at: float | None = None
         self.closed = False
+        self.restored = False  # from the state file: jobs wait until the nodes said theirs
         self.created = time.monotonic()
+
+    def meta(self) -> dict:
+        """What the state file keeps of it (its files stay in its folder)."""
+        return {
+            "name": self.name, "spec": self.spec, "sa": self.setup_args, "x": self.exclusive,
+            "r": self.reentrant, "np": self.patterns, "files": self.files,
+            "data": {k: list(v) for k, v in self.data.items()},
+        }  # fmt: skip
+
+    @classmethod
+    def from_meta(cls, server: SchedulerServer, cid: str, meta: dict) -> Comp:
+        comp = cls(server, None, cid, meta["name"])
+        comp.spec, comp.setup_args = meta["spec"], meta["sa"]
+        comp.exclusive, comp.reentrant, comp.patterns = meta["x"], meta["r"], meta["np"]
+        comp.files = dict(meta["files"])
+        comp.data = {k: tuple(v) for k, v in meta["data"].items()}
+        comp.restored = True
+        comp.detached_at = time.monotonic()  # its client has zombie_interval to come back
+        return comp
 
     def write_file(self, rel: str, offset: int, data, mode: int) -> None:
         """Runs in a thread: one chunk of a dependency file the client sent."""
@@ -156,9 +179,12 @@ class ClientSession:
         if kind == Kind.JOBS:
             server.client_jobs(self, ctl, msg.payload)
         elif kind == Kind.ACK:
-            comp = self.comps.get(field(ctl, "c", str))
+            cid = field(ctl, "c", str)
+            comp = self.comps.get(cid)
             if comp is not None:
                 server.client_acks(comp, field(ctl, "j", list))
+            elif cid in server.retired:
+                server.retired_acks(cid, field(ctl, "j", list))
         elif kind == Kind.CANCEL:
             comp = self.comps.get(field(ctl, "c", str))
             if comp is not None:
@@ -193,7 +219,7 @@ class ClientSession:
                 elif kind == Kind.DATA:
                     await self._data(ctl, payload)
                 elif kind == Kind.RESUME:
-                    self._resume(ctl)
+                    await self._resume(ctl)
             except (ProtocolError, ValueError, OSError) as exc:
                 logger.warning("request from %s refused: %s", self.peer, exc)
                 self._reply_error(kind, ctl, str(exc))
@@ -252,6 +278,8 @@ class ClientSession:
         comp.compute_reply = asyncio.get_running_loop().create_future()
         self.server.setup_everywhere(comp)
         ok, why = await comp.compute_reply
+        if ok:  # on disk before the client is told: a restarted scheduler knows it
+            await self.server.save_comp(comp)
         if not self.chan.is_closed:
             reply = {"c": cid, "ok": ok}
             if not ok:
@@ -267,6 +295,7 @@ class ClientSession:
         version = field(ctl, "v", int)
         lens = field(ctl, "s", list)
         comp.data[name] = (version, lens, bytes(payload))
+        await self.server.save_comp(comp)
         links = [self.server.links[k] for k in list(comp.ready_on) if k in self.server.links]
         results = await asyncio.gather(
             *(lk.put_data(comp, name) for lk in links), return_exceptions=True
@@ -284,12 +313,27 @@ class ClientSession:
         error = ""
         if comp is not None:
             error = await self.server.close_comp(comp, bool(ctl.get("t", False)))
+        elif cid in self.server.retired:  # recover_jobs is done with it
+            self.server.forget_retired(cid)
         if not self.chan.is_closed:
             self.chan.send(Kind.CLOSED, {"c": cid, "r": error or ""})
 
-    def _resume(self, ctl: dict) -> None:
+    async def _resume(self, ctl: dict) -> None:
+        """The client reconnected (or ``recover_jobs`` runs).  Its jobs the scheduler
+        does not list are not anywhere: the client sends them again.  After a restart,
+        the answer waits until the nodes said which jobs they have."""
         cid = field(ctl, "c", str)
-        comp = self.server.comps.get(cid)
+        server = self.server
+        if cid in server.retired:  # a zombie's results, kept for recover_jobs
+            results = server.retired[cid]
+            self.chan.send(Kind.RESUMED, {"c": cid, "known": False, "jobs": [],
+                                          "done": list(results)})  # fmt: skip
+            for entry, segs in list(results.values()):
+                self.queue_result(entry, segs)
+            return
+        comp = server.comps.get(cid)
+        if comp is not None and comp.restored:
+            await server.restored.wait()
         if comp is not None and not comp.closed:
             old = comp.session
             if old is not None and old is not self:
@@ -434,8 +478,10 @@ class NodeLink:
             self.closing = True
             chan.close()
             return
-        # computations set up here before a reconnection: take them over again (the
-        # node kept them, and their results), or close those closed meanwhile
+        # computations set up here before a reconnection (or before the scheduler
+        # restarted): take them over again (the node kept them, their jobs and their
+        # results), or close those closed meanwhile
+        on_node: list[tuple[Comp, list]] = []
         for cid in list(self.had):
             comp = server.comps.get(cid)
             if comp is None or comp.closed:
@@ -443,14 +489,16 @@ class NodeLink:
                 chan.send(Kind.CLOSE, {"c": cid, "t": True})
                 continue
             reply = await self._request(Kind.RESUME, {"c": cid}, (Kind.RESUMED, cid))
+            jids = field(reply, "jobs", list) + field(reply, "done", list)
             if reply.get("known"):
                 comp.ready_on.add(self.key)
                 if comp.exclusive:
                     server.owner.setdefault(self.key, cid)
-            else:
+            elif not jids:
                 self.had.discard(cid)
+            on_node.append((comp, jids))
         self.ready = True
-        server.node_ready(self)
+        server.node_ready(self, on_node)
         watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
         try:
             exc = await closed
@@ -600,7 +648,7 @@ class NodeLink:
             by_comp.setdefault(job.comp.cid, []).append(job)
         for cid, batch in by_comp.items():
             entries = [
-                [j._uid, len(j.segs), j.opts] if j.opts else [j._uid, len(j.segs)] for j in batch
+                [j.cjid, len(j.segs), j.opts] if j.opts else [j.cjid, len(j.segs)] for j in batch
             ]
             lens, flat = join_segments(j.segs for j in batch)
             try:
@@ -610,7 +658,7 @@ class NodeLink:
 
     def cancel(self, job: SJob) -> None:
         if self.chan is not None and not self.chan.is_closed:
-            self.chan.send(Kind.CANCEL, {"c": job.comp.cid, "j": [job._uid]})
+            self.chan.send(Kind.CANCEL, {"c": job.comp.cid, "j": [job.cjid]})
 
     def ack(self, cid: str, uid: int) -> None:
         self._acks.setdefault(cid, []).append(uid)
@@ -679,8 +727,15 @@ class SchedulerServer:
         self.comps: dict[str, Comp] = {}
         self.links: dict[tuple, NodeLink] = {}
         self.nids: dict[str, tuple] = {}
-        self.jobs: dict[int, SJob] = {}  # scheduler job id -> job, while on a node
-        self.uids = itertools.count(1)
+        self.uids = itertools.count(1)  # the scheduler core's job keys (not persisted)
+        self.state: SchedulerState | None = None
+        self.restored = asyncio.Event()  # set once restored jobs are placed (or queued)
+        self.restored.set()
+        self._limbo: list[SJob] = []  # restored jobs, until the nodes said which they run
+        self._waiting_links: set = set()  # nodes to hear from before the limbo ends
+        self._restored_cids: set[str] = set()
+        self.retired: dict[str, dict] = {}  # zombie cid -> {jid: (entry, segs)}
+        self._known_nodes: set = set()
         self.owner: dict[tuple, str] = {}  # node key -> the exclusive computation owning it
         self.sessions: set[ClientSession] = set()
         self.finder: NodeFinder | None = None
@@ -692,6 +747,8 @@ class SchedulerServer:
     # -- start / stop ---------------------------------------------------------------------
     async def start(self) -> None:
         os.makedirs(self.dest_path, mode=0o700, exist_ok=True)
+        self.state = SchedulerState(os.path.join(self.dest_path, STATE_FILE))
+        saved_nodes = await asyncio.to_thread(self._restore)
         for host in self.ip_addrs or [None]:
             srv = await transport.serve(
                 host, self.port, self.cluster_key, self._on_client, ssl=self.client_ssl
@@ -708,8 +765,16 @@ class SchedulerServer:
                 host, p = spec.split(":")
                 port = int(p)
             (patterns if any(c in host for c in "*?[") else named).append((host, port))
-        for host, port in named:
+        for host, port in named + [n for n in saved_nodes if n not in named]:
             self.add_link(host, port)
+        if self._limbo or self._restored_cids:
+            self.restored.clear()
+            self._waiting_links = set(self.links)
+            asyncio.get_running_loop().call_later(
+                self.pulse_interval * MISSED_PULSES, self._end_restore
+            )
+            if not self._waiting_links:
+                self._end_restore()
         if patterns:
             self.finder = NodeFinder(
                 self.node_key,
@@ -721,6 +786,52 @@ class SchedulerServer:
             await self.finder.start()
             self.finder.add([(h, p, None) for h, p in patterns], named)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    def _restore(self) -> list[tuple[str, int]]:
+        """Runs in a thread at start: computations, jobs and zombie results from the
+        state file.  Returns the nodes the scheduler used before."""
+        comps, jobs, results, meta = self.state.load()
+        for cid, (_updated, m) in comps.items():
+            if m.get("retired"):
+                self.retired[cid] = results.get(cid, {})
+                continue
+            comp = Comp.from_meta(self, cid, m)
+            self.add_comp(comp)
+            self._restored_cids.add(cid)
+            for jid, segs, opts in jobs.get(cid, []):
+                job = SJob(next(self.uids), comp, jid, segs, opts)
+                comp.jobs[jid] = job
+                self._limbo.append(job)
+        nodes = [tuple(n) for n in meta.get("nodes", [])]
+        self._known_nodes = set(nodes)
+        if comps:
+            logger.info(
+                "restored %d computation(s) with %d job(s) and %d kept result(s); "
+                "asking nodes %s for their jobs",
+                len(comps), len(self._limbo), sum(len(r) for r in self.retired.values()),
+                ", ".join(f"{h}:{p}" for h, p in nodes) or "(none known)",
+            )  # fmt: skip
+        return nodes
+
+    def _end_restore(self) -> None:
+        """Restored jobs no node runs are queued again; clients' RESUMEs get answered."""
+        if self.restored.is_set():
+            return
+        limbo, self._limbo = self._limbo, []
+        queued = 0
+        for job in limbo:
+            if job.status == jobstate.Created and job._node is None and not job.comp.closed:
+                self.sched.submit(job)
+                queued += 1
+        logger.info("restart: %d job(s) on nodes again, %d queued again",
+                    len(limbo) - queued, queued)  # fmt: skip
+        self._waiting_links = set()
+        self.restored.set()
+        self.dispatch()
+
+    async def save_comp(self, comp: Comp) -> None:
+        self.state.save_comp(comp.cid, comp.meta())
+        await asyncio.to_thread(self.state.flush)
 
     async def shutdown(self) -> None:
         if self.finder is not None:
@@ -734,12 +845,15 @@ class SchedulerServer:
         for comp in list(self.comps.values()):
             await self.close_comp(comp, terminate=True)
         await asyncio.gather(*(lk.close() for lk in self.links.values()))
+        if self.state is not None:
+            await asyncio.to_thread(self.state.close)
 
     # -- nodes ----------------------------------------------------------------------------
     def add_link(self, host: str, port: int) -> None:
         if (host, port) in self.links:
             return
         link = NodeLink(self, host, port)
+        link.had = set(self._restored_cids)  # ask it what became of them (after a restart)
         self.links[link.key] = link
         link.task = asyncio.get_running_loop().create_task(link.run())
 
@@ -774,9 +888,19 @@ class SchedulerServer:
             "scheduler": True,
         }
 
-    def node_ready(self, link: NodeLink) -> None:
+    def node_ready(self, link: NodeLink, on_node=()) -> None:
+        """``on_node``: (computation, job ids) the node still has (RESUMED)."""
         self.sched.add_node(link.key, link.cpus)
         logger.info("node %s (%s) ready with %d CPUs", link.name, link, link.cpus)
+        for comp, jids in on_node:
+            self.adopt(link, comp, jids)
+        if link.key not in self._known_nodes:
+            self._known_nodes.add(link.key)
+            self.state.set_meta("nodes", sorted(self._known_nodes))
+        if link.key in self._waiting_links:
+            self._waiting_links.discard(link.key)
+            if not self._waiting_links:
+                self._end_restore()
         for comp in list(self.comps.values()):
             self._maybe_setup(comp, link)
         self._tell_cpus()
@@ -801,6 +925,18 @@ class SchedulerServer:
                                      "(use reentrant=True to run such jobs again elsewhere)"},
                           [b"N."])  # fmt: skip
         self.dispatch()
+
+    def adopt(self, link: NodeLink, comp: Comp, jids: list) -> None:
+        """The node has these jobs of ``comp`` (running, or ended with the result on its
+        disk): they are running there, unless they run elsewhere already."""
+        for jid in jids:
+            if not isinstance(jid, int):
+                continue
+            job = comp.jobs.get(jid)
+            if job is None:  # came just before a restart, not yet in the state file
+                job = comp.jobs[jid] = SJob(next(self.uids), comp, jid, None, None)
+            if job.status == jobstate.Created and job._node is None:
+                self.sched.adopt(job, link.key)
 
     # -- computations ---------------------------------------------------------------------
     def add_comp(self, comp: Comp) -> None:
@@ -871,7 +1007,8 @@ class SchedulerServer:
         state = self.sched.nodes.get(node_key)
         return state is None or all(j._cluster == cid for j in state.running.values())
 
-    async def close_comp(self, comp: Comp, terminate: bool) -> str:
+    async def close_comp(self, comp: Comp, terminate: bool, forget: bool = True) -> str:
+        """Close the computation on its nodes and here; ``forget``: also in the state file."""
         comp.closed = True
         self.comps.pop(comp.cid, None)
         for job in self.queue.remove_cluster(comp.cid):
@@ -879,7 +1016,6 @@ class SchedulerServer:
         links = [self.links[k] for k in list(comp.ready_on) if k in self.links]
         errors = await asyncio.gather(*(lk.close_comp(comp, terminate) for lk in links))
         for job in list(comp.jobs.values()):
-            self.jobs.pop(job._uid, None)
             if job._node is not None and job.status not in jobstate.TERMINAL:
                 state = self.sched.nodes.get(job._node)
                 if state is not None:
@@ -887,6 +1023,8 @@ class SchedulerServer:
         for key, owner in list(self.owner.items()):
             if owner == comp.cid:
                 del self.owner[key]
+        if forget:
+            self.state.drop_comp(comp.cid)
         shutil.rmtree(comp.dir, ignore_errors=True)
         logger.info("computation %s (%s) closed", comp.name, comp.cid)
         for other in list(self.comps.values()):  # freed nodes: exclusive ones may go now
@@ -895,6 +1033,36 @@ class SchedulerServer:
         self.dispatch()
         return "; ".join(e for e in errors if e)
 
+    async def retire(self, comp: Comp) -> None:
+        """Its client is gone for good (a zombie): close it on the nodes, keep its
+        results (jobs still running end Terminated) for ``recover_jobs``."""
+        why = (f"its client was gone for over {self.zombie_interval:.0f} s (zombie_interval): "
+               "the computation was closed")  # fmt: skip
+        results = dict(comp.owed)
+        for jid in comp.jobs:
+            if jid not in results:
+                entry = {"c": comp.cid, "j": jid, "n": 1, "st": jobstate.Terminated, "x": why}
+                results[jid] = (entry, [b"N."])
+        for jid, (entry, segs) in results.items():
+            self.state.put_result(comp.cid, jid, entry, segs)
+        self.state.drop_jobs(comp.cid, list(comp.jobs))
+        self.state.save_comp(comp.cid, {**comp.meta(), "retired": True, "spec": b"", "data": {}})
+        await asyncio.to_thread(self.state.flush)
+        self.retired[comp.cid] = results
+        await self.close_comp(comp, terminate=True, forget=False)
+        logger.warning("computation %s (%s): %s; %d result(s) kept for recover_jobs",
+                       comp.name, comp.cid, why, len(results))  # fmt: skip
+
+    def retired_acks(self, cid: str, jids: list) -> None:
+        results = self.retired.get(cid, {})
+        for jid in jids:
+            results.pop(jid, None)
+        self.state.drop_results(cid, jids)
+
+    def forget_retired(self, cid: str) -> None:
+        self.retired.pop(cid, None)
+        self.state.drop_comp(cid)
+
     async def _reap(self) -> None:
         period = max(0.5, min(60.0, self.zombie_interval / 4))
         while True:
@@ -902,13 +1070,8 @@ class SchedulerServer:
             now = time.monotonic()
             for comp in list(self.comps.values()):
                 if comp.session is None and comp.detached_at is not None:
-                    if now - comp.detached_at > self.zombie_interval:
-                        logger.warning(
-                            "client of computation %s gone for %.0f s: closing it",
-                            comp.name,
-                            now - comp.detached_at,
-                        )
-                        await self.close_comp(comp, terminate=True)
+                    if now - comp.detached_at > self.zombie_interval and not comp.closed:
+                        await self.retire(comp)
 
     # -- jobs -----------------------------------------------------------------------------
     def client_jobs(self, session: ClientSession, ctl: dict, payload) -> None:
@@ -916,6 +1079,7 @@ class SchedulerServer:
         comp = session.comps.get(cid)
         segs = split_segments(payload, field(ctl, "s", list))
         pos = 0
+        new = []
         for entry in field(ctl, "j", list):
             if not (isinstance(entry, list) and len(entry) in (2, 3)):
                 raise ProtocolError("job entry must be [job id, segment count, (options)]")
@@ -932,15 +1096,22 @@ class SchedulerServer:
                     [b"N."],
                 )  # fmt: skip
                 continue
+            old = comp.jobs.get(cjid)
+            if old is not None and old.status not in jobstate.TERMINAL:
+                continue  # sent again after a reconnection, and known here after all
             job = SJob(next(self.uids), comp, cjid, [bytes(p) for p in part], opts)
             comp.jobs[cjid] = job
-            self.sched.submit(job)
+            new.append(job)
+            if comp.restored and not self.restored.is_set():
+                self._limbo.append(job)
+            else:
+                self.sched.submit(job)
+        if new:
+            self.state.put_jobs(cid, [(j.cjid, j.segs, j.opts) for j in new])
         self.dispatch()
 
     def dispatch(self) -> None:
         for node, batch in self.sched.assign():
-            for job in batch:
-                self.jobs[job._uid] = job
             self.links[node.key].send_jobs(batch)
 
     def cancel(self, comp: Comp, cjid: int) -> None:
@@ -951,7 +1122,9 @@ class SchedulerServer:
             try:
                 self.queue.remove(job)
             except ValueError:
-                return
+                if job not in self._limbo:
+                    return
+                self._limbo.remove(job)
             job.status = jobstate.next_status(job.status, jobstate.CANCEL)
             comp.deliver({"c": comp.cid, "j": cjid, "n": 1, "st": jobstate.Cancelled,
                           "x": "cancelled before it started"}, [b"N."])  # fmt: skip
@@ -967,53 +1140,68 @@ class SchedulerServer:
             n = field(entry, "n", int)
             part = segs[pos : pos + n]
             pos += n
-            uid = field(entry, "j", int)
+            jid = field(entry, "j", int)
             cid = field(entry, "c", str)
-            job = self.jobs.get(uid)
-            if job is None or job.comp.closed:
-                link.ack(cid, uid)  # nobody wants it any more
+            comp = self.comps.get(cid)
+            if comp is None or comp.closed:
+                link.ack(cid, jid)  # nobody wants it any more
                 continue
+            job = comp.jobs.get(jid)
+            if job is None:  # not known here (came just before a restart): the client's
+                job = comp.jobs[jid] = SJob(next(self.uids), comp, jid, None, None)
+                self.sched.adopt(job, link.key)
             st = field(entry, "st", int)
             if st == jobstate.Created:  # handed back unstarted
-                link.ack(cid, uid)
-                self.sched.requeue(job)
+                link.ack(cid, jid)
+                if job._node == link.key and job.segs is not None:
+                    self.sched.requeue(job)
                 continue
             event = _END_EVENT.get(st)
+            elsewhere = job._node
             if event is None or not self.sched.ended(job, event):
-                link.ack(cid, uid)
+                link.ack(cid, jid)
                 continue
+            if elsewhere is not None and elsewhere != link.key and elsewhere in self.links:
+                self.links[elsewhere].cancel(job)  # a late result: its rerun is not needed
             job.segs = None
             job._node = link.key  # where its result waits for the client's ACK
-            out = dict(entry)
-            out["j"] = job.cjid
-            job.comp.deliver(out, part)
+            job.comp.deliver(entry, part)
         self.dispatch()
 
     def _end(self, job: SJob, info: dict, segs) -> None:
         entry = dict(info)
         entry["c"], entry["j"], entry["n"] = job.comp.cid, job.cjid, len(segs)
-        self.jobs.pop(job._uid, None)
         job._node = None
         job.comp.deliver(entry, segs)
 
     def client_acks(self, comp: Comp, cjids: list) -> None:
+        """The client has these results: the nodes may forget them, but only once the
+        jobs are gone from the state file too (else a restart would run them again)."""
+        on_disk = set(self.state.drop_jobs(comp.cid, cjids))
+        later = []
         for cjid in cjids:
             comp.owed.pop(cjid, None)
             job = comp.jobs.pop(cjid, None)
-            if job is None:
+            if job is None or job._node is None:
                 continue
-            self.jobs.pop(job._uid, None)
-            link = self.links.get(job._node) if job._node is not None else None
-            if link is not None:
-                link.ack(comp.cid, job._uid)
+            if cjid in on_disk:
+                later.append((job._node, cjid))
+            elif job._node in self.links:
+                self.links[job._node].ack(comp.cid, cjid)
+        if later:
+            asyncio.get_running_loop().create_task(self._ack_when_written(comp.cid, later))
+
+    async def _ack_when_written(self, cid: str, acks: list) -> None:
+        await asyncio.to_thread(self.state.flush)
+        for key, jid in acks:
+            if key in self.links:
+                self.links[key].ack(cid, jid)
 
     def forward_to_client(self, link: NodeLink, kind: Kind, ctl: dict, payload) -> None:
-        job = self.jobs.get(ctl.get("j"))
-        if job is None or job.comp.session is None:
+        comp = self.comps.get(ctl.get("c"))
+        if comp is None or comp.session is None:
             return
-        out = dict(ctl)
-        out["j"] = job.cjid
-        job.comp.session.forward(kind, out, [payload] if len(payload) else [])
+        comp.session.forward(kind, ctl, [payload] if len(payload) else [])
 
     # -- clients --------------------------------------------------------------------------
     def _on_client(self, chan: transport.Channel) -> None:

@@ -160,3 +160,11 @@ def data_info(handle):
 
 def data_value(handle):
     return handle.get()
+
+
+def logged_sleep(folder, i, seconds):
+    """Sleep, leaving one line per run in ``folder/<i>`` (how often did job i run?)."""
+    with open(os.path.join(folder, str(i)), "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return i

@@ -59,6 +59,12 @@ class Scheduler:
             computation, scheduler_node="127.0.0.1", scheduler_port=self.port, **kw
         )
 
+    def kill(self):
+        """kill -9, by PID."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(10)
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(30)
@@ -266,4 +272,56 @@ def test_scheduler_with_wrong_node_secret_runs_nothing_and_says_why(node_factory
             assert job(timeout=3) is None and job.status in (DispyJob.Created, DispyJob.Running)
             cluster.close(terminate=True)
     finally:
+        sched.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_scheduler_killed_and_restarted_loses_no_job(two_nodes, tmp_path, reentrant):
+    """kill -9 of dispyscheduler mid-run, then a restart on the same port and
+    folder: the client reconnects and every job ends once, Finished, having run
+    once (jobs queued at the scheduler, running on nodes, and ended while it was
+    down alike)."""
+    port = str(_free_port())
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    sched = Scheduler(two_nodes, tmp_path, "-p", port, "--pulse_interval", "0.5")
+    ended: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def count(job):
+        if job.status in (DispyJob.Finished, DispyJob.Terminated, DispyJob.Abandoned,
+                          DispyJob.Cancelled):  # fmt: skip
+            with lock:
+                ended[job.id] = ended.get(job.id, 0) + 1
+
+    cluster = sched.cluster(jobs.logged_sleep, reentrant=reentrant, callback=count)
+    try:
+        js = []
+        for i in range(16):
+            job = cluster.submit(str(runs), i, 0.4)
+            job.id = i
+            js.append(job)
+        assert js[0](timeout=60) == 0  # running on both nodes now, the rest queued
+        sched.kill()
+        # the nodes go on meanwhile: jobs end (results kept on the nodes) and start
+        assert _wait_for(lambda: (runs / "3").exists(), 30)
+        sched = Scheduler(two_nodes, tmp_path, "-p", port, "--pulse_interval", "0.5")
+        for job in js:
+            assert job(timeout=90) == job.id, (job.id, job.status, job.exception)
+            assert job.status == DispyJob.Finished
+        assert _wait_for(lambda: len(ended) == 16, 10), ended
+        assert set(ended.values()) == {1}, ended
+        for i in range(16):  # every job ran once: none lost, none run twice
+            assert len((runs / str(i)).read_text().splitlines()) == 1, i
+        assert "restored 1 computation(s)" in "".join(sched.log)
+    finally:
+        cluster.close()
         sched.stop()

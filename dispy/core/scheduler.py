@@ -185,6 +185,19 @@ class Scheduler:
             self.pending.appendleft(job)
         return True
 
+    def adopt(self, job, key) -> bool:
+        """A node says it has this job, which was queued (requeued after the node was
+        lost, or restored by a restarted scheduler): it is Running there now.  False if
+        the job is not waiting to start or the node is unknown."""
+        node = self.nodes.get(key)
+        if node is None or job.status != jobstate.Created:
+            return False
+        self._unqueue(job)  # if it is queued
+        job.status = jobstate.next_status(job.status, jobstate.DISPATCH)
+        job._node = key
+        node.running[job._uid] = job
+        return True
+
     def set_ready(self, key, ready: bool) -> None:
         """A ready node gets jobs; deallocated or closing nodes do not."""
         node = self.nodes.get(key)
