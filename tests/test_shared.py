@@ -14,6 +14,7 @@ import pytest
 
 import dispy
 from dispy import DispyJob
+from dispy._recover import RecoverFile
 
 from . import jobs
 
@@ -324,4 +325,104 @@ def test_scheduler_killed_and_restarted_loses_no_job(two_nodes, tmp_path, reentr
         assert "restored 1 computation(s)" in "".join(sched.log)
     finally:
         cluster.close()
+        sched.stop()
+
+
+# A SharedJobCluster program killed by the test once its four jobs run.
+CRASHING_CLIENT = r"""
+import os, sys, time
+import dispy
+
+def compute(x, marks, seconds):
+    import os, time
+    open(os.path.join(marks, f"started-{x}"), "w").close()
+    time.sleep(seconds)
+    print("output of", x)
+    return x * 10
+
+port, secret, path, marks, last = sys.argv[1:6]
+cluster = dispy.SharedJobCluster(compute, scheduler_node="127.0.0.1", scheduler_port=int(port),
+                                 secret=secret, recover_file=path)
+for i, (name, seconds) in enumerate([("a", 1.0), ("b", 1.0), ("c", 0.3), ("d", float(last))]):
+    job = cluster.submit(i, marks, seconds)
+    job.id = name
+print("submitted", flush=True)
+time.sleep(600)  # killed by the test long before this ends
+"""
+
+RECOVER = r"""
+import json, sys
+import dispy
+jobs = dispy.recover_jobs(sys.argv[1], timeout=60)
+print(json.dumps([[j.id, j.status, j.result, j.stdout, j.exception]
+                  for j in sorted(jobs, key=lambda j: j.id)]))
+"""
+
+
+def _recover(path) -> list:
+    proc = subprocess.run(
+        [sys.executable, "-c", RECOVER, path], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _crash_client(sched, tmp_path, last: float) -> str:
+    path, marks = str(tmp_path / "shared.recover"), tmp_path / "marks"
+    marks.mkdir()
+    client = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_CLIENT, str(sched.port), CLUSTER_SECRET, path,
+         str(marks), str(last)],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert client.stdout.readline().strip() == "submitted"
+        assert _wait_for(lambda: len(os.listdir(marks)) >= 2, 60)  # a and b run (1 s)
+
+        def recorded() -> bool:
+            with RecoverFile.open(path) as rf:
+                return len(rf.unfinished()) == 4
+
+        assert _wait_for(recorded, 30)
+    finally:
+        client.kill()  # SIGKILL, by PID: no close
+        client.wait(30)
+        client.stdout.close()
+    return path
+
+
+def test_recover_jobs_through_the_scheduler(scheduler_factory, tmp_path):
+    sched = scheduler_factory()
+    path = _crash_client(sched, tmp_path, last=0.5)
+    out = _recover(path)  # the jobs end while no client exists; the scheduler kept them
+    assert [(j[0], j[1], j[2]) for j in out] == [
+        ("a", DispyJob.Finished, 0), ("b", DispyJob.Finished, 10),
+        ("c", DispyJob.Finished, 20), ("d", DispyJob.Finished, 30),
+    ]  # fmt: skip
+    assert all(j[3].startswith("output of") for j in out)
+    assert _recover(path) == []
+
+
+def test_zombie_results_survive_a_scheduler_restart_for_recover_jobs(two_nodes, tmp_path):
+    port = str(_free_port())
+    args = ("-p", port, "--zombie_interval", "0.05")  # minutes: 3 s (a, b, c take 1.3 s)
+    sched = Scheduler(two_nodes, tmp_path, *args)
+    try:
+        path = _crash_client(sched, tmp_path, last=60)
+        with sched._cond:  # the client is a zombie: its computation is closed on the nodes
+            assert sched._cond.wait_for(
+                lambda: any("kept for recover_jobs" in ln for ln in sched.log), 30
+            ), "".join(sched.log)
+        sched.kill()
+        sched = Scheduler(two_nodes, tmp_path, *args)
+        assert "restored" in "".join(sched.log)
+        out = _recover(path)
+        assert [(j[0], j[1], j[2]) for j in out[:3]] == [
+            ("a", DispyJob.Finished, 0), ("b", DispyJob.Finished, 10),
+            ("c", DispyJob.Finished, 20),
+        ]  # fmt: skip
+        assert out[3][:3] == ["d", DispyJob.Terminated, None]
+        assert "zombie_interval" in out[3][4]
+        assert _recover(path) == []
+    finally:
         sched.stop()
