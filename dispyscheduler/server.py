@@ -56,6 +56,8 @@ logger = logging.getLogger("dispyscheduler")
 FILE_CHUNK = 1 << 20
 MISSED_PULSES = 5
 STATE_FILE = "scheduler.db"
+#: Seconds a client's COMPUTE waits for a node to set the computation up.
+SETUP_WAIT_S = 120
 _END_EVENT = {
     jobstate.Finished: jobstate.FINISH,
     jobstate.Terminated: jobstate.FAIL,
@@ -277,7 +279,12 @@ class ClientSession:
         comp.patterns = patterns
         comp.compute_reply = asyncio.get_running_loop().create_future()
         self.server.setup_everywhere(comp)
-        ok, why = await comp.compute_reply
+        try:  # a node whose setup hangs must not hold up the client for ever
+            ok, why = await asyncio.wait_for(asyncio.shield(comp.compute_reply), SETUP_WAIT_S)
+        except TimeoutError:
+            logger.warning("computation %s: no node finished its setup in %d s; its jobs "
+                           "wait for one", comp.name, SETUP_WAIT_S)  # fmt: skip
+            ok, why = True, ""
         if ok:  # on disk before the client is told: a restarted scheduler knows it
             await self.server.save_comp(comp)
         if not self.chan.is_closed:
@@ -976,20 +983,18 @@ class SchedulerServer:
         self.setup_done(comp)
 
     def setup_done(self, comp: Comp) -> None:
-        """Answer the client's COMPUTE once every node it was sent to has set it up or
-        refused it: ok if one runs it (or none is there yet), else every node's reason."""
+        """Answer the client's COMPUTE once one node has set it up (others may take
+        longer), or once every node refused it (with each node's reason); ok too if no
+        node is there yet: its jobs wait."""
         fut = comp.compute_reply
-        if fut is not None and not fut.done() and not comp.setting_up:  # every node answered
-            if comp.ready_on:
+        if fut is not None and not fut.done() and comp.ready_on:  # one node runs it: go
+            fut.set_result((True, ""))
+        elif fut is not None and not fut.done() and not comp.setting_up:  # all answered
+            tried = [lk for lk in self.links.values() if lk.ready and self._node_matches(comp, lk)]
+            if tried and all(lk.key in comp.failed for lk in tried):
+                fut.set_result((False, "; ".join(comp.failed.values())))
+            else:  # no node for it yet (none found, or all taken by exclusive clusters)
                 fut.set_result((True, ""))
-            else:
-                tried = [
-                    lk for lk in self.links.values() if lk.ready and self._node_matches(comp, lk)
-                ]
-                if tried and all(lk.key in comp.failed for lk in tried):
-                    fut.set_result((False, "; ".join(comp.failed.values())))
-                else:  # no node for it yet (none found, or all taken by exclusive clusters)
-                    fut.set_result((True, ""))
         self.dispatch()
 
     def eligible(self, node_key, cid) -> bool:
