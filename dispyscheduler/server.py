@@ -423,6 +423,8 @@ class NodeLink:
         self.chan: transport.Channel | None = None
         self.ready = False
         self.closing = False
+        self.suspect = False  # connection lost, within the liveness window: jobs wait
+        self._grace: asyncio.TimerHandle | None = None
         self.last_heard = time.monotonic()
         self._waiters: dict = {}
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
@@ -448,7 +450,13 @@ class NodeLink:
                 )
                 return
             except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
-                if not warned:
+                live = self.ready
+                if isinstance(exc, ConnectionRefusedError) and self.suspect:
+                    # the host answers, no node listens: the node process is gone
+                    self._declare_dead("its dispynode is not running any more")
+                elif live:
+                    logger.info("node %s: %s; reconnecting", self, exc)
+                elif not warned and not self.suspect:
                     logger.warning(
                         "node %s: %s; retrying", self, getattr(exc, "strerror", None) or exc
                     )
@@ -457,7 +465,10 @@ class NodeLink:
                 self._lost()
             if self.closing:
                 return
-            await asyncio.sleep(delay)  # back-off between reconnections
+            if self.suspect:  # within the liveness window: try again soon
+                await asyncio.sleep(min(delay, 0.5))  # back-off between reconnections
+            else:
+                await asyncio.sleep(delay)  # back-off between reconnections
             delay = min(delay * 2, 10.0)
 
     async def _session(self) -> None:
@@ -504,6 +515,12 @@ class NodeLink:
             elif not jids:
                 self.had.discard(cid)
             on_node.append((comp, jids))
+        if self.suspect:  # back within the window: what it no longer has is lost
+            there = {(comp.cid, j) for comp, jids in on_node for j in jids}
+            state = server.sched.nodes.get(self.key)
+            running = list(state.running.values()) if state is not None else []
+            self._end_grace()
+            server.jobs_lost(self, [j for j in running if (j.comp.cid, j.cjid) not in there])
         self.ready = True
         server.node_ready(self, on_node)
         watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
@@ -537,7 +554,31 @@ class NodeLink:
             self.chan = None
         if self.ready:
             self.ready = False
-            self.server.node_lost(self)
+            window = self.server.pulse_interval * MISSED_PULSES
+            remaining = window - (time.monotonic() - self.last_heard)
+            if self.closing or remaining <= 0:
+                self.server.node_lost(self)
+            else:  # its jobs stay put while it may come back (a dropped connection)
+                self.suspect = True
+                self.server.sched.set_ready(self.key, False)
+                self.server._tell_cpus()
+                self._grace = asyncio.get_running_loop().call_later(
+                    remaining, self._declare_dead, f"no connection for {window:g} s"
+                )
+
+    def _declare_dead(self, why: str) -> None:
+        """The liveness window passed (or the node process is gone): its jobs are lost."""
+        if not self.suspect:
+            return
+        self._end_grace()
+        logger.warning("node %s declared dead: %s", self, why)
+        self.server.node_lost(self)
+
+    def _end_grace(self) -> None:
+        self.suspect = False
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
 
     async def _request(self, kind, ctl: dict, reply_key, payload=()) -> dict:
         fut = asyncio.get_running_loop().create_future()
@@ -682,6 +723,8 @@ class NodeLink:
 
     async def close(self) -> None:
         self.closing = True
+        if self.suspect:
+            self._declare_dead("the scheduler is stopping")
         if self.chan is not None:
             self.chan.close()
             await self.chan.wait_closed()
@@ -918,6 +961,16 @@ class SchedulerServer:
         for s in list(self.sessions):
             if not s.chan.is_closed:
                 s.chan.send(Kind.STATUS, {"a": {}, "cpus": self.total_cpus()})
+
+    def jobs_lost(self, link: NodeLink, jobs: list) -> None:
+        """Jobs a node that came back no longer has (it restarted): requeue or abandon."""
+        for job, status in self.sched.lose_jobs(link.key, jobs):
+            if status == jobstate.Abandoned:
+                self._end(job, {"st": jobstate.Abandoned,
+                                "x": f"node {link.name} ({link}) restarted while running the job "
+                                     "(use reentrant=True to run such jobs again elsewhere)"},
+                          [b"N."])  # fmt: skip
+        self.dispatch()
 
     def node_lost(self, link: NodeLink) -> None:
         (logger.info if link.closing else logger.warning)("node %s (%s) lost", link.name, link)

@@ -65,8 +65,12 @@ class Scheduler:
         self.proc.kill()
         self.proc.wait(30)
         self._reader.join(10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
 
     def stop(self):
+        if self.proc.returncode is not None:
+            return
         self.proc.terminate()
         self.proc.wait(30)
         self._reader.join(10)
