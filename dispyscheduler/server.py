@@ -964,13 +964,26 @@ class SchedulerServer:
 
     def jobs_lost(self, link: NodeLink, jobs: list) -> None:
         """Jobs a node that came back no longer has (it restarted): requeue or abandon."""
-        for job, status in self.sched.lose_jobs(link.key, jobs):
+        self._lost_jobs(link, self.sched.lose_jobs(link.key, jobs), "restarted while running")
+        self.dispatch()
+
+    def _lost_jobs(self, link: NodeLink, lost: list, what: str) -> None:
+        for job, status in lost:
+            if status == jobstate.Created and job.segs is None:
+                # adopted from a node after a restart, never written here: its arguments
+                # are not known, so it cannot run again
+                try:
+                    self.queue.remove(job)
+                except ValueError:
+                    pass
+                job.status = jobstate.next_status(job.status, jobstate.ABANDON)
+                status = job.status
+                what = f"{what} (its arguments were lost in a scheduler restart)"
             if status == jobstate.Abandoned:
                 self._end(job, {"st": jobstate.Abandoned,
-                                "x": f"node {link.name} ({link}) restarted while running the job "
+                                "x": f"node {link.name} ({link}) {what} the job "
                                      "(use reentrant=True to run such jobs again elsewhere)"},
                           [b"N."])  # fmt: skip
-        self.dispatch()
 
     def node_lost(self, link: NodeLink) -> None:
         (logger.info if link.closing else logger.warning)("node %s (%s) lost", link.name, link)
@@ -978,12 +991,7 @@ class SchedulerServer:
         for comp in self.comps.values():
             comp.ready_on.discard(link.key)
         self.owner.pop(link.key, None)
-        for job, status in self.sched.remove_node(link.key):
-            if status == jobstate.Abandoned:
-                self._end(job, {"st": jobstate.Abandoned,
-                                "x": f"node {link.name} ({link}) was lost while running the job "
-                                     "(use reentrant=True to run such jobs again elsewhere)"},
-                          [b"N."])  # fmt: skip
+        self._lost_jobs(link, self.sched.remove_node(link.key), "was lost while running")
         self.dispatch()
 
     def adopt(self, link: NodeLink, comp: Comp, jids: list) -> None:
