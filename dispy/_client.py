@@ -1311,7 +1311,7 @@ class JobCluster:
         self._on_loop(link.send_file, os.path.basename(path), path)
         return 0
 
-    def _submit(self, node_key, args, kwargs, job_id=None) -> DispyJob:
+    def _submit(self, node_key, args, kwargs, job_id=None, more_opts=None) -> DispyJob:
         if self._closed:
             raise SubmitError("cluster is closed: create a new JobCluster to submit jobs")
         job_files = kwargs.pop("dispy_job_depends", None) or ()
@@ -1324,6 +1324,8 @@ class JobCluster:
             opts["t"] = float(timeout)
         if job_files:
             opts["f"], file_segs = _job_files(job_files)
+        if more_opts:
+            opts.update(more_opts)
         segs = file_segs + serialize.dumps_args(args, kwargs)
         job = DispyJob(args, kwargs, segs, self)
         job.id = job_id

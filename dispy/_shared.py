@@ -89,6 +89,14 @@ class SharedJobCluster(JobCluster):
             insecure=insecure,
         )
 
+    def submit_node(self, node, *args, **kwargs):
+        """Like ``submit``, but the scheduler runs the job on ``node``, one of its nodes
+        (a DispyNode, an address, ``'host:port'`` or a node name).  If the scheduler has
+        no such node the job ends ``Abandoned`` with the reason."""
+        name = getattr(node, "ip_addr", None) or str(node)
+        links = list(self._engine.links)
+        return self._submit(links[0] if links else None, args, kwargs, more_opts={"n": name})
+
     def _engine_created(self, engine) -> None:
         engine.compute_opts = self._compute_opts
         engine.sched.prefetch = SHARED_PREFETCH

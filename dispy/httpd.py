@@ -265,7 +265,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif path.startswith("/static/"):
             self._static(path[len("/static/") :])
         elif path == "/api/status":
-            self._json(200, self.server.monitor.snapshot())
+            try:
+                snap = self.server.monitor.snapshot()
+            except Exception as exc:  # closing, or its event loop too busy to answer
+                logger.debug("monitor: status failed", exc_info=True)
+                self._json(503, {"ok": False, "error": f"status not available now: {exc}"})
+                return
+            self._json(200, snap)
         else:
             self._text(404, "404 not found")
 

@@ -111,7 +111,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="largest file a client may send (bytes; 0: no limit)",
     )
     p.add_argument("--clean", action="store_true", help="remove what earlier runs left")
-    p.add_argument("--httpd", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--httpd",
+        action="store_true",
+        help="serve the web monitor (its URL, with the access token, is logged at start)",
+    )
+    p.add_argument(
+        "--httpd_host",
+        default="127.0.0.1",
+        help="address the web monitor listens on (default %(default)s)",
+    )
+    p.add_argument(
+        "--httpd_port",
+        type=int,
+        default=8181,
+        help="the web monitor's port (default %(default)s; 0: a free one)",
+    )
     policy = p.add_mutually_exclusive_group()
     policy.add_argument(
         "--fair_cluster_scheduler", action="store_true", help="clusters take turns, one job each"
@@ -129,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)  # fmt: skip
-    for name in ("port", "node_port"):
+    for name in ("port", "node_port", "httpd_port"):
         if not 0 <= getattr(args, name) <= 65535:
             p.error(f"--{name} {getattr(args, name)} is not a port number (0-65535)")
     try:
@@ -201,6 +216,20 @@ async def run(args: argparse.Namespace) -> int:
         )
         await server.shutdown()
         return 2
+    monitor = None
+    if args.httpd:
+        from .monitor import SchedulerMonitor
+
+        try:
+            monitor = SchedulerMonitor(server, host=args.httpd_host, port=args.httpd_port)
+        except OSError as exc:
+            print(
+                f"dispyscheduler: cannot serve the monitor on {args.httpd_host}:"
+                f"{args.httpd_port}: {exc.strerror or exc} (try --httpd_port)",
+                file=sys.stderr,
+            )
+            await server.shutdown()
+            return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stopped.set)
@@ -211,6 +240,8 @@ async def run(args: argparse.Namespace) -> int:
     await server.stopped.wait()
     if task is not None:
         task.cancel()
+    if monitor is not None:  # from a thread: its requests may be waiting for this loop
+        await asyncio.to_thread(monitor.shutdown)
     await server.shutdown()
     return 0
 

@@ -25,6 +25,7 @@ disk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -151,6 +152,7 @@ class Comp:
     def deliver(self, entry: dict, segs) -> None:
         """A job's end for the client: kept until it acknowledges, sent if connected."""
         self.owed[entry["j"]] = (entry, segs)
+        self.server.job_ended(self, entry)
         if self.session is not None:
             self.session.queue_result(entry, segs)
 
@@ -786,6 +788,10 @@ class SchedulerServer:
         self._restored_cids: set[str] = set()
         self.retired: dict[str, dict] = {}  # zombie cid -> {jid: (entry, segs)}
         self._known_nodes: set = set()
+        # tallies since start, for the monitor (--httpd)
+        self.stats = {"submitted": 0, "ended": 0, "failed": 0}
+        self.done_on: collections.Counter = collections.Counter()  # node key -> jobs ended
+        self.failures: collections.deque = collections.deque(maxlen=50)  # (job, comp, entry)
         self.owner: dict[tuple, str] = {}  # node key -> the exclusive computation owning it
         self.sessions: set[ClientSession] = set()
         self.finder: NodeFinder | None = None
@@ -1165,16 +1171,44 @@ class SchedulerServer:
             old = comp.jobs.get(cjid)
             if old is not None and old.status not in jobstate.TERMINAL:
                 continue  # sent again after a reconnection, and known here after all
+            pin = None
+            if isinstance(opts, dict) and "n" in opts:  # submit_node: which of our nodes
+                opts = dict(opts)
+                pin = self._find_link(opts.pop("n"))
+                opts = opts or None
+                if pin is None:
+                    session.queue_result(
+                        {"c": cid, "j": cjid, "n": 1, "st": jobstate.Abandoned,
+                         "x": f"submit_node: the scheduler has no node {entry[2]['n']!r} "
+                              f"(its nodes: {', '.join(sorted(self._node_names())) or 'none'})"},
+                        [b"N."],
+                    )  # fmt: skip
+                    continue
             job = SJob(next(self.uids), comp, cjid, [bytes(p) for p in part], opts)
             comp.jobs[cjid] = job
             new.append(job)
             if comp.restored and not self.restored.is_set():
                 self._limbo.append(job)
+            elif pin is not None:
+                self.sched.submit(job, pin)
             else:
                 self.sched.submit(job)
         if new:
             self.state.put_jobs(cid, [(j.cjid, j.segs, j.opts) for j in new])
+            self.stats["submitted"] += len(new)
         self.dispatch()
+
+    def _find_link(self, name) -> tuple | None:
+        """The key of the ready node ``name`` names (address, 'host:port', host, name)."""
+        name = str(name)
+        for key, lk in self.links.items():
+            if lk.ready and name in (f"{lk.ip}:{lk.port}", f"{lk.host}:{lk.port}", lk.ip,
+                                     lk.host, lk.name):  # fmt: skip
+                return key
+        return None
+
+    def _node_names(self) -> set[str]:
+        return {f"{lk.ip}:{lk.port}" for lk in self.links.values() if lk.ready}
 
     def dispatch(self) -> None:
         for node, batch in self.sched.assign():
@@ -1239,6 +1273,16 @@ class SchedulerServer:
         entry["c"], entry["j"], entry["n"] = job.comp.cid, job.cjid, len(segs)
         job._node = None
         job.comp.deliver(entry, segs)
+
+    def job_ended(self, comp: Comp, entry: dict) -> None:
+        self.stats["ended"] += 1
+        job = comp.jobs.get(entry.get("j"))
+        if job is not None and job._node is not None:
+            self.done_on[job._node] += 1
+        if entry.get("st") != jobstate.Finished:
+            self.stats["failed"] += 1
+            if job is not None:
+                self.failures.append((job, comp, entry, time.time()))
 
     def client_acks(self, comp: Comp, cjids: list) -> None:
         """The client has these results: the nodes may forget them, but only once the

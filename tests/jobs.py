@@ -168,3 +168,15 @@ def logged_sleep(folder, i, seconds):
         f.write(f"{os.getpid()}\n")
     time.sleep(seconds)
     return i
+
+
+def send_back(name, text):
+    """Write ``name`` in the job's folder and send it to the client."""
+    with open(name, "w") as f:
+        f.write(text)
+    return dispy_send_file(name)  # noqa: F821 (provided on the node)
+
+
+def where(x):
+    """The job's working folder (inside its node's folder)."""
+    return os.path.realpath(os.getcwd())

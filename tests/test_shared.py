@@ -3,6 +3,7 @@ the same nodes, the sharing policies, exclusive clusters, secrets."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -430,3 +431,54 @@ def test_zombie_results_survive_a_scheduler_restart_for_recover_jobs(two_nodes, 
         assert _recover(path) == []
     finally:
         sched.stop()
+
+
+def test_shared_cluster_job_api(scheduler_factory, two_nodes, tmp_path, monkeypatch):
+    """JobCluster's job API through the scheduler: depends and setup, provisional
+    results to the callback, files a job sends back, cancel (queued and running),
+    wait, submit_node to one of the scheduler's nodes (or an unknown one)."""
+    sched = scheduler_factory()
+    dep = tmp_path / "dep.txt"
+    dep.write_text("from the client")
+    seen = []
+
+    def cb(job):
+        seen.append((job.status, job.result))
+
+    with sched.cluster(jobs.provisional_steps, callback=cb) as cluster:
+        assert cluster.submit(2)(timeout=60) == ("done", 2)
+        assert cluster.wait(timeout=30)
+    assert [r for st, r in seen if st == DispyJob.ProvisionalResult] == [("step", 0), ("step", 1)]
+
+    with sched.cluster(jobs.read_file, depends=[str(dep)]) as cluster:
+        assert cluster.submit("dep.txt")(timeout=60) == "from the client"
+
+    with sched.cluster(jobs.read_setup_global, setup=functools.partial(jobs.setup_global, 7)) as c:
+        assert c.submit(1)(timeout=60) == (7, 1)
+
+    monkeypatch.chdir(tmp_path)
+    with sched.cluster(jobs.send_back) as cluster:
+        job = cluster.submit("back.txt", "from the node")
+        assert job(timeout=60) == 0, (job.exception, job.stderr)
+    assert (tmp_path / "back.txt").read_text() == "from the node"
+
+    with sched.cluster(jobs.sleep_for) as cluster:
+        running = [cluster.submit(30) for _ in range(2)]
+        queued = [cluster.submit(30) for _ in range(30)]  # beyond what the nodes take
+        assert _wait_for(lambda: all(j.status == DispyJob.Running for j in running), 30)
+        for j in queued + running:
+            assert cluster.cancel(j) == 0
+        for j in queued + running:
+            j(timeout=60)
+            assert j.status in (DispyJob.Cancelled, DispyJob.Terminated), (j.status, j.exception)
+        assert cluster.wait(timeout=30)
+
+    with sched.cluster(jobs.where) as cluster:
+        assert cluster.submit(0)(timeout=60) is not None  # set up on both nodes
+        for node in two_nodes:
+            pinned = [cluster.submit_node(node.address, i) for i in range(3)]
+            for j in pinned:  # the job's folder is in that node's folder
+                assert j(timeout=60).startswith(node._dir), (j.status, j.exception, node._dir)
+        bad = cluster.submit_node("10.255.255.1:9", 1)
+        assert bad(timeout=60) is None and bad.status == DispyJob.Abandoned
+        assert "submit_node" in bad.exception and "10.255.255.1:9" in bad.exception

@@ -121,6 +121,10 @@ class Scheduler:
                 continue
             batch = []
             while free > 0 and node.pinned:
+                if self.eligible is not None and not self.eligible(
+                    node.key, node.pinned[0]._cluster
+                ):
+                    break  # (several clusters) not set up there yet, or taken exclusively
                 batch.append(node.pinned.popleft())
                 free -= 1
             if self.eligible is None:
