@@ -9,8 +9,9 @@ pulses).  Cutting a host's cable (``Host.link_down``) drops its frames
 silently; ``ss -K`` (inside a namespace) destroys TCP connections there, as
 a NAT or firewall forgetting them would.
 
-Each job x writes marker files ``started-x-IP`` and ``done-x-IP`` (IP: the
-node it runs on) in a folder shared by all hosts (namespaces share the file
+Each job x writes marker files ``started-x-IP-R`` and ``done-x-IP-R`` (IP: the
+node it runs on, R: random, one per run, so a second run on the same node
+shows too) in a folder shared by all hosts (namespaces share the file
 system), and returns x*x.  The client prints one JSON line at the end with,
 per job: result, status, exception and the statuses its callback saw.
 
@@ -28,7 +29,8 @@ exits 0 in bounded time.  Scenarios:
    folder: every job ends once, having run once (also those that ended on
    the nodes while it was down);
 4. the client's cable out for 3 s: it reconnects to the scheduler, which kept
-   its computation; every job finishes once.
+   its computation (its --zombie_interval, an hour by default, is much longer);
+   every job finishes once.
 
 Durations named ``OUTAGE_*`` are deliberate outage lengths (how long a cable
 stays out): test parameters, not waits for a condition.  Every wait for a
@@ -89,16 +91,17 @@ import collections, json, logging, re, select, sys, threading, time
 import dispy
 
 def compute(x, sleep, mdir, me):
-    import os, socket, time
+    import os, socket, time, uuid
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.connect((me, 9))  # picks the route and so our address; sends nothing
     ip = probe.getsockname()[0]
     probe.close()
     if isinstance(sleep, dict):
         sleep = sleep.get(ip, 0)
-    open(os.path.join(mdir, "started-%d-%s" % (x, ip)), "w").close()
+    run = uuid.uuid4().hex  # one marker per run, also if a job runs twice on a node
+    open(os.path.join(mdir, "started-%d-%s-%s" % (x, ip, run)), "w").close()
     time.sleep(sleep)
-    open(os.path.join(mdir, "done-%d-%s" % (x, ip)), "w").close()
+    open(os.path.join(mdir, "done-%d-%s-%s" % (x, ip, run)), "w").close()
     return x * x
 
 cfg = json.loads(sys.argv[1])
@@ -305,7 +308,7 @@ class Net:
         """Job ids with a ``kind`` (started/done) marker, on ``host`` (or any)."""
         out = set()
         for name in os.listdir(self.mdir):
-            k, x, ip = name.split("-", 2)
+            k, x, ip, _run = name.split("-", 3)
             if k == kind and (host is None or ip == host.ip):
                 out.add(int(x))
         return out
@@ -467,9 +470,13 @@ def test_node_cut_past_window(netns, tmp_path, programs, reentrant):
     on_n1 = net.markers("started", n1)
     assert len(on_n1) >= 2, on_n1
     assert (WINDOW - SCHED_PULSE) - 0.5 <= declared < WINDOW + 2, f"declared after {declared:.1f} s"
+    runs = net.runs()
     if reentrant:
         assert_each_job_ended_once(out, dict.fromkeys(range(8), FINISHED))
+        # N1's jobs ran there (to the end) and once more on N2; the others once, on N2
+        assert runs == {x: 2 if x in on_n1 else 1 for x in range(8)}, sorted(os.listdir(net.mdir))
     else:
+        assert runs == dict.fromkeys(range(8), 1), sorted(os.listdir(net.mdir))
         expected = {x: ABANDONED if x in on_n1 else FINISHED for x in range(8)}
         assert_each_job_ended_once(out, expected)
         assert not on_n1 & net.markers("started", n2), "a non-reentrant job ran twice"
