@@ -266,7 +266,10 @@ class _NodeLink:
         self.node.ip_addr = addr
         chan.on_message = self.on_message
         closed = asyncio.get_running_loop().create_future()
-        chan.on_close = lambda exc: closed.done() or closed.set_result(exc)
+        chan.on_close = lambda exc: (
+            closed.done() or closed.set_result(exc),
+            self.chan is chan and self._fail_waiters(),  # not a later connection's
+        )
         chan.start()
         info = await self._request(Kind.INFO_REQ, {"pulse": engine.pulse_interval}, Kind.INFO)
         if info.get("relay"):
@@ -500,11 +503,16 @@ class _NodeLink:
         if self.chan is not None and not self.chan.is_closed:
             self.chan.send(Kind.CANCEL, {"c": self.engine.cid, "j": [job._uid]})
 
-    def _lost(self) -> None:
+    def _fail_waiters(self) -> None:
+        """The connection ended: requests waiting for a reply on it fail now (a
+        request in flight, such as INFO or COMPUTE, would otherwise wait for ever)."""
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed(f"node {self.host}:{self.port} disconnected"))
         self._waiters.clear()
+
+    def _lost(self) -> None:
+        self._fail_waiters()
         if self.chan is not None:
             self.node.tx += self.chan.bytes_sent
             self.node.rx += self.chan.bytes_received

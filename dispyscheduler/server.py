@@ -484,7 +484,10 @@ class NodeLink:
         self.last_heard = time.monotonic()
         closed = asyncio.get_running_loop().create_future()
         chan.on_message = self.on_message
-        chan.on_close = lambda exc: closed.done() or closed.set_result(exc)
+        chan.on_close = lambda exc: (
+            closed.done() or closed.set_result(exc),
+            self.chan is chan and self._fail_waiters(),  # not a later connection's
+        )
         chan.start()
         info = await self._request(Kind.INFO_REQ, {"pulse": server.pulse_interval}, Kind.INFO)
         if info.get("relay"):
@@ -514,8 +517,10 @@ class NodeLink:
                 comp.ready_on.add(self.key)
                 if comp.exclusive:
                     server.owner.setdefault(self.key, cid)
-            elif not jids:
-                self.had.discard(cid)
+            else:  # the node restarted: set it up there again (node_ready does)
+                comp.ready_on.discard(self.key)
+                if not jids:
+                    self.had.discard(cid)
             on_node.append((comp, jids))
         if self.suspect:  # back within the window: what it no longer has is lost
             there = {(comp.cid, j) for comp, jids in on_node for j in jids}
@@ -546,11 +551,16 @@ class NodeLink:
             except ConnectionClosed:
                 return
 
-    def _lost(self) -> None:
+    def _fail_waiters(self) -> None:
+        """The connection ended: requests waiting for a reply on it fail now (a
+        request in flight, such as INFO or COMPUTE, would otherwise wait for ever)."""
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed(f"node {self} disconnected"))
         self._waiters.clear()
+
+    def _lost(self) -> None:
+        self._fail_waiters()
         if self.chan is not None:
             self.chan.abort()
             self.chan = None
