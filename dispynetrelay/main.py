@@ -31,12 +31,12 @@ import asyncio
 import collections
 import ipaddress
 import logging
-import signal
 import socket
 import sys
 import time
 
 from dispy import config, discovery, transport
+from dispy._daemon import check_ports, run_until_stopped, setup_logging
 from dispy.errors import DispyError
 from dispy.keys import read_secret_file, resolve_secret
 from dispy.protocol import Kind, derive_key
@@ -201,9 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.relay_port is None:
         args.relay_port = args.node_port
-    for name in ("relay_port", "node_port", "client_port"):
-        if not 0 <= getattr(args, name) <= 65535:
-            p.error(f"--{name} {getattr(args, name)} is not a port number (0-65535)")
+    check_ports(p, args, "relay_port", "node_port", "client_port")
     if args.secret and args.secret_file:
         p.error("give --secret or --secret_file, not both")
     if args.keyfile and not args.certfile:
@@ -216,15 +214,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     except DispyError as exc:
         p.error(str(exc))
     return args
-
-
-async def _stdin_quit(relay: Relay) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line or line.strip() in ("quit", "exit"):
-            relay.stopped.set()
-            return
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -253,26 +242,17 @@ async def run(args: argparse.Namespace) -> int:
         )
         await relay.shutdown()
         return 2
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, relay.stopped.set)
     nets = " ".join(str(n) for n in relay.local_networks()) or "none"
     print(f"dispynetrelay ready: port={relay.requests.address[1]} networks={nets}", flush=True)
     logger.info("secret from %s", args.auth)
-    task = None if args.daemon else loop.create_task(_stdin_quit(relay))
-    await relay.stopped.wait()
-    if task is not None:
-        task.cancel()
+    await run_until_stopped(relay.stopped, daemon=args.daemon)
     await relay.shutdown()
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s dispynetrelay %(levelname)s %(message)s",
-    )
+    setup_logging("dispynetrelay", args.debug)
     return asyncio.run(run(args))
 
 

@@ -23,6 +23,7 @@ import os
 import sys
 
 from dispy import config
+from dispy._daemon import check_ports, setup_logging
 from dispy.errors import DispyError
 from dispy.keys import read_secret_file, resolve_secret
 from dispy.tls import server_context
@@ -155,8 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.cpus = max(1, ncpu + args.cpus)
     elif args.cpus > ncpu:
         logger.warning("--cpus %d is more than this machine's %d CPUs", args.cpus, ncpu)
-    if not 0 <= args.node_port <= 65535:
-        p.error(f"--node_port {args.node_port} is not a port number (0-65535)")
+    check_ports(p, args, "node_port")
     if args.secret and args.secret_file:
         p.error("give --secret or --secret_file, not both")
     if args.insecure and (args.secret or args.secret_file):
@@ -323,10 +323,7 @@ def main(argv=None) -> int:
         from dispy.certs import main as certs_main
 
         return certs_main([args.make_certs])
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s dispynode %(levelname)s %(message)s",
-    )
+    setup_logging("dispynode", args.debug)
     try:
         import uvloop  # optional, faster event loop where installed
 

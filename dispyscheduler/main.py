@@ -17,11 +17,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 import tempfile
 
 from dispy import config
+from dispy._daemon import check_ports, run_until_stopped, setup_logging
 from dispy.errors import DispyError
 from dispy.keys import resolve_secret
 from dispy.protocol import derive_key
@@ -144,9 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)  # fmt: skip
-    for name in ("port", "node_port", "httpd_port"):
-        if not 0 <= getattr(args, name) <= 65535:
-            p.error(f"--{name} {getattr(args, name)} is not a port number (0-65535)")
+    check_ports(p, args, "port", "node_port", "httpd_port")
     try:
         args.node_secret, args.node_auth = resolve_secret(args.node_secret)
     except DispyError as exc:
@@ -161,15 +159,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         else "first"
     )
     return args
-
-
-async def _stdin_quit(stopped: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line or line.strip() in ("quit", "exit"):
-            stopped.set()
-            return
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -230,16 +219,10 @@ async def run(args: argparse.Namespace) -> int:
             )
             await server.shutdown()
             return 2
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.stopped.set)
     addrs = " ".join(f"{h}:{p}" for h, p in server.bound)
     print(f"dispyscheduler ready: addr={addrs} policy={args.policy}", flush=True)
     logger.info("nodes: %s; secret for nodes from %s", " ".join(server.node_specs), args.node_auth)
-    task = None if args.daemon else loop.create_task(_stdin_quit(server.stopped))
-    await server.stopped.wait()
-    if task is not None:
-        task.cancel()
+    await run_until_stopped(server.stopped, daemon=args.daemon)
     if monitor is not None:  # from a thread: its requests may be waiting for this loop
         await asyncio.to_thread(monitor.shutdown)
     await server.shutdown()
@@ -248,10 +231,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s dispyscheduler %(levelname)s %(message)s",
-    )
+    setup_logging("dispyscheduler", args.debug)
     return asyncio.run(run(args))
 
 
