@@ -45,6 +45,7 @@ from ._data import NodeData, check_name
 from ._data import _local as data_local
 from ._finder import NodeFinder
 from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
+from ._link import MISSED_PULSES, LinkBase
 from ._local import LocalNode
 from ._recover import RecoverFile
 from ._recovery import default_path as _default_recover_path
@@ -69,7 +70,6 @@ logger = logging.getLogger("dispy")
 
 #: Seconds between pulses (both ways); a node silent for MISSED_PULSES of them is dead.
 DEFAULT_PULSE_INTERVAL = 2.0
-MISSED_PULSES = 5
 #: Most bytes of job arguments put in one JOBS frame.
 BATCH_BYTES = 8 << 20
 FILE_CHUNK = 8 << 20
@@ -146,7 +146,7 @@ def _parse_nodes(nodes, node_port: int):
     return out, patterns, local
 
 
-class _NodeLink:
+class _NodeLink(LinkBase):
     """The client's connection to one node, for one cluster."""
 
     def __init__(self, engine: _Engine, host: str, port: int, alloc: NodeAllocate | None) -> None:
@@ -156,22 +156,24 @@ class _NodeLink:
         self.alloc = alloc
         self.key = (host, port)
         self.node = DispyNode(host, port)
-        self.chan: transport.Channel | None = None
+        self._init_link(logger)
         self.failure: str | None = None  # permanent failure, if any
         self.ready = False
-        self._waiters: dict[int, asyncio.Future] = {}
         self._acks: list[int] = []
         self._ack_scheduled = False
         self._closing = False
         self.setup_done = False
         self.was_setup = False  # the computation was set up there: reconnect with RESUME
-        self.suspect = False  # connection lost, within the liveness window: jobs wait
-        self._grace: asyncio.TimerHandle | None = None
-        self.last_heard = time.monotonic()
         self.task: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def _pulse_interval(self) -> float:
+        return self.engine.pulse_interval
+
+    def _node_lost(self) -> None:
+        self.engine.node_lost(self)
 
     async def run(self) -> None:
         delay = 0.5
@@ -356,20 +358,6 @@ class _NodeLink:
         )  # fmt: skip
         return bool(reply.get("known"))
 
-    def _end_grace(self) -> None:
-        self.suspect = False
-        if self._grace is not None:
-            self._grace.cancel()
-            self._grace = None
-
-    def _declare_dead(self, why: str) -> None:
-        """The liveness window passed (or the node process is gone): its jobs are lost."""
-        if not self.suspect:
-            return
-        self._end_grace()
-        logger.warning("node %s:%s declared dead: %s", self.host, self.port, why)
-        self.engine.node_lost(self)
-
     async def _send_computation(self) -> None:
         pkg = self.engine.package
         cid = self.engine.cid
@@ -426,10 +414,7 @@ class _NodeLink:
     async def _request(
         self, kind: int, ctl: dict, reply_kind: int, payload=(), tag: str | None = None
     ) -> dict:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters[(reply_kind, tag) if tag else reply_kind] = fut
-        self.chan.send(kind, ctl, payload)
-        return await fut
+        return await self._ask(kind, ctl, (reply_kind, tag) if tag else reply_kind, payload)
 
     # -- messages from the node -------------------------------------------------
     def on_message(self, msg) -> None:
@@ -503,14 +488,6 @@ class _NodeLink:
         if self.chan is not None and not self.chan.is_closed:
             self.chan.send(Kind.CANCEL, {"c": self.engine.cid, "j": [job._uid]})
 
-    def _fail_waiters(self) -> None:
-        """The connection ended: requests waiting for a reply on it fail now (a
-        request in flight, such as INFO or COMPUTE, would otherwise wait for ever)."""
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(ConnectionClosed(f"node {self.host}:{self.port} disconnected"))
-        self._waiters.clear()
-
     def _lost(self) -> None:
         self._fail_waiters()
         if self.chan is not None:
@@ -521,35 +498,10 @@ class _NodeLink:
         self.setup_done = False
         if self.ready:
             self.ready = False
-            remaining = self.window - (time.monotonic() - self.last_heard)
-            if self._closing or remaining <= 0:
-                self.engine.node_lost(self)
-            else:  # wait for it within the liveness window; its jobs stay put meanwhile
+            if self._suspend(self.window, self._closing):  # its jobs stay put meanwhile
                 self.engine.sched.set_ready(self.key, False)
-                self.suspect = True
-                self._grace = asyncio.get_running_loop().call_later(
-                    remaining, self._declare_dead, f"no connection for {self.window:g} s"
-                )
-
-    async def _watch(self, chan: transport.Channel) -> None:
-        """Pulse the node, and declare it dead if it is silent for MISSED_PULSES intervals
-        (a partition or a frozen host does not close a TCP connection)."""
-        interval = self.engine.pulse_interval
-        limit = interval * MISSED_PULSES
-        while not chan.is_closed:
-            await asyncio.sleep(interval)  # the pulse period
-            silent = time.monotonic() - self.last_heard
-            if silent > limit:
-                logger.warning(
-                    "node %s (%s:%s) silent for %.1f s (%d pulses): declared dead",
-                    self.node.name, self.host, self.port, silent, MISSED_PULSES,
-                )  # fmt: skip
-                chan.abort()
-                return
-            try:
-                chan.send(Kind.PING, {})
-            except ConnectionClosed:
-                return
+            else:
+                self.engine.node_lost(self)
 
     async def close_computation(self, terminate: bool) -> None:
         """Close the computation on the node (cleanup runs there); keep the connection."""

@@ -37,6 +37,7 @@ import time
 from dispy import config, transport
 from dispy._client import _read_chunk
 from dispy._finder import NodeFinder
+from dispy._link import MISSED_PULSES, LinkBase
 from dispy._paths import safe_relpath
 from dispy._version import __version__
 from dispy.core import jobstate
@@ -55,7 +56,6 @@ from .state import SchedulerState
 logger = logging.getLogger("dispyscheduler")
 
 FILE_CHUNK = 1 << 20
-MISSED_PULSES = 5
 STATE_FILE = "scheduler.db"
 #: Seconds a client's COMPUTE waits for a node to set the computation up.
 SETUP_WAIT_S = 120
@@ -411,7 +411,7 @@ class ClientSession:
         self.server.sessions.discard(self)
 
 
-class NodeLink:
+class NodeLink(LinkBase):
     """The scheduler's one connection to a node, shared by every computation."""
 
     def __init__(self, server: SchedulerServer, host: str, port: int) -> None:
@@ -422,13 +422,9 @@ class NodeLink:
         self.ip = host
         self.name = host
         self.cpus = 0
-        self.chan: transport.Channel | None = None
+        self._init_link(logger)
         self.ready = False
         self.closing = False
-        self.suspect = False  # connection lost, within the liveness window: jobs wait
-        self._grace: asyncio.TimerHandle | None = None
-        self.last_heard = time.monotonic()
-        self._waiters: dict = {}
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
         self._acks: dict[str, list] = {}
         self._ack_scheduled = False
@@ -436,6 +432,12 @@ class NodeLink:
 
     def __repr__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def _pulse_interval(self) -> float:
+        return self.server.pulse_interval
+
+    def _node_lost(self) -> None:
+        self.server.node_lost(self)
 
     async def run(self) -> None:
         delay = 0.5
@@ -538,27 +540,6 @@ class NodeLink:
         if not self.closing:
             raise ConnectionClosed(f"connection to node {self} lost: {exc}")
 
-    async def _watch(self, chan) -> None:
-        interval = self.server.pulse_interval
-        while not chan.is_closed:
-            await asyncio.sleep(interval)  # the pulse period
-            if time.monotonic() - self.last_heard > interval * MISSED_PULSES:
-                logger.warning("node %s silent for %d pulses: declared dead", self, MISSED_PULSES)
-                chan.abort()
-                return
-            try:
-                chan.send(Kind.PING, {})
-            except ConnectionClosed:
-                return
-
-    def _fail_waiters(self) -> None:
-        """The connection ended: requests waiting for a reply on it fail now (a
-        request in flight, such as INFO or COMPUTE, would otherwise wait for ever)."""
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(ConnectionClosed(f"node {self} disconnected"))
-        self._waiters.clear()
-
     def _lost(self) -> None:
         self._fail_waiters()
         if self.chan is not None:
@@ -567,36 +548,14 @@ class NodeLink:
         if self.ready:
             self.ready = False
             window = self.server.pulse_interval * MISSED_PULSES
-            remaining = window - (time.monotonic() - self.last_heard)
-            if self.closing or remaining <= 0:
-                self.server.node_lost(self)
-            else:  # its jobs stay put while it may come back (a dropped connection)
-                self.suspect = True
+            if self._suspend(window, self.closing):  # its jobs stay put while it may return
                 self.server.sched.set_ready(self.key, False)
                 self.server._tell_cpus()
-                self._grace = asyncio.get_running_loop().call_later(
-                    remaining, self._declare_dead, f"no connection for {window:g} s"
-                )
-
-    def _declare_dead(self, why: str) -> None:
-        """The liveness window passed (or the node process is gone): its jobs are lost."""
-        if not self.suspect:
-            return
-        self._end_grace()
-        logger.warning("node %s declared dead: %s", self, why)
-        self.server.node_lost(self)
-
-    def _end_grace(self) -> None:
-        self.suspect = False
-        if self._grace is not None:
-            self._grace.cancel()
-            self._grace = None
+            else:
+                self.server.node_lost(self)
 
     async def _request(self, kind, ctl: dict, reply_key, payload=()) -> dict:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters[reply_key] = fut
-        self.chan.send(kind, ctl, payload)
-        return await fut
+        return await self._ask(kind, ctl, reply_key, payload)
 
     def on_message(self, msg) -> None:
         self.last_heard = time.monotonic()

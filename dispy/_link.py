@@ -1,0 +1,109 @@
+"""What a long-lived connection to a node needs, on either side that keeps one:
+the client's link (``dispy._client._NodeLink``) and the scheduler's
+(``dispyscheduler.server.NodeLink``).
+
+* requests waiting for their reply (``_ask``), failed at once when the
+  connection ends (``_fail_waiters``): a request in flight must not wait for
+  ever;
+* the pulse watchdog (``_watch``): a node silent for ``MISSED_PULSES`` pulses
+  is cut off (a partition or a frozen host does not close a TCP connection);
+* the liveness window after a lost connection (``_suspend``): the node's jobs
+  stay put while it may come back; ``_declare_dead`` when the window passes
+  (or the node process is known gone) calls the owner's ``_node_lost``.
+
+Subclasses call ``_init_link()`` and provide ``_pulse_interval()``,
+``_node_lost()`` and ``__repr__`` (the node's address, for messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .errors import ConnectionClosed
+from .protocol import Kind
+
+#: Pulses a node may miss before it is cut off; also the liveness window.
+MISSED_PULSES = 5
+
+
+class LinkBase:
+    chan = None
+    _log = logging.getLogger("dispy")
+
+    def _init_link(self, log: logging.Logger) -> None:
+        self._log = log
+        self.chan = None
+        self._waiters: dict = {}
+        self.suspect = False  # connection lost, within the liveness window: jobs wait
+        self._grace: asyncio.TimerHandle | None = None
+        self.last_heard = time.monotonic()
+
+    def _pulse_interval(self) -> float:
+        raise NotImplementedError
+
+    def _node_lost(self) -> None:
+        raise NotImplementedError
+
+    # -- requests -------------------------------------------------------------------------
+    def _ask(self, kind, ctl: dict, key, payload=()) -> asyncio.Future:
+        """Send a request; the future gets the reply filed under ``key``."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[key] = fut
+        self.chan.send(kind, ctl, payload)
+        return fut
+
+    def _fail_waiters(self) -> None:
+        """The connection ended: requests waiting for a reply on it fail now."""
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(f"node {self!r} disconnected"))
+        self._waiters.clear()
+
+    # -- liveness -------------------------------------------------------------------------
+    async def _watch(self, chan) -> None:
+        """Pulse the node; cut it off if it is silent for MISSED_PULSES intervals."""
+        interval = self._pulse_interval()
+        limit = interval * MISSED_PULSES
+        while not chan.is_closed:
+            await asyncio.sleep(interval)  # the pulse period
+            silent = time.monotonic() - self.last_heard
+            if silent > limit:
+                self._log.warning(
+                    "node %r silent for %.1f s (%d pulses): declared dead",
+                    self, silent, MISSED_PULSES,
+                )  # fmt: skip
+                chan.abort()
+                return
+            try:
+                chan.send(Kind.PING, {})
+            except ConnectionClosed:
+                return
+
+    def _suspend(self, window: float, closing: bool) -> bool:
+        """The connection was lost: keep the node's jobs for the rest of ``window``
+        (counted from when it was last heard).  False if that is over already (or
+        the link is closing): the node is lost now."""
+        remaining = window - (time.monotonic() - self.last_heard)
+        if closing or remaining <= 0:
+            return False
+        self.suspect = True
+        self._grace = asyncio.get_running_loop().call_later(
+            remaining, self._declare_dead, f"no connection for {window:g} s"
+        )
+        return True
+
+    def _end_grace(self) -> None:
+        self.suspect = False
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _declare_dead(self, why: str) -> None:
+        """The liveness window passed (or the node process is gone): its jobs are lost."""
+        if not self.suspect:
+            return
+        self._end_grace()
+        self._log.warning("node %r declared dead: %s", self, why)
+        self._node_lost()
