@@ -145,6 +145,59 @@ def init_schema(
         raise
 
 
+def open_checked(
+    path: str,
+    *,
+    app_id: int,
+    version: int,
+    statements: Sequence[str],
+    tables: Iterable[str],
+    what: str,
+    program: str,
+    hint: str,
+    error_cls: type[StorageError],
+) -> sqlite3.Connection:
+    """The writer's connection (WAL) to the database of kind ``what`` at ``path``:
+    made (mode 0600, ``statements``) if missing or empty, else checked to be one of
+    ours (``app_id``), of this ``version``, with ``tables``, readable.  Anything
+    else raises ``error_cls`` naming the file, what is wrong and ``hint``."""
+    try:
+        create_private_file(path, exclusive=False)
+        is_sqlite, found_id = read_header(path)
+        empty = os.path.getsize(path) == 0
+    except OSError as exc:
+        raise error_cls(f"cannot open {what} {path}: {exc}; {hint}") from exc
+    if not empty and not is_sqlite:
+        raise error_cls(f"{what} {path} is damaged (not an SQLite database); {hint}")
+    if is_sqlite and found_id != app_id:
+        raise error_cls(f"{path} is an SQLite database but not a {what}; {hint}")
+    conn = connect(path, writer=True)
+    try:
+        if empty:
+            init_schema(conn, app_id=app_id, version=version, statements=statements)
+        set_wal(conn)
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found > version:
+            raise error_cls(
+                f"{what} {path} was written by a newer {program} (layout {found}; this "
+                f"one reads {version}): use that version, or {hint}"
+            )
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema")}
+        if found != version or not set(tables) <= names:
+            raise error_cls(
+                f"{what} {path} is damaged (layout {found}, tables {sorted(names)}); {hint}"
+            )
+        for table in tables:  # readable through and through (not just its header)
+            conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    except error_cls:
+        conn.close()
+        raise
+    except sqlite3.Error as exc:
+        conn.close()
+        raise error_cls(f"{what} {path} is damaged or unreadable ({exc}); {hint}") from exc
+    return conn
+
+
 def set_wal(conn: sqlite3.Connection) -> None:
     """WAL journal with ``synchronous=NORMAL`` (see the owners' notes on durability)."""
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

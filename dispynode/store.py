@@ -148,51 +148,11 @@ class ResultStore:
     @staticmethod
     def _open(path: str) -> sqlite3.Connection:
         """The writer's connection to a checked (or new) store at ``path``."""
-        try:
-            _sqlite.create_private_file(path, exclusive=False)
-            is_sqlite, app_id = _sqlite.read_header(path)
-            empty = os.path.getsize(path) == 0
-        except OSError as exc:
-            raise StoreError(
-                f"cannot open result store {path}: {exc}; {_clean_hint(path)}"
-            ) from exc
-        if not empty and not is_sqlite:
-            raise StoreError(
-                f"result store {path} is damaged (not an SQLite database); {_clean_hint(path)}"
-            )
-        if is_sqlite and app_id != APP_ID:
-            raise StoreError(
-                f"{path} is an SQLite database but not a dispynode result store; "
-                f"{_clean_hint(path)}"
-            )
-        conn = _sqlite.connect(path, writer=True)
-        try:
-            if empty:
-                _sqlite.init_schema(conn, app_id=APP_ID, version=SCHEMA_VERSION, statements=_SCHEMA)
-            _sqlite.set_wal(conn)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"result store {path} was written by a newer dispynode (layout "
-                    f"{version}; this one reads {SCHEMA_VERSION}): use that version, or "
-                    f"{_clean_hint(path)}"
-                )
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema")}
-            if version != SCHEMA_VERSION or not {"results", "chunks", "computations"} <= tables:
-                raise StoreError(
-                    f"result store {path} is damaged (layout {version}, tables "
-                    f"{sorted(tables)}); {_clean_hint(path)}"
-                )
-            conn.execute("SELECT count(*) FROM computations").fetchone()
-        except StoreError:
-            conn.close()
-            raise
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StoreError(
-                f"result store {path} is damaged or unreadable ({exc}); {_clean_hint(path)}"
-            ) from exc
-        return conn
+        return _sqlite.open_checked(
+            path, app_id=APP_ID, version=SCHEMA_VERSION, statements=_SCHEMA,
+            tables=("results", "chunks", "computations"), what="dispynode result store",
+            program="dispynode", hint=_clean_hint(path), error_cls=StoreError,
+        )  # fmt: skip
 
     # -- writes (non-blocking) ------------------------------------------------------------
     def put(self, cid: str, jid: int, info: dict, segs: Sequence) -> None:

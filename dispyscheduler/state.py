@@ -82,38 +82,11 @@ class SchedulerState:
 
     @staticmethod
     def _open(path: str) -> sqlite3.Connection:
-        try:
-            _sqlite.create_private_file(path, exclusive=False)
-            is_sqlite, app_id = _sqlite.read_header(path)
-            empty = os.path.getsize(path) == 0
-        except OSError as exc:
-            raise StateError(f"cannot open scheduler state {path}: {exc}; {_hint(path)}") from exc
-        if not empty and (not is_sqlite or app_id != APP_ID):
-            raise StateError(
-                f"{path} is not a dispyscheduler state file (damaged, or another program's); "
-                f"{_hint(path)}"
-            )
-        conn = _sqlite.connect(path, writer=True)
-        try:
-            if empty:
-                _sqlite.init_schema(conn, app_id=APP_ID, version=SCHEMA_VERSION, statements=_SCHEMA)
-            _sqlite.set_wal(conn)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema")}
-            if version != SCHEMA_VERSION or not _TABLES <= tables:
-                raise StateError(
-                    f"scheduler state {path} has layout {version} with tables {sorted(tables)}, "
-                    f"this dispyscheduler reads layout {SCHEMA_VERSION}; {_hint(path)}"
-                )
-        except StateError:
-            conn.close()
-            raise
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StateError(
-                f"scheduler state {path} is unreadable ({exc}); {_hint(path)}"
-            ) from exc
-        return conn
+        return _sqlite.open_checked(
+            path, app_id=APP_ID, version=SCHEMA_VERSION, statements=_SCHEMA, tables=_TABLES,
+            what="dispyscheduler state file", program="dispyscheduler", hint=_hint(path),
+            error_cls=StateError,
+        )  # fmt: skip
 
     # -- writes (queued) ------------------------------------------------------------------
     def save_comp(self, cid: str, meta: dict) -> None:
