@@ -175,50 +175,15 @@ class _NodeLink(LinkBase):
     def _node_lost(self) -> None:
         self.engine.node_lost(self)
 
-    async def run(self) -> None:
-        delay = 0.5
-        warned = False
-        while not self._closing:
-            live = False  # the connection was in use when it failed: reconnect at once
-            try:
-                await self._session()
-                delay = 0.5
-            except _Permanent as exc:
-                self.failure = str(exc)
-                logger.error("%s", exc)
-                self.engine.node_failed(self)
-                return
-            except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
-                if self._closing:
-                    return
-                live = self.ready
-                why = getattr(exc, "strerror", None) or exc
-                if (
-                    isinstance(exc, ConnectionRefusedError)
-                    and self.suspect
-                    and not self.engine.compute_opts  # a scheduler keeps jobs across restarts
-                ):
-                    # the host answers but no node listens: the node process is gone,
-                    # and its running jobs with it
-                    self._declare_dead("its dispynode is not running any more")
-                elif live:
-                    logger.info("node %s:%s: %s; reconnecting", self.host, self.port, why)
-                elif not warned and not self.suspect:
-                    logger.warning(
-                        "cannot use node %s:%s: %s; is dispynode running there? retrying",
-                        self.host,
-                        self.port,
-                        why,
-                    )
-                    warned = True
-            finally:
-                self._lost()
-            if self._closing:
-                return
-            if live and self.suspect:
-                continue
-            await asyncio.sleep(min(delay, 0.5) if self.suspect else delay)  # back-off
-            delay = min(delay * 2, 10.0)
+    PERMANENT = (_Permanent, AuthenticationFailed, IncompatibleVersion)
+
+    def _permanent(self, exc: Exception) -> None:
+        self.failure = str(exc)
+        logger.error("%s", exc)
+        self.engine.node_failed(self)
+
+    def _refused_means_dead(self) -> bool:
+        return not self.engine.compute_opts  # a scheduler keeps jobs across its restarts
 
     async def _session(self) -> None:
         engine = self.engine

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 
-from .errors import ConnectionClosed
+from .errors import AuthenticationFailed, ConnectionClosed, IncompatibleVersion, ProtocolError
 from .protocol import Kind
 
 #: Pulses a node may miss before it is cut off; also the liveness window.
@@ -31,9 +31,13 @@ MISSED_PULSES = 5
 class LinkBase:
     chan = None
     _log = logging.getLogger("dispy")
+    #: errors after which reconnecting is pointless
+    PERMANENT: tuple = (AuthenticationFailed, IncompatibleVersion)
 
     def _init_link(self, log: logging.Logger) -> None:
         self._log = log
+        self._closing = False
+        self.ready = False
         self.chan = None
         self._waiters: dict = {}
         self.suspect = False  # connection lost, within the liveness window: jobs wait
@@ -45,6 +49,63 @@ class LinkBase:
 
     def _node_lost(self) -> None:
         raise NotImplementedError
+
+    async def _session(self) -> None:
+        """One connection: connect, set up, serve until it ends (raises when it fails)."""
+        raise NotImplementedError
+
+    def _lost(self) -> None:
+        raise NotImplementedError
+
+    def _permanent(self, exc: Exception) -> None:
+        """A PERMANENT error: say so; the link stops."""
+        self._log.error("node %r: %s", self, exc)
+
+    def _refused_means_dead(self) -> bool:
+        """A refused reconnection within the window: the node process is gone?"""
+        return True
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect (with back-off) until closed or a permanent error.
+        A connection that was in use is tried again at once."""
+        delay = 0.5
+        warned = False
+        while not self._closing:
+            live = False
+            try:
+                await self._session()
+                delay = 0.5
+            except self.PERMANENT as exc:
+                self._permanent(exc)
+                return
+            except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
+                if self._closing:
+                    return
+                live = self.ready
+                why = getattr(exc, "strerror", None) or exc
+                if (
+                    isinstance(exc, ConnectionRefusedError)
+                    and self.suspect
+                    and self._refused_means_dead()
+                ):
+                    # the host answers but no node listens: the node process is gone,
+                    # and its running jobs with it
+                    self._declare_dead("its dispynode is not running any more")
+                elif live:
+                    self._log.info("node %r: %s; reconnecting", self, why)
+                elif not warned and not self.suspect:
+                    self._log.warning(
+                        "cannot use node %r: %s; is dispynode running there? retrying", self, why
+                    )
+                    warned = True
+            finally:
+                self._lost()
+            if self._closing:
+                return
+            if live and self.suspect:
+                continue
+            await asyncio.sleep(min(delay, 0.5) if self.suspect else delay)  # back-off
+            delay = min(delay * 2, 10.0)
 
     # -- requests -------------------------------------------------------------------------
     def _ask(self, kind, ctl: dict, key, payload=()) -> asyncio.Future:

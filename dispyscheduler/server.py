@@ -44,9 +44,7 @@ from dispy.core import jobstate
 from dispy.core.queues import ClusterQueue
 from dispy.core.scheduler import Scheduler
 from dispy.errors import (
-    AuthenticationFailed,
     ConnectionClosed,
-    IncompatibleVersion,
     ProtocolError,
 )
 from dispy.protocol import Kind, field, join_segments, split_segments
@@ -424,7 +422,7 @@ class NodeLink(LinkBase):
         self.cpus = 0
         self._init_link(logger)
         self.ready = False
-        self.closing = False
+        self._closing = False
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
         self._acks: dict[str, list] = {}
         self._ack_scheduled = False
@@ -439,41 +437,10 @@ class NodeLink(LinkBase):
     def _node_lost(self) -> None:
         self.server.node_lost(self)
 
-    async def run(self) -> None:
-        delay = 0.5
-        warned = False
-        while not self.closing:
-            try:
-                await self._session()
-                delay = 0.5
-            except (AuthenticationFailed, IncompatibleVersion) as exc:
-                logger.error(
-                    "node %s: %s (the scheduler's --node_secret must be the nodes' secret)",
-                    self,
-                    exc,
-                )
-                return
-            except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
-                live = self.ready
-                if isinstance(exc, ConnectionRefusedError) and self.suspect:
-                    # the host answers, no node listens: the node process is gone
-                    self._declare_dead("its dispynode is not running any more")
-                elif live:
-                    logger.info("node %s: %s; reconnecting", self, exc)
-                elif not warned and not self.suspect:
-                    logger.warning(
-                        "node %s: %s; retrying", self, getattr(exc, "strerror", None) or exc
-                    )
-                    warned = True
-            finally:
-                self._lost()
-            if self.closing:
-                return
-            if self.suspect:  # within the liveness window: try again soon
-                await asyncio.sleep(min(delay, 0.5))  # back-off between reconnections
-            else:
-                await asyncio.sleep(delay)  # back-off between reconnections
-            delay = min(delay * 2, 10.0)
+    def _permanent(self, exc: Exception) -> None:
+        logger.error(
+            "node %s: %s (the scheduler's --node_secret must be the nodes' secret)", self, exc
+        )
 
     async def _session(self) -> None:
         server = self.server
@@ -493,14 +460,14 @@ class NodeLink(LinkBase):
         chan.start()
         info = await self._request(Kind.INFO_REQ, {"pulse": server.pulse_interval}, Kind.INFO)
         if info.get("relay"):
-            self.closing = True
+            self._closing = True
             chan.close()
             return
         self.cpus = field(info, "cpus", int)
         self.name = field(info, "name", str)
         nid = info.get("nid")
         if isinstance(nid, str) and not server.claim(nid, self):
-            self.closing = True
+            self._closing = True
             chan.close()
             return
         # computations set up here before a reconnection (or before the scheduler
@@ -537,7 +504,7 @@ class NodeLink(LinkBase):
             exc = await closed
         finally:
             watchdog.cancel()
-        if not self.closing:
+        if not self._closing:
             raise ConnectionClosed(f"connection to node {self} lost: {exc}")
 
     def _lost(self) -> None:
@@ -548,7 +515,7 @@ class NodeLink(LinkBase):
         if self.ready:
             self.ready = False
             window = self.server.pulse_interval * MISSED_PULSES
-            if self._suspend(window, self.closing):  # its jobs stay put while it may return
+            if self._suspend(window, self._closing):  # its jobs stay put while it may return
                 self.server.sched.set_ready(self.key, False)
                 self.server._tell_cpus()
             else:
@@ -693,7 +660,7 @@ class NodeLink(LinkBase):
                 self.chan.send(Kind.ACK, {"c": cid, "j": uids})
 
     async def close(self) -> None:
-        self.closing = True
+        self._closing = True
         if self.suspect:
             self._declare_dead("the scheduler is stopping")
         if self.chan is not None:
@@ -894,7 +861,7 @@ class SchedulerServer:
     def claim(self, nid: str, link: NodeLink) -> bool:
         other = self.nids.get(nid)
         if other is not None and other != link.key and other in self.links:
-            if not self.links[other].closing:
+            if not self.links[other]._closing:
                 return False
         self.nids[nid] = link.key
         return True
@@ -961,7 +928,7 @@ class SchedulerServer:
                           [b"N."])  # fmt: skip
 
     def node_lost(self, link: NodeLink) -> None:
-        (logger.info if link.closing else logger.warning)("node %s (%s) lost", link.name, link)
+        (logger.info if link._closing else logger.warning)("node %s (%s) lost", link.name, link)
         self._tell_cpus()
         for comp in self.comps.values():
             comp.ready_on.discard(link.key)
