@@ -34,9 +34,10 @@ from dispy import _data as data
 from dispy import config, discovery, transport
 from dispy._data import check_name
 from dispy._paths import safe_relpath
+from dispy._session import OPS, SessionBase
 from dispy._version import __version__
 from dispy.core import jobstate
-from dispy.errors import ConnectionClosed, ProtocolError
+from dispy.errors import ProtocolError
 from dispy.protocol import Kind, derive_key, field, join_segments, split_segments
 from dispy.protocol._datagram import DatagramKind
 
@@ -81,20 +82,13 @@ class NodeJob:
         self.timed_out = False
 
 
-class Session:
+class Session(SessionBase):
     """One authenticated client connection and the computations it set up."""
 
     def __init__(self, node: NodeServer, chan: transport.Channel) -> None:
         self.node = node
-        self.chan = chan
-        self.peer = chan.peer
         self.comps: dict[str, Computation] = {}
-        self._out: list = []
-        self._flush_scheduled = False
-        self._ops: asyncio.Queue = asyncio.Queue()
-        self._current = None  # the request being handled
-        self._stop_after = False  # the connection closed while a CLOSE ran: finish it, then stop
-        self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+        self._init_session(chan, logger)
         self.pulse_interval = DEFAULT_PULSE_INTERVAL
         self.last_heard = time.monotonic()
         self._pulse_task: asyncio.Task | None = None
@@ -117,10 +111,8 @@ class Session:
             if self._pulse_task is None:
                 self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
             self.chan.send(Kind.INFO, self.node.info())
-        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME):
-            if self._ops.qsize() >= config.MAX_PENDING_OPS:
-                raise ProtocolError(f"more than {config.MAX_PENDING_OPS} pending requests")
-            self._ops.put_nowait((kind, ctl, msg.payload))
+        elif kind in OPS:
+            self._queue_op(kind, ctl, msg.payload)
         elif kind == Kind.CANCEL:
             comp = self.comps.get(field(ctl, "c", str))
             if comp is not None:
@@ -171,45 +163,20 @@ class Session:
         for job, files in files_jobs:  # write them off the loop, then queue the job
             self._ops.put_nowait(("job_files", job, files))
 
-    async def _run_ops(self) -> None:
+    async def _handle_op(self, kind, ctl, payload) -> None:
         """FILE, COMPUTE and CLOSE in arrival order (they touch the disk and processes)."""
-        while not self._stop_after:
-            kind, ctl, payload = await self._ops.get()
-            self._current = kind
-            try:
-                if kind == "job_files":
-                    await self._job_files(ctl, payload)
-                elif kind == Kind.FILE:
-                    await self._file(ctl, payload)
-                elif kind == Kind.COMPUTE:
-                    await self._compute(ctl, payload)
-                elif kind == Kind.CLOSE:
-                    await self._close_comp(ctl)
-                elif kind == Kind.DATA:
-                    await self._data(ctl, payload)
-                elif kind == Kind.RESUME:
-                    await self._resume(ctl)
-            except (ProtocolError, ValueError) as exc:
-                logger.warning("request from %s refused: %s", self.peer, exc)
-                self._reply_error(kind, ctl, str(exc))
-            except ConnectionClosed:
-                return
-            except Exception as exc:
-                logger.exception("request %s from %s failed", kind, self.peer)
-                self._reply_error(kind, ctl, f"{type(exc).__name__}: {exc}")
-            finally:
-                self._current = None
-
-    def _reply_error(self, kind, ctl, reason: str) -> None:
-        if self.chan.is_closed:
-            return
-        cid = ctl.get("c", "") if isinstance(ctl.get("c"), str) else ""
-        if kind == Kind.COMPUTE:
-            self.chan.send(Kind.COMPUTE_REPLY, {"c": cid, "ok": False, "r": reason})
+        if kind == "job_files":
+            await self._job_files(ctl, payload)
+        elif kind == Kind.FILE:
+            await self._file(ctl, payload)
+        elif kind == Kind.COMPUTE:
+            await self._compute(ctl, payload)
+        elif kind == Kind.CLOSE:
+            await self._close_comp(ctl)
         elif kind == Kind.DATA:
-            self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": False, "r": reason})
-        else:
-            self.chan.send(Kind.ERROR, {"c": cid, "r": reason})
+            await self._data(ctl, payload)
+        elif kind == Kind.RESUME:
+            await self._resume(ctl)
 
     def _comp_for_files(self, cid: str, name: str) -> Computation:
         comp = self.comps.get(cid)
@@ -342,25 +309,6 @@ class Session:
     # -- results to the client ------------------------------------------------
     def send_result(self, cid: str, jid: int, info: dict, segs) -> None:
         self.node.deliver(cid, jid, info, segs, self)
-
-    def queue_result(self, entry: dict, segs) -> None:
-        if self.chan.is_closed:
-            return
-        self._out.append((entry, segs))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        if self.chan.is_closed:
-            return
-        lens, flat = join_segments(segs for _, segs in out)
-        try:
-            self.chan.send(Kind.RESULTS, {"r": [entry for entry, _ in out], "s": lens}, flat)
-        except ConnectionClosed:
-            pass
 
     def send_provisional(self, cid: str, jid: int, segs) -> None:
         if not self.chan.is_closed:

@@ -39,6 +39,7 @@ from dispy._client import _read_chunk
 from dispy._finder import NodeFinder
 from dispy._link import MISSED_PULSES, LinkBase
 from dispy._paths import safe_relpath
+from dispy._session import OPS, SessionBase
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.core.queues import ClusterQueue
@@ -155,18 +156,13 @@ class Comp:
             self.session.queue_result(entry, segs)
 
 
-class ClientSession:
+class ClientSession(SessionBase):
     """One authenticated client (SharedJobCluster) connection."""
 
     def __init__(self, server: SchedulerServer, chan: transport.Channel) -> None:
         self.server = server
-        self.chan = chan
-        self.peer = chan.peer
         self.comps: dict[str, Comp] = {}
-        self._out: list = []
-        self._flush_scheduled = False
-        self._ops: asyncio.Queue = asyncio.Queue()
-        self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+        self._init_session(chan, logger)
         self._pulse_task: asyncio.Task | None = None
         self.pulse_interval = server.pulse_interval
         self.last_heard = time.monotonic()
@@ -199,48 +195,26 @@ class ClientSession:
             if self._pulse_task is None:
                 self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
             self.chan.send(Kind.INFO, server.info())
-        elif kind in (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME):
-            if self._ops.qsize() >= config.MAX_PENDING_OPS:
-                raise ProtocolError(f"more than {config.MAX_PENDING_OPS} pending requests")
-            self._ops.put_nowait((kind, ctl, msg.payload))
+        elif kind in OPS:
+            self._queue_op(kind, ctl, msg.payload)
         elif kind == Kind.PING:
             self.chan.send(Kind.PONG, {})
         else:
             raise ProtocolError(f"unexpected message kind {kind} from a client")
 
-    async def _run_ops(self) -> None:
-        while True:
-            kind, ctl, payload = await self._ops.get()
-            try:
-                if kind == Kind.FILE:
-                    await self._file(ctl, payload)
-                elif kind == Kind.COMPUTE:
-                    await self._compute(ctl, payload)
-                elif kind == Kind.CLOSE:
-                    await self._close_comp(ctl)
-                elif kind == Kind.DATA:
-                    await self._data(ctl, payload)
-                elif kind == Kind.RESUME:
-                    await self._resume(ctl)
-            except (ProtocolError, ValueError, OSError) as exc:
-                logger.warning("request from %s refused: %s", self.peer, exc)
-                self._reply_error(kind, ctl, str(exc))
-            except ConnectionClosed:
-                return
-            except Exception as exc:
-                logger.exception("request %s from %s failed", kind, self.peer)
-                self._reply_error(kind, ctl, f"{type(exc).__name__}: {exc}")
+    REFUSED = (ProtocolError, ValueError, OSError)
 
-    def _reply_error(self, kind, ctl, reason: str) -> None:
-        if self.chan.is_closed:
-            return
-        cid = ctl.get("c", "") if isinstance(ctl.get("c"), str) else ""
-        if kind == Kind.COMPUTE:
-            self.chan.send(Kind.COMPUTE_REPLY, {"c": cid, "ok": False, "r": reason})
+    async def _handle_op(self, kind, ctl, payload) -> None:
+        if kind == Kind.FILE:
+            await self._file(ctl, payload)
+        elif kind == Kind.COMPUTE:
+            await self._compute(ctl, payload)
+        elif kind == Kind.CLOSE:
+            await self._close_comp(ctl)
         elif kind == Kind.DATA:
-            self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": False, "r": reason})
-        else:
-            self.chan.send(Kind.ERROR, {"c": cid, "r": reason})
+            await self._data(ctl, payload)
+        elif kind == Kind.RESUME:
+            await self._resume(ctl)
 
     def _comp(self, cid: str, name: str) -> Comp:
         comp = self.comps.get(cid)
@@ -361,25 +335,6 @@ class ClientSession:
             self.queue_result(entry, segs)
 
     # -- to the client ----------------------------------------------------------------
-    def queue_result(self, entry: dict, segs) -> None:
-        if self.chan.is_closed:
-            return
-        self._out.append((entry, segs))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out, self._out = self._out, []
-        if self.chan.is_closed or not out:
-            return
-        lens, flat = join_segments(segs for _, segs in out)
-        try:
-            self.chan.send(Kind.RESULTS, {"r": [e for e, _ in out], "s": lens}, flat)
-        except ConnectionClosed:
-            pass
-
     def forward(self, kind: Kind, ctl: dict, payload=()) -> None:
         if not self.chan.is_closed:
             self.chan.send(kind, ctl, payload)

@@ -1,0 +1,97 @@
+"""What a daemon's session with one authenticated client needs, on either daemon
+that serves clients with the node protocol (``dispynode``, and
+``dispyscheduler``, which clients take for a node):
+
+* requests that touch the disk or wait on others (FILE, COMPUTE, CLOSE, DATA,
+  RESUME) run one at a time in arrival order (``_ops``, ``_handle_op``);
+* a refused request is answered with the reason (``_reply_error``), the
+  session goes on;
+* results are batched: every result queued in one loop turn goes out in one
+  RESULTS frame (``queue_result``).
+
+Subclasses call ``_init_session()`` and provide ``_handle_op``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import config
+from .errors import ConnectionClosed, ProtocolError
+from .protocol import Kind, join_segments
+
+#: Requests queued for ``_handle_op`` (the others are handled as they arrive).
+OPS = (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME)
+
+
+class SessionBase:
+    #: errors that refuse one request (logged as a warning, answered with the reason)
+    REFUSED: tuple = (ProtocolError, ValueError)
+
+    def _init_session(self, chan, log: logging.Logger) -> None:
+        self.chan = chan
+        self.peer = chan.peer
+        self._log = log
+        self._out: list = []
+        self._flush_scheduled = False
+        self._ops: asyncio.Queue = asyncio.Queue()
+        self._current = None  # the request being handled
+        self._stop_after = False  # stop once the request being handled is done
+        self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+
+    async def _handle_op(self, kind, ctl: dict, payload) -> None:
+        raise NotImplementedError
+
+    def _queue_op(self, kind, ctl, payload) -> None:
+        if self._ops.qsize() >= config.MAX_PENDING_OPS:
+            raise ProtocolError(f"more than {config.MAX_PENDING_OPS} pending requests")
+        self._ops.put_nowait((kind, ctl, payload))
+
+    async def _run_ops(self) -> None:
+        while not self._stop_after:
+            kind, ctl, payload = await self._ops.get()
+            self._current = kind
+            try:
+                await self._handle_op(kind, ctl, payload)
+            except self.REFUSED as exc:
+                self._log.warning("request from %s refused: %s", self.peer, exc)
+                self._reply_error(kind, ctl, str(exc))
+            except ConnectionClosed:
+                return
+            except Exception as exc:
+                self._log.exception("request %s from %s failed", kind, self.peer)
+                self._reply_error(kind, ctl, f"{type(exc).__name__}: {exc}")
+            finally:
+                self._current = None
+
+    def _reply_error(self, kind, ctl, reason: str) -> None:
+        if self.chan.is_closed:
+            return
+        cid = ctl.get("c", "") if isinstance(ctl, dict) and isinstance(ctl.get("c"), str) else ""
+        if kind == Kind.COMPUTE:
+            self.chan.send(Kind.COMPUTE_REPLY, {"c": cid, "ok": False, "r": reason})
+        elif kind == Kind.DATA:
+            self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": False, "r": reason})
+        else:
+            self.chan.send(Kind.ERROR, {"c": cid, "r": reason})
+
+    # -- results to the client --------------------------------------------------------
+    def queue_result(self, entry: dict, segs) -> None:
+        if self.chan.is_closed:
+            return
+        self._out.append((entry, segs))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.chan.is_closed or not out:
+            return
+        lens, flat = join_segments(segs for _, segs in out)
+        try:
+            self.chan.send(Kind.RESULTS, {"r": [entry for entry, _ in out], "s": lens}, flat)
+        except ConnectionClosed:
+            pass
