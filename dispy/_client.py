@@ -72,7 +72,6 @@ logger = logging.getLogger("dispy")
 DEFAULT_PULSE_INTERVAL = 2.0
 #: Most bytes of job arguments put in one JOBS frame.
 BATCH_BYTES = 8 << 20
-FILE_CHUNK = 8 << 20
 _END_EVENT = {
     jobstate.Finished: jobstate.FINISH,
     jobstate.Terminated: jobstate.FAIL,
@@ -158,16 +157,13 @@ class _NodeLink(LinkBase):
         self.node = DispyNode(host, port)
         self._init_link(logger)
         self.failure: str | None = None  # permanent failure, if any
-        self.ready = False
         self._acks: list[int] = []
         self._ack_scheduled = False
-        self._closing = False
         self.setup_done = False
         self.was_setup = False  # the computation was set up there: reconnect with RESUME
         self.task: asyncio.Task | None = None
 
-    def __repr__(self) -> str:
-        return f"{self.host}:{self.port}"
+    FILE_CHUNK = 8 << 20
 
     def _pulse_interval(self) -> float:
         return self.engine.pulse_interval
@@ -183,7 +179,7 @@ class _NodeLink(LinkBase):
         self.engine.node_failed(self)
 
     def _refused_means_dead(self) -> bool:
-        return not self.engine.compute_opts  # a scheduler keeps jobs across its restarts
+        return not self.engine.via_scheduler  # a scheduler keeps jobs across its restarts
 
     async def _session(self) -> None:
         engine = self.engine
@@ -216,7 +212,7 @@ class _NodeLink(LinkBase):
                 f"TLS with node {self.host}:{self.port} failed ({why}): {hint}"
             ) from None
         except AuthenticationFailed as exc:
-            if engine.compute_opts:  # a SharedJobCluster: the "node" is a dispyscheduler
+            if engine.via_scheduler:
                 raise _Permanent(
                     f"authentication with dispyscheduler {self.host}:{self.port} failed ({exc}); "
                     "use its cluster secret: SharedJobCluster(..., secret=...) must match "
@@ -228,16 +224,8 @@ class _NodeLink(LinkBase):
             ) from None
         except IncompatibleVersion as exc:
             raise _Permanent(f"node {self.host}:{self.port}: {exc}") from None
-        self.chan = chan
-        self.last_heard = time.monotonic()
         self.node.ip_addr = addr
-        chan.on_message = self.on_message
-        closed = asyncio.get_running_loop().create_future()
-        chan.on_close = lambda exc: (
-            closed.done() or closed.set_result(exc),
-            self.chan is chan and self._fail_waiters(),  # not a later connection's
-        )
-        chan.start()
+        closed = self._attach(chan)
         info = await self._request(Kind.INFO_REQ, {"pulse": engine.pulse_interval}, Kind.INFO)
         if info.get("relay"):
             logger.info(
@@ -281,20 +269,14 @@ class _NodeLink(LinkBase):
             return
         self.ready = True
         engine.node_ready(self)
-        watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
-        try:
-            exc = await closed
-        finally:
-            watchdog.cancel()
-        if not self._closing:
-            raise ConnectionClosed(f"connection to node {self.host}:{self.port} lost: {exc}")
+        await self._serve(chan, closed)
 
     @property
     def window(self) -> float:
         """Seconds without a connection after which the node is declared dead.  A
         dispyscheduler keeps its clients' jobs across a restart: it gets longer."""
         window = self.engine.pulse_interval * MISSED_PULSES
-        if self.engine.compute_opts:
+        if self.engine.via_scheduler:
             window = max(window, config.SCHEDULER_RECONNECT_S)
         return window
 
@@ -311,7 +293,7 @@ class _NodeLink(LinkBase):
             self._end_grace()
             state = engine.sched.nodes.get(self.key)
             lost = [j for j in state.running.values() if j._uid not in on_node] if state else []
-            if engine.compute_opts and reply.get("known"):
+            if engine.via_scheduler and reply.get("known"):
                 # a restarted dispyscheduler asked its nodes: the jobs it does not list
                 # run nowhere (they came just before it stopped): send them again
                 engine.jobs_resend(self, lost)
@@ -348,19 +330,8 @@ class _NodeLink(LinkBase):
 
     async def send_file(self, rel: str, path: str) -> None:
         """Send a file into the computation's folder on the node, in chunks."""
-        cid, name = self.engine.cid, self.engine.package.name
-        size = os.path.getsize(path)
         mode = os.stat(path).st_mode & 0o777
-        offset = 0
-        while True:
-            chunk = await asyncio.to_thread(_read_chunk, path, offset, FILE_CHUNK)
-            self.chan.send(
-                Kind.FILE, {"c": cid, "n": name, "p": rel, "o": offset, "m": mode}, [chunk]
-            )
-            await self.chan.drain()
-            offset += len(chunk)
-            if offset >= size or not chunk:
-                break
+        await self._send_file(self.engine.cid, self.engine.package.name, rel, path, mode)
 
     async def put_data(self, name: str, version: int, segs) -> None:
         """Place one cluster.put() object on the node; raises DispyError if refused."""
@@ -507,12 +478,6 @@ class _NodeLink(LinkBase):
             self.task.cancel()
 
 
-def _read_chunk(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
 def _write_file(path: str, data: bytes, mode: int) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "wb") as f:
@@ -586,6 +551,11 @@ class _Engine:
         self.finder.add(list(patterns), [(h, p) for h, p, _ in specs])
         if patterns:
             self.fatal = None
+
+    @property
+    def via_scheduler(self) -> bool:
+        """A SharedJobCluster's engine: its one "node" is a dispyscheduler."""
+        return bool(self.compute_opts)
 
     def discovered(self, ip: str, port: int, nid: str, alloc) -> None:
         """Discovery found a node matching a wildcard: link to it unless linked already."""

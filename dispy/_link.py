@@ -11,14 +11,16 @@ the client's link (``dispy._client._NodeLink``) and the scheduler's
   stay put while it may come back; ``_declare_dead`` when the window passes
   (or the node process is known gone) calls the owner's ``_node_lost``.
 
-Subclasses call ``_init_link()`` and provide ``_pulse_interval()``,
-``_node_lost()`` and ``__repr__`` (the node's address, for messages).
+Subclasses have ``host`` and ``port``, call ``_init_link()``, and provide
+``on_message``, ``_session``, ``_lost``, ``_pulse_interval()`` and
+``_node_lost()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from .errors import AuthenticationFailed, ConnectionClosed, IncompatibleVersion, ProtocolError
@@ -28,7 +30,15 @@ from .protocol import Kind
 MISSED_PULSES = 5
 
 
+def read_chunk(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 class LinkBase:
+    #: bytes of a file per FILE message
+    FILE_CHUNK = 1 << 20
     chan = None
     _log = logging.getLogger("dispy")
     #: errors after which reconnecting is pointless
@@ -43,6 +53,9 @@ class LinkBase:
         self.suspect = False  # connection lost, within the liveness window: jobs wait
         self._grace: asyncio.TimerHandle | None = None
         self.last_heard = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def _pulse_interval(self) -> float:
         raise NotImplementedError
@@ -106,6 +119,46 @@ class LinkBase:
                 continue
             await asyncio.sleep(min(delay, 0.5) if self.suspect else delay)  # back-off
             delay = min(delay * 2, 10.0)
+
+    # -- one connection -------------------------------------------------------------------
+    def _attach(self, chan) -> asyncio.Future:
+        """Use ``chan`` (just connected and authenticated) from now on; the future
+        gets the reason once it closes, and its pending requests fail then."""
+        self.chan = chan
+        self.last_heard = time.monotonic()
+        closed = asyncio.get_running_loop().create_future()
+        chan.on_message = self.on_message
+        chan.on_close = lambda exc: (
+            closed.done() or closed.set_result(exc),
+            self.chan is chan and self._fail_waiters(),  # not a later connection's
+        )
+        chan.start()
+        return closed
+
+    async def _serve(self, chan, closed: asyncio.Future) -> None:
+        """The node is ready: pulse it until the connection ends; raise
+        ``ConnectionClosed`` unless the link is closing."""
+        watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
+        try:
+            exc = await closed
+        finally:
+            watchdog.cancel()
+        if not self._closing:
+            raise ConnectionClosed(f"connection to node {self!r} lost: {exc}")
+
+    async def _send_file(self, cid: str, name: str, rel: str, path: str, mode: int) -> None:
+        """Send the file at ``path`` as ``rel`` of computation ``cid``, in chunks."""
+        size = os.path.getsize(path)
+        offset = 0
+        while True:
+            chunk = await asyncio.to_thread(read_chunk, path, offset, self.FILE_CHUNK)
+            self.chan.send(
+                Kind.FILE, {"c": cid, "n": name, "p": rel, "o": offset, "m": mode}, [chunk]
+            )
+            await self.chan.drain()
+            offset += len(chunk)
+            if offset >= size or not chunk:
+                return
 
     # -- requests -------------------------------------------------------------------------
     def _ask(self, kind, ctl: dict, key, payload=()) -> asyncio.Future:

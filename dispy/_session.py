@@ -9,7 +9,9 @@ that serves clients with the node protocol (``dispynode``, and
 * results are batched: every result queued in one loop turn goes out in one
   RESULTS frame (``queue_result``).
 
-Subclasses call ``_init_session()`` and provide ``_handle_op``.
+Subclasses call ``_init_session()`` and provide the handlers ``_file``,
+``_compute``, ``_close_comp``, ``_data`` and ``_resume`` (with ``_take_over`` and
+``_resumed``); their computations have ``cid``, ``session`` and ``detached_at``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,36 @@ class SessionBase:
         self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
 
     async def _handle_op(self, kind, ctl: dict, payload) -> None:
-        raise NotImplementedError
+        if kind == Kind.FILE:
+            await self._file(ctl, payload)
+        elif kind == Kind.COMPUTE:
+            await self._compute(ctl, payload)
+        elif kind == Kind.CLOSE:
+            await self._close_comp(ctl)
+        elif kind == Kind.DATA:
+            await self._data(ctl, payload)
+        elif kind == Kind.RESUME:
+            await self._resume(ctl)
+
+    # -- RESUME -----------------------------------------------------------------------
+    def _take_over(self, comp) -> None:
+        """A resumed computation belongs to this connection now (its old one may have
+        died unnoticed)."""
+        old = comp.session
+        if old is not None and old is not self:
+            old.comps.pop(comp.cid, None)
+        comp.session = self
+        comp.detached_at = None
+        self.comps[comp.cid] = comp
+
+    def _resumed(self, cid: str, known: bool, jobs: list, owed: dict) -> None:
+        """Answer a RESUME: whether the computation is set up, the jobs still here, the
+        results not acknowledged (``owed``: job id -> (entry, segments)), sent again now."""
+        if self.chan.is_closed:
+            return
+        self.chan.send(Kind.RESUMED, {"c": cid, "known": known, "jobs": jobs, "done": list(owed)})
+        for entry, segs in list(owed.values()):
+            self.queue_result(entry, segs)
 
     def _queue_op(self, kind, ctl, payload) -> None:
         if self._ops.qsize() >= config.MAX_PENDING_OPS:

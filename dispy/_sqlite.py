@@ -329,17 +329,20 @@ class _BatchWriter:
         with self._cond:
             self._raise_if_failed()
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = None, hurry: bool = True) -> bool:
         """Wait until everything submitted before this call is committed.
 
-        Returns False if ``timeout`` seconds passed first.  If commits have
-        been failing, the writer retries at once (not after its pause);
-        raises the owner's error class if a commit fails during the wait.
+        Returns False if ``timeout`` seconds passed first.  ``hurry``: the writer
+        takes the queue now instead of after its write delay (without it, the
+        wait lets writes gather as usual).  If commits have been failing, the
+        writer retries at once (not after its pause); raises the owner's error
+        class if a commit fails during the wait.
         """
         with self._cond:
             target = self._submitted
             failures = self._stats["failed_commits"]
-            self._hurry = True
+            if hurry:
+                self._hurry = True
             self._cond.notify_all()
             if self._error is not None:
                 self._retry_now = True

@@ -24,6 +24,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from dispy import transport
+from dispy._paths import write_chunk
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
 from dispy.protocol import Kind, join_segments, split_segments
@@ -182,18 +183,7 @@ class Computation:
     # -- files ----------------------------------------------------------------
     def write_file(self, rel: str, offset: int, data, mode: int) -> None:
         """Runs in a thread (disk I/O off the loop)."""
-        path = os.path.join(self.dir, rel)
-        real = os.path.realpath(path)
-        if not real.startswith(os.path.realpath(self.dir) + os.sep):
-            raise ValueError(f"file path {rel!r} escapes the computation's folder")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if offset == 0 else 0)
-        fd = os.open(path, flags, mode)
-        try:
-            os.pwrite(fd, data, offset)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
+        write_chunk(self.dir, rel, offset, data, mode)
 
     # -- setup ----------------------------------------------------------------
     async def setup(self, spec: bytes, nargs: int = 0) -> None:

@@ -164,19 +164,12 @@ class Session(SessionBase):
             self._ops.put_nowait(("job_files", job, files))
 
     async def _handle_op(self, kind, ctl, payload) -> None:
-        """FILE, COMPUTE and CLOSE in arrival order (they touch the disk and processes)."""
+        """Requests in arrival order (they touch the disk and processes), and the files
+        of jobs with dispy_job_depends."""
         if kind == "job_files":
             await self._job_files(ctl, payload)
-        elif kind == Kind.FILE:
-            await self._file(ctl, payload)
-        elif kind == Kind.COMPUTE:
-            await self._compute(ctl, payload)
-        elif kind == Kind.CLOSE:
-            await self._close_comp(ctl)
-        elif kind == Kind.DATA:
-            await self._data(ctl, payload)
-        elif kind == Kind.RESUME:
-            await self._resume(ctl)
+        else:
+            await super()._handle_op(kind, ctl, payload)
 
     def _comp_for_files(self, cid: str, name: str) -> Computation:
         comp = self.comps.get(cid)
@@ -274,12 +267,7 @@ class Session(SessionBase):
         node = self.node
         comp = node.computations.get(cid)
         if comp is not None and not comp.closed:
-            old = comp.session
-            if old is not None and old is not self:
-                old.comps.pop(cid, None)  # a connection that died unnoticed
-            comp.session = self
-            comp.detached_at = None
-            self.comps[cid] = comp
+            self._take_over(comp)
         else:
             comp = None
         await node.restore(cid)
@@ -292,19 +280,7 @@ class Session(SessionBase):
             "client %s resumed computation %s: %s, %d job(s) on the node, %d result(s) owed",
             self.peer, cid, "known" if comp else "not known here", len(jobs), len(owed),
         )  # fmt: skip
-        if self.chan.is_closed:
-            return
-        self.chan.send(
-            Kind.RESUMED,
-            {
-                "c": cid,
-                "known": bool(comp is not None and comp.ready),
-                "jobs": jobs,
-                "done": list(owed),
-            },
-        )
-        for entry, segs in list(owed.values()):
-            self.queue_result(entry, segs)
+        self._resumed(cid, bool(comp is not None and comp.ready), jobs, owed)
 
     # -- results to the client ------------------------------------------------
     def send_result(self, cid: str, jid: int, info: dict, segs) -> None:

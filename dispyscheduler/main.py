@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 from dispy import config
+from dispy._client import _parse_nodes
 from dispy._daemon import check_ports, run_until_stopped, setup_logging
 from dispy.errors import DispyError
 from dispy.keys import resolve_secret
@@ -145,6 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)  # fmt: skip
     check_ports(p, args, "port", "node_port", "httpd_port")
+    try:
+        _parse_nodes(args.nodes or ["*"], args.node_port)
+    except ValueError as exc:
+        p.error(f"-n: {exc}")
     try:
         args.node_secret, args.node_auth = resolve_secret(args.node_secret)
     except DispyError as exc:

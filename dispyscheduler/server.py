@@ -34,11 +34,11 @@ import shutil
 import socket
 import time
 
-from dispy import config, transport
-from dispy._client import _read_chunk
+from dispy import config, discovery, transport
+from dispy._client import _parse_nodes
 from dispy._finder import NodeFinder
 from dispy._link import MISSED_PULSES, LinkBase
-from dispy._paths import safe_relpath
+from dispy._paths import safe_relpath, write_chunk
 from dispy._session import OPS, SessionBase
 from dispy._version import __version__
 from dispy.core import jobstate
@@ -54,7 +54,6 @@ from .state import SchedulerState
 
 logger = logging.getLogger("dispyscheduler")
 
-FILE_CHUNK = 1 << 20
 STATE_FILE = "scheduler.db"
 #: Seconds a client's COMPUTE waits for a node to set the computation up.
 SETUP_WAIT_S = 120
@@ -116,7 +115,6 @@ class Comp:
         self.detached_at: float | None = None
         self.closed = False
         self.restored = False  # from the state file: jobs wait until the nodes said theirs
-        self.created = time.monotonic()
 
     def meta(self) -> dict:
         """What the state file keeps of it (its files stay in its folder)."""
@@ -136,17 +134,6 @@ class Comp:
         comp.restored = True
         comp.detached_at = time.monotonic()  # its client has zombie_interval to come back
         return comp
-
-    def write_file(self, rel: str, offset: int, data, mode: int) -> None:
-        """Runs in a thread: one chunk of a dependency file the client sent."""
-        path = os.path.join(self.dir, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if offset == 0 else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            os.pwrite(fd, data, offset)
-        finally:
-            os.close(fd)
 
     def deliver(self, entry: dict, segs) -> None:
         """A job's end for the client: kept until it acknowledges, sent if connected."""
@@ -204,18 +191,6 @@ class ClientSession(SessionBase):
 
     REFUSED = (ProtocolError, ValueError, OSError)
 
-    async def _handle_op(self, kind, ctl, payload) -> None:
-        if kind == Kind.FILE:
-            await self._file(ctl, payload)
-        elif kind == Kind.COMPUTE:
-            await self._compute(ctl, payload)
-        elif kind == Kind.CLOSE:
-            await self._close_comp(ctl)
-        elif kind == Kind.DATA:
-            await self._data(ctl, payload)
-        elif kind == Kind.RESUME:
-            await self._resume(ctl)
-
     def _comp(self, cid: str, name: str) -> Comp:
         comp = self.comps.get(cid)
         if comp is None:
@@ -234,7 +209,8 @@ class ClientSession(SessionBase):
         mode = field(ctl, "m", int, default=0o644) & 0o777
         if offset + len(payload) > self.server.max_file_size:
             raise ValueError(f"file {rel!r} exceeds the scheduler's limit (--max_file_size)")
-        await asyncio.to_thread(comp.write_file, rel, offset, bytes(payload), mode)
+        # kept private here (0600); the nodes get the client's mode
+        await asyncio.to_thread(write_chunk, comp.dir, rel, offset, bytes(payload), 0o600)
         comp.files[rel] = mode
 
     async def _compute(self, ctl: dict, payload) -> None:
@@ -306,33 +282,17 @@ class ClientSession(SessionBase):
         cid = field(ctl, "c", str)
         server = self.server
         if cid in server.retired:  # a zombie's results, kept for recover_jobs
-            results = server.retired[cid]
-            self.chan.send(Kind.RESUMED, {"c": cid, "known": False, "jobs": [],
-                                          "done": list(results)})  # fmt: skip
-            for entry, segs in list(results.values()):
-                self.queue_result(entry, segs)
+            self._resumed(cid, False, [], server.retired[cid])
             return
         comp = server.comps.get(cid)
         if comp is not None and comp.restored:
             await server.restored.wait()
-        if comp is not None and not comp.closed:
-            old = comp.session
-            if old is not None and old is not self:
-                old.comps.pop(cid, None)
-            comp.session = self
-            comp.detached_at = None
-            self.comps[cid] = comp
-        else:
-            comp = None
-        owed = comp.owed if comp is not None else {}
-        jobs = [c for c, j in comp.jobs.items() if c not in owed] if comp is not None else []
-        self.chan.send(
-            Kind.RESUMED,
-            {"c": cid, "known": comp is not None and comp.spec is not None, "jobs": jobs,
-             "done": list(owed)},
-        )  # fmt: skip
-        for entry, segs in list(owed.values()):
-            self.queue_result(entry, segs)
+        if comp is None or comp.closed:
+            self._resumed(cid, False, [], {})
+            return
+        self._take_over(comp)
+        jobs = [jid for jid in comp.jobs if jid not in comp.owed]
+        self._resumed(cid, comp.spec is not None, jobs, comp.owed)
 
     # -- to the client ----------------------------------------------------------------
     def forward(self, kind: Kind, ctl: dict, payload=()) -> None:
@@ -376,15 +336,10 @@ class NodeLink(LinkBase):
         self.name = host
         self.cpus = 0
         self._init_link(logger)
-        self.ready = False
-        self._closing = False
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
         self._acks: dict[str, list] = {}
         self._ack_scheduled = False
         self.task: asyncio.Task | None = None
-
-    def __repr__(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def _pulse_interval(self) -> float:
         return self.server.pulse_interval
@@ -404,15 +359,7 @@ class NodeLink(LinkBase):
         )
         self.ip = infos[0][4][0]
         chan = await transport.connect(self.ip, self.port, server.node_key, ssl=server.node_ssl)
-        self.chan = chan
-        self.last_heard = time.monotonic()
-        closed = asyncio.get_running_loop().create_future()
-        chan.on_message = self.on_message
-        chan.on_close = lambda exc: (
-            closed.done() or closed.set_result(exc),
-            self.chan is chan and self._fail_waiters(),  # not a later connection's
-        )
-        chan.start()
+        closed = self._attach(chan)
         info = await self._request(Kind.INFO_REQ, {"pulse": server.pulse_interval}, Kind.INFO)
         if info.get("relay"):
             self._closing = True
@@ -454,13 +401,7 @@ class NodeLink(LinkBase):
             server.jobs_lost(self, [j for j in running if (j.comp.cid, j.cjid) not in there])
         self.ready = True
         server.node_ready(self, on_node)
-        watchdog = asyncio.get_running_loop().create_task(self._watch(chan))
-        try:
-            exc = await closed
-        finally:
-            watchdog.cancel()
-        if not self._closing:
-            raise ConnectionClosed(f"connection to node {self} lost: {exc}")
+        await self._serve(chan, closed)
 
     def _lost(self) -> None:
         self._fail_waiters()
@@ -511,7 +452,8 @@ class NodeLink(LinkBase):
         """Send the computation's files and spec; mark it ready here if set up."""
         try:
             for rel, mode in list(comp.files.items()):
-                await self._send_file(comp, rel, mode)
+                path = os.path.join(comp.dir, rel)
+                await self._send_file(comp.cid, comp.name, rel, path, mode)
             reply = await self._request(
                 Kind.COMPUTE,
                 {"c": comp.cid, "n": comp.name, "sa": len(comp.setup_args)},
@@ -541,22 +483,6 @@ class NodeLink(LinkBase):
         finally:
             comp.setting_up.discard(self.key)
             self.server.setup_done(comp)
-
-    async def _send_file(self, comp: Comp, rel: str, mode: int) -> None:
-        path = os.path.join(comp.dir, rel)
-        size = os.path.getsize(path)
-        offset = 0
-        while True:
-            chunk = await asyncio.to_thread(_read_chunk, path, offset, FILE_CHUNK)
-            self.chan.send(
-                Kind.FILE,
-                {"c": comp.cid, "n": comp.name, "p": rel, "o": offset, "m": mode},
-                [chunk],
-            )
-            await self.chan.drain()
-            offset += len(chunk)
-            if offset >= size or not chunk:
-                return
 
     async def put_data(self, comp: Comp, name: str) -> None:
         version, lens, payload = comp.data[name]
@@ -592,9 +518,11 @@ class NodeLink(LinkBase):
                 [j.cjid, len(j.segs), j.opts] if j.opts else [j.cjid, len(j.segs)] for j in batch
             ]
             lens, flat = join_segments(j.segs for j in batch)
+            if self.chan is None:
+                return  # the loss handler requeues or abandons them
             try:
                 self.chan.send(Kind.JOBS, {"c": cid, "j": entries, "s": lens}, flat)
-            except (ConnectionClosed, AttributeError):
+            except ConnectionClosed:
                 pass  # the loss handler requeues or abandons them
 
     def cancel(self, job: SJob) -> None:
@@ -705,13 +633,8 @@ class SchedulerServer:
                 self.bound.append(sock.getsockname()[:2])
             if self.port == 0 and self.bound:
                 self.port = self.bound[0][1]
-        named, patterns = [], []
-        for spec in self.node_specs:
-            host, port = spec, self.node_port
-            if spec.count(":") == 1:
-                host, p = spec.split(":")
-                port = int(p)
-            (patterns if any(c in host for c in "*?[") else named).append((host, port))
+        specs, patterns, _local = _parse_nodes(self.node_specs, self.node_port)
+        named = [(host, port) for host, port, _ in specs]
         for host, port in named + [n for n in saved_nodes if n not in named]:
             self.add_link(host, port)
         if self._limbo or self._restored_cids:
@@ -731,7 +654,7 @@ class SchedulerServer:
                 ping_interval=self.ping_interval,
             )
             await self.finder.start()
-            self.finder.add([(h, p, None) for h, p in patterns], named)
+            self.finder.add(patterns, named)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     def _restore(self) -> list[tuple[str, int]]:
@@ -909,11 +832,10 @@ class SchedulerServer:
         self.queue.add_cluster(comp.cid)
 
     def _node_matches(self, comp: Comp, link: NodeLink) -> bool:
-        import fnmatch
-
-        return any(
-            fnmatch.fnmatchcase(link.ip, p) or fnmatch.fnmatchcase(link.host, p) or p == link.name
-            for p in comp.patterns
+        return (
+            discovery.matches(link.ip, comp.patterns)
+            or discovery.matches(link.host, comp.patterns)
+            or link.name in comp.patterns
         )
 
     def _maybe_setup(self, comp: Comp, link: NodeLink) -> None:
@@ -932,7 +854,7 @@ class SchedulerServer:
             return  # an exclusive cluster has it
         if comp.exclusive:  # it is ours now: others' jobs there finish, no new ones start
             self.owner[link.key] = comp.cid
-        comp.setting_up.add(link.key)  # now: COMPUTE is answered once every node answered
+        comp.setting_up.add(link.key)  # now: setup_done() answers the client's COMPUTE
         asyncio.get_running_loop().create_task(link.setup(comp))
 
     def setup_everywhere(self, comp: Comp) -> None:
@@ -1193,7 +1115,8 @@ class SchedulerServer:
             asyncio.get_running_loop().create_task(self._ack_when_written(comp.cid, later))
 
     async def _ack_when_written(self, cid: str, acks: list) -> None:
-        await asyncio.to_thread(self.state.flush)
+        # with the writer's next batch: a commit per client ACK would undo the batching
+        await asyncio.to_thread(self.state.flush, None, False)
         for key, jid in acks:
             if key in self.links:
                 self.links[key].ack(cid, jid)

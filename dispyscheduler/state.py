@@ -124,8 +124,8 @@ class SchedulerState:
     def set_meta(self, key: str, value) -> None:
         self._writer.submit(("meta", key, _sqlite.pack(value, key)))
 
-    def flush(self, timeout: float | None = None) -> bool:
-        return self._writer.flush(timeout)
+    def flush(self, timeout: float | None = None, hurry: bool = True) -> bool:
+        return self._writer.flush(timeout, hurry)
 
     def close(self) -> None:
         self._writer.close(30)
