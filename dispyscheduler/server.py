@@ -789,6 +789,7 @@ class SchedulerServer:
 
     def _lost_jobs(self, link: NodeLink, lost: list, what: str) -> None:
         for job, status in lost:
+            hint = "use reentrant=True to run such jobs again elsewhere"
             if status == jobstate.Created and job.segs is None:
                 # adopted from a node after a restart, never written here: its arguments
                 # are not known, so it cannot run again
@@ -798,11 +799,10 @@ class SchedulerServer:
                     pass
                 job.status = jobstate.next_status(job.status, jobstate.ABANDON)
                 status = job.status
-                what = f"{what} (its arguments were lost in a scheduler restart)"
+                hint = "its arguments were lost in a scheduler restart: it cannot run again"
             if status == jobstate.Abandoned:
                 self._end(job, {"st": jobstate.Abandoned,
-                                "x": f"node {link.name} ({link}) {what} the job "
-                                     "(use reentrant=True to run such jobs again elsewhere)"},
+                                "x": f"node {link.name} ({link}) {what} the job ({hint})"},
                           [b"N."])  # fmt: skip
 
     def node_lost(self, link: NodeLink) -> None:
