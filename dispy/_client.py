@@ -63,7 +63,7 @@ from .errors import (
     SubmitError,
 )
 from .keys import resolve_secret
-from .protocol import Kind, derive_key, field, join_segments, split_segments
+from .protocol import Kind, derive_key, field, join_segments, result_entries, split_segments
 from .tls import client_context
 
 logger = logging.getLogger("dispy")
@@ -643,15 +643,8 @@ class _Engine:
 
     # -- results ---------------------------------------------------------------------
     def results(self, link: _NodeLink, ctl: dict, payload) -> None:
-        segs = split_segments(payload, field(ctl, "s", list))
-        pos = 0
         node = link.node
-        for entry in field(ctl, "r", list):
-            if not isinstance(entry, dict):
-                raise ProtocolError("result entry is not a map")
-            n = field(entry, "n", int)
-            part = segs[pos : pos + n]
-            pos += n
+        for entry, part in result_entries(ctl, payload):
             uid = field(entry, "j", int)
             link.ack(uid)
             job = self.live.get(uid)

@@ -30,7 +30,7 @@ from ._job import DispyJob
 from ._recover import RecoverFile, RecoverFileError
 from .core import jobstate
 from .errors import AuthenticationFailed, ConnectionClosed, ProtocolError
-from .protocol import Kind, field, split_segments
+from .protocol import Kind, field, result_entries
 from .tls import client_context
 
 logger = logging.getLogger("dispy")
@@ -171,11 +171,8 @@ async def _recover_node(meta, addr: str, jobs: dict, ssl, deadline, terminate) -
         if msg.kind == Kind.RESUMED and not reply.done():
             reply.set_result(msg.ctl)
         elif msg.kind == Kind.RESULTS:
-            segs = split_segments(msg.payload, field(msg.ctl, "s", list))
-            pos, acks = 0, []
-            for entry in field(msg.ctl, "r", list):
-                n = field(entry, "n", int)
-                part, pos = segs[pos : pos + n], pos + n
+            acks = []
+            for entry, part in result_entries(msg.ctl, msg.payload):
                 uid = field(entry, "j", int)
                 acks.append(uid)
                 job = jobs.get(uid)

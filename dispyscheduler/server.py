@@ -48,7 +48,7 @@ from dispy.errors import (
     ConnectionClosed,
     ProtocolError,
 )
-from dispy.protocol import Kind, field, join_segments, split_segments
+from dispy.protocol import Kind, field, join_segments, result_entries, split_segments
 
 from .state import SchedulerState
 
@@ -1045,14 +1045,7 @@ class SchedulerServer:
             self.links[job._node].cancel(job)
 
     def node_results(self, link: NodeLink, ctl: dict, payload) -> None:
-        segs = split_segments(payload, field(ctl, "s", list))
-        pos = 0
-        for entry in field(ctl, "r", list):
-            if not isinstance(entry, dict):
-                raise ProtocolError("result entry is not a map")
-            n = field(entry, "n", int)
-            part = segs[pos : pos + n]
-            pos += n
+        for entry, part in result_entries(ctl, payload):
             jid = field(entry, "j", int)
             cid = field(entry, "c", str)
             comp = self.comps.get(cid)

@@ -20,7 +20,15 @@ from ._datagram import (
     encode_datagram,
 )
 from ._framing import Frame, FrameDecoder, FrameEncoder, FrameWriter
-from ._messages import Kind, field, join_segments, pack_ctl, split_segments, unpack_ctl
+from ._messages import (
+    Kind,
+    field,
+    join_segments,
+    pack_ctl,
+    result_entries,
+    split_segments,
+    unpack_ctl,
+)
 
 __all__ = [
     "PROTOCOL_VERSIONS",
@@ -42,6 +50,7 @@ __all__ = [
     "field",
     "join_segments",
     "pack_ctl",
+    "result_entries",
     "split_segments",
     "unpack_ctl",
 ]

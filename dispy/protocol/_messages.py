@@ -149,3 +149,16 @@ def split_segments(payload: memoryview, lens) -> list[memoryview]:
             out.append(payload[pos : pos + n])
         pos += abs(n)
     return out
+
+
+def result_entries(ctl: dict, payload):
+    """The ``(entry, segments)`` pairs of a RESULTS message, in order: each entry is
+    a map whose ``n`` says how many of the payload's segments are its own."""
+    segs = split_segments(payload, field(ctl, "s", list))
+    pos = 0
+    for entry in field(ctl, "r", list):
+        if not isinstance(entry, dict):
+            raise ProtocolError("result entry is not a map")
+        n = field(entry, "n", int)
+        yield entry, segs[pos : pos + n]
+        pos += n
