@@ -267,6 +267,8 @@ class _NodeLink(LinkBase):
         if self._closing:  # closed meanwhile: close() sends CLOSE, then closes the connection
             await closed
             return
+        if engine.recover is not None:
+            await engine.record_node(self)
         self.ready = True
         engine.node_ready(self)
         await self._serve(chan, closed)
@@ -791,13 +793,21 @@ class _Engine:
         self._complete(job, None)
 
     # -- nodes -----------------------------------------------------------------------
+    async def record_node(self, link: _NodeLink) -> None:
+        """Name ``link``'s node in the recover file, committed, before any job goes
+        there: ``recover_jobs`` asks every node named there for all the jobs it
+        has of this computation, so a job sent just before a crash, not yet
+        written itself, is still collected."""
+        nodes = set(self.recover.meta.get("nodes") or ())
+        nodes.add(f"{link.node.ip_addr}:{link.port}")
+        try:
+            self.recover.set_meta("nodes", sorted(nodes))
+            await asyncio.to_thread(self.recover.flush)
+        except DispyError as exc:
+            logger.error("recover file: %s", exc)
+
     def node_ready(self, link: _NodeLink) -> None:
         self.sched.add_node(link.key, link.node.cpus)
-        if self.recover is not None:
-            nodes = sorted(
-                {f"{lk.node.ip_addr}:{lk.port}" for lk in self.links.values() if lk.ready}
-            )
-            self.recover.set_meta("nodes", nodes)
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
         self.cluster._node_status(DispyNode.Initialized, link.node)
         self.dispatch()
@@ -1483,7 +1493,6 @@ class JobCluster:
 _open_clusters: weakref.WeakSet = weakref.WeakSet()
 
 
-@atexit.register
 def _close_open_clusters() -> None:
     """A program that ends without close() (dispy's examples do): let its jobs
     finish, as a dispy user expects, then run cleanup and disconnect."""
@@ -1492,3 +1501,16 @@ def _close_open_clusters() -> None:
             cluster.close()
         except Exception:
             logger.debug("closing %s at exit failed", cluster.name, exc_info=True)
+
+
+# When the main thread ends, Python first shuts down every thread pool (the
+# event loop's getaddrinfo and file reads run in one) and only then runs
+# atexit: a cluster still finding its nodes then waited for ever.  So close
+# open clusters in threading's own exit hook, before the pools go; it runs
+# hooks last registered first, hence the import of the pools' module first.
+import concurrent.futures.thread  # noqa: E402,F401 -- registers its exit hook
+
+try:
+    threading._register_atexit(_close_open_clusters)
+except (AttributeError, RuntimeError):  # no such hook, or already shutting down
+    atexit.register(_close_open_clusters)

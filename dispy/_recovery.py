@@ -81,6 +81,17 @@ def _job_from_blob(uid: int, blob: bytes) -> tuple[DispyJob, str]:
     return job, rec["node"]
 
 
+def _unrecorded_job(uid: int, host: str) -> DispyJob:
+    """A job the node has and the recover file does not: its id and arguments
+    were never written (``job.id`` is None)."""
+    job = DispyJob((), {}, [], None)
+    job.id = None
+    job._uid = uid
+    job.status = jobstate.Running
+    job.ip_addr = host
+    return job
+
+
 def _newest_default() -> str:
     files = [
         f
@@ -115,12 +126,16 @@ def recover_jobs(
     try:
         meta = rf.meta
         rows = rf.unfinished()
-        if not rows:
-            return []
         by_node: dict[str, dict[int, DispyJob]] = {}
         for uid, blob, _ in rows:
             job, node = _job_from_blob(uid, blob)
             by_node.setdefault(node, {})[uid] = job
+        # every node the cluster used: it may hold jobs sent too shortly before
+        # the crash to be written here (see _recover_node)
+        for node in meta.get("nodes") or ():
+            by_node.setdefault(node, {})
+        if not by_node:
+            return []
         ssl = None
         if meta.get("certfile") or meta.get("cafile"):
             ssl = client_context(meta.get("certfile"), meta.get("keyfile"), meta.get("cafile"))
@@ -191,8 +206,13 @@ async def _recover_node(meta, addr: str, jobs: dict, ssl, deadline, terminate) -
     try:
         chan.send(Kind.RESUME, {"c": cid})
         info = await asyncio.wait_for(reply, 30)
-        waiting.update(u for u in field(info, "jobs", list) if u in jobs)
         owed = set(field(info, "done", list))
+        for uid in (*field(info, "jobs", list), *owed):
+            if not isinstance(uid, int) or isinstance(uid, bool):
+                raise ProtocolError(f"node {addr} sent a job id that is not a number: {uid!r}")
+            if uid not in jobs:  # sent, but the crash came before it was written
+                jobs[uid] = _unrecorded_job(uid, host)
+        waiting.update(u for u in field(info, "jobs", list) if u in jobs)
         gone = [j for u, j in jobs.items() if u not in waiting and u not in owed]
         _abandon(gone, f"node {addr} no longer has this job (it restarted before the job ended)")
         while waiting and not chan.is_closed:

@@ -21,6 +21,7 @@ daemon only forwards; they are unpickled here, in the job process.
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import io
 import logging
 import os
@@ -245,6 +246,31 @@ def _die_with_parent() -> None:
         pass
 
 
+# Modules a computation may use without importing them, as on dispy's nodes
+# (which run setup, compute and cleanup in the node's own module namespace):
+# dispy's examples call os.getpid() or time.sleep() bare.  Fallbacks only,
+# never shadowing a name of the computation's own.
+FALLBACK_MODULES = (
+    "os sys time socket hashlib re glob shutil pickle io signal platform copy struct "
+    "threading subprocess multiprocessing traceback tempfile marshal stat errno"
+).split()
+
+
+def _fallback_module(name: str) -> types.ModuleType | None:
+    """``name`` if imported already, else a module imported on its first use."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return None
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _install_main(spec, ctl: dict) -> None:
     """Give this process a fresh ``__main__`` holding the computation's names, so
     pickles that refer to ``__main__.SomeClass`` resolve here as on the client."""
@@ -266,6 +292,11 @@ def _install_main(spec, ctl: dict) -> None:
         target.update(extra)
         for name, obj in spec.objects.items():
             target.setdefault(name, obj)
+        for name in FALLBACK_MODULES:
+            if name not in target:
+                mod = _fallback_module(name)
+                if mod is not None:
+                    target[name] = mod
     if spec.func is not None:
         main.__dict__.setdefault(getattr(spec.func, "__name__", "compute"), spec.func)
 

@@ -115,6 +115,9 @@ def _key_file_in_tmp(tmp_path_factory):
 # and the ``netns`` marker for tests that use it (they need root and iproute2).
 from .netns import netns  # noqa: E402,F401
 
+# The wheel installed in a fresh venv (tests/installed.py): the ``installed`` fixture.
+from .installed import installed  # noqa: E402,F401
+
 
 def pytest_configure(config):
     config.addinivalue_line(
