@@ -24,6 +24,7 @@ on 127.0.0.1 only and do not answer discovery.  Logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -130,7 +131,7 @@ print(took, len(ok), ok == list(range(int(sys.argv[2]))))
 
 def _count(db: str, sql: str) -> int:
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn, conn:
             return conn.execute(sql).fetchone()[0]
     except sqlite3.Error:
         return -1

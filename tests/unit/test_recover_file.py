@@ -7,6 +7,7 @@ lock (``rf._writer._cond``, reentrant) while queueing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -62,7 +63,7 @@ def test_created_private_with_meta_round_trip(path):
         meta = rf.meta
         assert meta == META
         assert type(meta["key"]) is bytes
-        with sqlite3.connect(path) as conn:
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             assert conn.execute("PRAGMA application_id").fetchone()[0] == APP_ID
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()

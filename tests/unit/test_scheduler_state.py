@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -59,7 +60,7 @@ def _saved_at(st: SchedulerState, cid: str) -> float:
     st.flush()
     import sqlite3
 
-    with sqlite3.connect(st.path) as conn:
+    with contextlib.closing(sqlite3.connect(st.path)) as conn, conn:
         return conn.execute("SELECT updated FROM comps WHERE cid = ?", (cid,)).fetchone()[0]
 
 

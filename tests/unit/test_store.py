@@ -8,6 +8,7 @@ take a batch meanwhile, so the test does not depend on timing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -98,7 +99,7 @@ def test_a_later_put_replaces_the_result(store):
     store.put("c", 7, {"v": 2}, [b"short"])  # fewer segments and parts than before
     store.flush(WAIT_S)
     assert store.pending("c") == [(7, {"v": 2}, [b"short"])]
-    with sqlite3.connect(store.path) as conn:
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
         assert conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 1
     conn.close()
 
@@ -243,7 +244,7 @@ def test_expire_deletes_old_results_and_computations(store_path):
         assert s.expire(now) == 0
         s.put("new", 1, {}, [b"z"])  # put at now + ~0
         s.flush(WAIT_S)
-        with sqlite3.connect(store_path) as conn:  # age the first three rows
+        with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:  # age the first three rows
             conn.execute("UPDATE results SET created = created - 1000 WHERE cid = 'old'")
             conn.execute("UPDATE computations SET updated = updated - 1000")
         conn.close()
@@ -252,7 +253,7 @@ def test_expire_deletes_old_results_and_computations(store_path):
         assert s.computations() == {}
         assert s.expire(now + 1000) == 1
         assert s.pending_cids() == {}
-        with sqlite3.connect(store_path) as conn:
+        with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:
             assert conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
         conn.close()
 
@@ -277,7 +278,7 @@ def test_files_are_private(store_path):
 
 def test_schema_version_and_application_id(store):
     store.flush(WAIT_S)
-    with sqlite3.connect(store.path) as conn:
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APP_ID
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
