@@ -9,6 +9,7 @@ process closes it or dies (its standard input is a pipe from us).
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import logging
 import os
 import secrets
@@ -26,9 +27,10 @@ logger = logging.getLogger("dispy.localnode")
 
 
 class LocalNode:
-    """One dispynode process on 127.0.0.1, owned by this process.
+    """One dispynode process on a loopback address (``ip_addr``, default
+    127.0.0.1), owned by this process.
 
-    ``address`` is ``'127.0.0.1:PORT'`` and ``secret`` its secret once
+    ``address`` is ``'127.0.0.1:PORT'`` (the address given) and ``secret`` its secret once
     ``start()`` returned: a fresh random one unless given; ``secret=''`` lets
     the node find its own (the key file, see ``dispy.keys``).  Use as a context manager, or call ``stop()``.
     """
@@ -39,7 +41,18 @@ class LocalNode:
         secret: str | None = None,
         extra_args=(),
         discoverable: bool = False,
+        ip_addr: str = "127.0.0.1",
     ) -> None:
+        try:
+            loopback = ipaddress.ip_address(ip_addr).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise DispyError(
+                f"LocalNode(ip_addr={ip_addr!r}): a local node listens on a loopback "
+                "address only (127.0.0.1, 127.0.0.2, ...); start dispynode for others"
+            )
+        self.ip_addr = ip_addr
         self.cpus = cpus
         self.discoverable = discoverable
         self.secret = secret if secret is not None else secrets.token_hex(16)
@@ -57,7 +70,7 @@ class LocalNode:
             "-m",
             "dispynode",
             "-i",
-            "127.0.0.1",
+            self.ip_addr,
             "--node_port",
             "0",
             "--daemon",
@@ -135,6 +148,11 @@ class LocalNode:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+    @property
+    def dest_path(self) -> str | None:
+        """The node's folder (its ``--dest_path``) while it runs."""
+        return self._dir
 
     def __enter__(self) -> LocalNode:
         return self.start() if self.proc is None else self

@@ -17,17 +17,21 @@ and gives:
 * ``installed.console_scripts``: every program setup.cfg declares.
 
 Tests that are about the daemons as deployed (their options, signals,
-restarts) start them with ``installed.script('dispynode')`` rather than
-``python -m dispynode``, so a broken console script fails them.
+restarts, recovery) start them with ``program('dispynode')`` (the same
+install, made on first use) rather than ``python -m dispynode``, so a broken
+console script fails them.
 """
 
 from __future__ import annotations
 
+import atexit
 import configparser
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -134,7 +138,28 @@ class Installed:
         return out
 
 
+_instance: Installed | None = None
+_lock = threading.Lock()
+
+
+def get() -> Installed:
+    """The one install of this test run, made on first use (removed at exit)."""
+    global _instance
+    with _lock:
+        if _instance is None:
+            base = Path(tempfile.mkdtemp(prefix="dispy-installed-"))
+            atexit.register(shutil.rmtree, base, True)
+            _instance = Installed(base)
+        return _instance
+
+
+def program(name: str) -> list[str]:
+    """The argv that starts installed program ``name`` (``dispynode``, ...), as a
+    user's shell would: the console script by its full path."""
+    return [get().script(name)]
+
+
 @pytest.fixture(scope="session")
-def installed(tmp_path_factory) -> Installed:
+def installed() -> Installed:
     """The wheel installed in a fresh venv (see the module doc)."""
-    return Installed(tmp_path_factory.mktemp("installed"))
+    return get()

@@ -150,7 +150,7 @@ def test_node_globals_and_logger(node):
     with cluster_for(node, jobs.node_globals) as cluster:
         job = cluster.submit("x")
         name, ip, in_job_path = job(timeout=30)
-    assert name and ip == "127.0.0.1" and in_job_path
+    assert name and ip == node.ip_addr and in_job_path
     assert "logged x" in job.stderr
 
 
@@ -260,7 +260,7 @@ def test_node_allocate_override_setup_args_and_depends(node_factory, tmp_path):
 
     allocs = [
         OnlyOneCpu(a.address.split(":")[0], port=a.port, depends=[str(extra)], setup_args=(1, 2)),
-        dispy.NodeAllocate("127.0.0.1", port=b.port, cpus=0, setup_args=(3, 4)),
+        dispy.NodeAllocate(b.ip_addr, port=b.port, cpus=0, setup_args=(3, 4)),
     ]
     status, ready = nodes_ready(2)
     with dispy.JobCluster(
@@ -274,9 +274,9 @@ def test_node_allocate_override_setup_args_and_depends(node_factory, tmp_path):
         nodes = {n.port: n for n in cluster.status()[0]}
         assert nodes[a.port].cpus == 1 and nodes[b.port].cpus == 2
         results = {}
-        for port in (a.port, b.port):
-            j = cluster.submit_node(f"127.0.0.1:{port}", 0)
-            results[port] = j(timeout=30)
+        for n in (a, b):
+            j = cluster.submit_node(n.address, 0)
+            results[n.port] = j(timeout=30)
         assert results == {a.port: (1, 2), b.port: (3, 4)}
     with dispy.JobCluster(
         jobs.read_file, nodes=[allocs[0]], secret="na", setup=jobs.setup_with_args
@@ -315,10 +315,10 @@ def test_node_control(node_factory, tmp_path):
         assert cluster.deallocate_node(a.address) == 0
         js = [cluster.submit(0) for _ in range(4)]
         assert all(j(timeout=30) for j in js)
-        assert {j.ip_addr for j in js} == {"127.0.0.1"}
+        assert {j.ip_addr for j in js} == {b.ip_addr}
         stats = cluster.stats()
-        assert stats["nodes"][f"127.0.0.1:{b.port}"]["jobs"] >= 4
-        assert stats["nodes"][f"127.0.0.1:{a.port}"]["bytes_sent"] > 0
+        assert stats["nodes"][b.address]["jobs"] >= 4
+        assert stats["nodes"][a.address]["bytes_sent"] > 0
         assert cluster.close_node(b.address) == 0
         assert cluster.close_node("no-such-node") == -1
 

@@ -1,6 +1,7 @@
 """Bad input against a real dispynode (and a fake node against a real client).
 
-Every test talks to a node started by the ``node`` fixture over raw loopback
+Every test talks to a node started by the ``node`` fixture (the tests named
+with ``daemon``: to a dispynode and to a dispyscheduler alike) over raw loopback
 sockets, does something hostile, and then checks that the node still serves
 a real ``JobCluster``.  The central promise checked here (README,
 Architecture, route step 3): nothing a peer sends is unpickled before it has
@@ -49,13 +50,16 @@ CLOSE_WITHIN = 5.0
 
 
 def assert_node_serves(node) -> None:
-    """A real cluster still gets a result from ``node``."""
+    """A real cluster still gets a result from ``node`` (or from the ``daemon``)."""
+    if hasattr(node, "serves"):
+        node.serves()
+        return
     with dispy.JobCluster(jobs.double, nodes=[node.address], secret=node.secret) as cluster:
         assert cluster.submit(21)(timeout=30) == 42
 
 
 def connect(node) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", node.port), timeout=CLOSE_WITHIN)
+    sock = socket.create_connection((node.ip_addr, node.port), timeout=CLOSE_WITHIN)
     sock.settimeout(CLOSE_WITHIN)
     return sock
 
@@ -242,21 +246,21 @@ GARBAGE = {
 
 
 @pytest.mark.parametrize("name", sorted(GARBAGE))
-def test_garbage_after_hello_closes_connection(node, name):
-    with connect(node) as sock:
+def test_garbage_after_hello_closes_connection(daemon, name):
+    with connect(daemon) as sock:
         read_hello(sock)
         send_quietly(sock, GARBAGE[name])
         rest = assert_closed_by_node(sock)
-        # the node may say why (AUTH_FAIL) but sends nothing else
+        # the daemon may say why (AUTH_FAIL) but sends nothing else
         assert all(f.kind == Kind.AUTH_FAIL for f in FrameDecoder(4096, 4096).feed(rest))
-    assert_node_serves(node)
+    assert_node_serves(daemon)
 
 
-def test_garbage_before_hello_is_read(node):
-    with connect(node) as sock:
+def test_garbage_before_hello_is_read(daemon):
+    with connect(daemon) as sock:
         send_quietly(sock, GARBAGE["http"])
         assert assert_closed_by_node(sock).startswith(MAGIC)  # the HELLO, then the close
-    assert_node_serves(node)
+    assert_node_serves(daemon)
 
 
 def test_unsupported_protocol_version_refused(node):
@@ -274,13 +278,13 @@ def test_unsupported_protocol_version_refused(node):
 
 @pytest.mark.parametrize("body_len", [4097, 1 << 20, 1 << 32, (1 << 64) - 1])
 @pytest.mark.parametrize("kind", [Kind.AUTH, Kind.JOBS])
-def test_oversized_frame_before_auth_closes(node, body_len, kind):
-    with connect(node) as sock:
+def test_oversized_frame_before_auth_closes(daemon, body_len, kind):
+    with connect(daemon) as sock:
         read_hello(sock)
-        # only the header: the node must refuse on the announced size, not wait for the body
+        # only the header: the daemon must refuse on the announced size, not wait for the body
         send_quietly(sock, raw_header(kind=kind, ctl_len=16, body_len=body_len))
         assert_closed_by_node(sock)
-    assert_node_serves(node)
+    assert_node_serves(daemon)
 
 
 # -- 3. truncated handshakes ----------------------------------------------------------------------
@@ -331,14 +335,14 @@ def test_header_only_then_close(node):
 # -- 4. wrong secret -------------------------------------------------------------------------------
 
 
-def test_wrong_secret_gets_auth_fail(node):
-    with connect(node) as sock:
+def test_wrong_secret_gets_auth_fail(daemon):
+    with connect(daemon) as sock:
         conn = Connection("client", derive_key("wrong"))
         with pytest.raises(AuthenticationFailed, match="secret"):
             client_handshake(sock, conn)
         assert not conn.authenticated
         assert assert_closed_by_node(sock) == b""
-    assert_node_serves(node)
+    assert_node_serves(daemon)
 
 
 def test_empty_secret_against_node_with_secret(node):
@@ -353,19 +357,19 @@ def test_empty_secret_against_node_with_secret(node):
 # -- 5. the invariant: nothing from an unauthenticated peer is unpickled ----------------------
 
 
-def test_pickle_before_authenticating(node, tmp_path):
+def test_pickle_before_authenticating(daemon, tmp_path):
     """(a) COMPUTE/JOBS frames with file-creating pickles, sent right after connecting."""
     pickles, paths = evil_pickles(tmp_path)
-    with connect(node) as sock:
+    with connect(daemon) as sock:
         send_quietly(sock, evil_frames(pickles))
         assert_closed_by_node(sock)
-    assert_never_unpickled(paths, node)
+    assert_never_unpickled(paths, daemon)
 
 
 @pytest.mark.parametrize(
     "where", ["raw", "auth-ctl", "auth-payload", "hello-payload", "jobs-ctl-pickled"]
 )
-def test_pickle_in_handshake_frames(node, tmp_path, where):
+def test_pickle_in_handshake_frames(daemon, tmp_path, where):
     """(a) the pickle where a handshake parser might look: bare, as a control part, as a payload."""
     pickles, paths = evil_pickles(tmp_path)
     data = {
@@ -377,19 +381,19 @@ def test_pickle_in_handshake_frames(node, tmp_path, where):
         "hello-payload": frame(Kind.HELLO, pack_ctl({}), pickles[1]),
         "jobs-ctl-pickled": frame(Kind.JOBS, pickles[0], pickles[1]),
     }[where]
-    with connect(node) as sock:
+    with connect(daemon) as sock:
         read_hello(sock)
         send_quietly(sock, data)
         assert_closed_by_node(sock)
-    assert_never_unpickled(paths, node)
+    assert_never_unpickled(paths, daemon)
 
 
 @pytest.mark.parametrize("wait_for_auth_fail", [False, True])
-def test_pickle_after_fake_auth(node, tmp_path, wait_for_auth_fail):
+def test_pickle_after_fake_auth(daemon, tmp_path, wait_for_auth_fail):
     """(b) after HELLO: an AUTH with a garbage proof, then the pickle frames (untagged and
     tagged under a made-up key), either in the same write or after the AUTH_FAIL."""
     pickles, paths = evil_pickles(tmp_path)
-    with connect(node) as sock:
+    with connect(daemon) as sock:
         ctl = read_hello(sock)
         auth = frame(Kind.AUTH, pack_ctl({"v": ctl["v"][1], "n": os.urandom(32), "m": bytes(32)}))
         tagged = FrameEncoder()
@@ -402,7 +406,7 @@ def test_pickle_after_fake_auth(node, tmp_path, wait_for_auth_fail):
         else:
             send_quietly(sock, auth + evil)
         assert_closed_by_node(sock)
-    assert_never_unpickled(paths, node)
+    assert_never_unpickled(paths, daemon)
 
 
 def recv_until(sock: socket.socket, marker: bytes) -> bytes:
@@ -418,21 +422,21 @@ def recv_until(sock: socket.socket, marker: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("pipelined", [True, False])
-def test_pickle_after_handshake_with_wrong_key(node, tmp_path, pipelined):
+def test_pickle_after_handshake_with_wrong_key(daemon, tmp_path, pipelined):
     """(c) a complete, well-formed handshake under the WRONG key, then tagged pickle frames.
 
     Pipelined: the client does not wait for AUTH_OK and sends its frames, tagged with the
     session key the wrong secret gives, in the same write as its AUTH.  Otherwise it sends
-    them after the node's AUTH_FAIL.
+    them after the daemon's AUTH_FAIL.
     """
     pickles, paths = evil_pickles(tmp_path)
-    with connect(node) as sock:
+    with connect(daemon) as sock:
         conn = Connection("client", derive_key("wrong"))
         deadline = time.monotonic() + CLOSE_WITHIN
         while not (auth := conn.take_output()):
             conn.receive(_recv(sock, deadline))
         auth = b"".join(bytes(b) for b in auth)
-        # switch the client to the session keys it would use had the node accepted
+        # switch the client to the session keys it would use had the daemon accepted
         # (private API on purpose: a change there must break this test, not weaken it)
         conn._open(conn._peer_nonce, conn._nonce)
         evil = evil_frames(pickles, conn.encoder)
@@ -444,7 +448,7 @@ def test_pickle_after_handshake_with_wrong_key(node, tmp_path, pipelined):
             assert [f.kind for f in frames] == [Kind.AUTH_FAIL]
             send_quietly(sock, evil)
         assert_closed_by_node(sock)
-    assert_never_unpickled(paths, node)
+    assert_never_unpickled(paths, daemon)
 
 
 def test_daemon_does_not_unpickle_job_arguments(node, tmp_path):
@@ -718,4 +722,4 @@ def test_garbage_node_does_not_block_a_good_one(node):
         ) as cluster:
             js = [cluster.submit(i) for i in range(6)]
             assert [j(timeout=30) for j in js] == [2 * i for i in range(6)]
-            assert all(j.ip_addr == "127.0.0.1" for j in js)
+            assert all(j.ip_addr == node.ip_addr for j in js)  # none on the garbage node (127.0.0.1)

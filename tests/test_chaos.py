@@ -14,11 +14,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from .installed import program
 from .netns import read_lines, wait_for_line
 
 pytestmark = pytest.mark.netns
@@ -76,7 +76,7 @@ class NodeProc:
 
     def start(self):
         self.proc = self.host.popen(
-            [sys.executable, "-m", "dispynode", "--daemon", "-c", "1",
+            [*program("dispynode"), "--daemon", "-c", "1",
              "--dest_path", f"/tmp/dispy-chaos-{self.host.ns}"],
             env=ENV,
             stderr=subprocess.STDOUT,
@@ -182,7 +182,7 @@ class SchedulerProc:
 
     def start(self):
         self.proc = self.host.popen(
-            [sys.executable, "-m", "dispyscheduler", "--daemon", "-i", self.host.ip,
+            [*program("dispyscheduler"), "--daemon", "-i", self.host.ip,
              "-p", "51349", "--pulse_interval", str(PULSE),
              "--dest_path", f"/tmp/dispy-chaos-{self.host.ns}",
              *[a for n in self.nodes for a in ("-n", n.host.ip)]],

@@ -10,6 +10,7 @@ import dispy
 
 from . import jobs
 from .conftest import EXAMPLES
+from .installed import program
 
 
 def _run(*args, env=None, timeout=60):
@@ -18,10 +19,17 @@ def _run(*args, env=None, timeout=60):
     )
 
 
+def _installed(name, *args, env=None, timeout=60):
+    """The installed console script ``name``, as a user starts it."""
+    return subprocess.run(
+        [*program(name), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
 def test_dispy_cli_runs_program_per_argument_set(node):
     env = dict(os.environ, DISPY_SECRET=node.secret)
-    proc = _run(
-        "-m", "dispy.cli", "-n", node.address, "-a", "3", "-a", "12",
+    proc = _installed(
+        "dispy", "-n", node.address, "-a", "3", "-a", "12",
         os.path.join(EXAMPLES, "square.py"), env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -29,17 +37,17 @@ def test_dispy_cli_runs_program_per_argument_set(node):
 
 
 def test_dispy_cli_missing_program():
-    proc = _run("-m", "dispy.cli", "-n", "local", "/no/such/program")
+    proc = _installed("dispy.py", "-n", "local", "/no/such/program")
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 
 def test_dispynode_bad_port_is_a_clear_error():
-    proc = _run("-m", "dispynode", "--node_port", "70000", "--daemon")
+    proc = _installed("dispynode", "--node_port", "70000", "--daemon")
     assert proc.returncode == 2 and "not a port number" in proc.stderr
 
 
 def test_dispynode_port_in_use(node):
-    proc = _run("-m", "dispynode", "-i", "127.0.0.1", "--node_port", str(node.port), "--daemon")
+    proc = _installed("dispynode.py", "-i", node.ip_addr, "--node_port", str(node.port), "--daemon")
     assert proc.returncode == 2 and "try --node_port" in proc.stderr
 
 
@@ -58,7 +66,7 @@ def test_dispy_cli_local_cluster_and_failure_status(tmp_path):
     prog = tmp_path / "fails.sh"
     prog.write_text("#!/bin/sh\necho about to fail $1\nexit 3\n")
     prog.chmod(0o755)
-    proc = _run("-m", "dispy.cli", "--local", "-a", "x", str(prog))
+    proc = _installed("dispy", "--local", "-a", "x", str(prog))
     assert proc.returncode == 1, proc.stderr
     assert "exit status 3" in proc.stdout and "about to fail x" in proc.stdout
     assert "speedup" in proc.stdout  # the cluster status is printed at the end
@@ -66,8 +74,8 @@ def test_dispy_cli_local_cluster_and_failure_status(tmp_path):
 
 def test_dispynode_config_file_round_trip(tmp_path):
     cfg = tmp_path / "node.toml"
-    proc = _run(
-        "-m", "dispynode", "-i", "127.0.0.1", "-c", "1", "--zombie_interval", "2.5",
+    proc = _installed(
+        "dispynode", "-i", "127.0.0.1", "-c", "1", "--zombie_interval", "2.5",
         "-s", "never-saved", "--save_config", str(cfg),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -84,8 +92,8 @@ def test_dispynode_config_file_round_trip(tmp_path):
         n.stop()
     bad = tmp_path / "bad.toml"
     bad.write_text('secret = "x"\n')
-    proc = _run("-m", "dispynode", "--config", str(bad))
+    proc = _installed("dispynode", "--config", str(bad))
     assert proc.returncode == 2 and "secret" in proc.stderr
     bad.write_text("no_such_option = 1\n")
-    proc = _run("-m", "dispynode", "--config", str(bad))
+    proc = _installed("dispynode", "--config", str(bad))
     assert proc.returncode == 2 and "unknown option 'no_such_option'" in proc.stderr

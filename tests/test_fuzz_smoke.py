@@ -26,6 +26,8 @@ def test_fuzz_targets_run_without_crashing(tmp_path):
             "2000",
             "--crash-dir",
             str(tmp_path / "crashes"),
+            "--seed",  # printed in the run's header (conftest): a failure replays
+            os.environ["DISPY_FUZZ_SEED"],
         ],
         cwd=ROOT,
         capture_output=True,

@@ -173,7 +173,7 @@ def test_status_shape_and_counts(cluster, server, node):
     assert s["counts"]["ended"] == 0
     (n,) = s["nodes"]
     assert n["node"] == node.address
-    assert (n["ip_addr"], n["port"], n["cpus"]) == ("127.0.0.1", node.port, 2)
+    assert (n["ip_addr"], n["port"], n["cpus"]) == (node.ip_addr, node.port, 2)
     for key in ("name", "busy", "jobs_done", "cpu_time", "avail_info", "jobs"):
         assert key in n
     assert set(n["avail_info"]) == {"cpu", "memory", "disk", "swap"}

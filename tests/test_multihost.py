@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from .conftest import EXAMPLES
+from .installed import program
 from .netns import wait_for_line
 
 pytestmark = pytest.mark.netns
@@ -69,9 +70,7 @@ print(json.dumps(out), flush=True)
 def start_node(host, *args):
     proc = host.popen(
         [
-            sys.executable,
-            "-m",
-            "dispynode",
+            *program("dispynode"),
             "--daemon",
             "-c",
             "1",
@@ -154,7 +153,7 @@ def test_relay_brings_in_nodes_of_another_network(netns):
     out = client_result(start_client(client, [net_b], want=1, wait=3, njobs=0))
     assert out["found"] == []
     rproc = relay.popen(
-        [sys.executable, "-m", "dispynetrelay", "--daemon"], env=ENV, stderr=subprocess.STDOUT
+        [*program("dispynetrelay"), "--daemon"], env=ENV, stderr=subprocess.STDOUT
     )
     wait_for_line(rproc, r"dispynetrelay ready", timeout=30)
     proc = start_client(client, [relay.ip, net_b], want=3, wait=60, njobs=8)

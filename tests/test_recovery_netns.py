@@ -19,8 +19,7 @@ first are ignored, or end the jobs and cancel the reruns) and non-reentrant
 (jobs Abandoned; late results ignored); dispynode killed -9 and restarted with
 the results only in its disk store (RESUME finds them); a connection dropped
 inside the window (RESUME: jobs still on the node, results sent again); a
-reconnect refused (node dead at once).  One xfail test shows a product bug
-(close() right after such a RESUME; see its reason).
+reconnect refused (node dead at once).
 
 Durations written as ``OUTAGE_*`` are deliberate outage lengths (how long the
 cable stays out): test parameters, not waits for a condition.  Every wait for
@@ -36,11 +35,11 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 
+from .installed import program
 from .netns import read_lines, wait_for_line
 
 pytestmark = pytest.mark.netns
@@ -182,9 +181,7 @@ def start_node(host, cpus: int):
     """dispynode on ``host`` (default port), its stdout+stderr a pipe we read."""
     proc = host.popen(
         [
-            sys.executable,
-            "-m",
-            "dispynode",
+            *program("dispynode"),
             "--daemon",
             "-c",
             str(cpus),

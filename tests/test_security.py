@@ -11,7 +11,6 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 
 import psutil
 import pytest
@@ -21,6 +20,7 @@ from dispy.keys import load_or_create_key, resolve_secret
 from dispy.protocol import Connection, HandshakeComplete, Kind, derive_key
 
 from . import jobs
+from .installed import program
 
 
 def cluster_ok(address, **kw) -> bool:
@@ -55,7 +55,7 @@ def test_a_client_with_another_key_is_refused(node_factory, tmp_path, monkeypatc
 
 def test_insecure_node_binds_loopback_and_says_so(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dispynode", "--insecure", "--node_port", "0", "--daemon",
+        [*program("dispynode"), "--insecure", "--node_port", "0", "--daemon",
          "--dest_path", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -98,7 +98,7 @@ def test_secret_on_command_line_warns_and_secret_file_works(tmp_path):
         (["--secret-file", str(f)], "secret file"),
     ):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dispynode", "-i", "127.0.0.1", "--node_port", "0",
+            [*program("dispynode"), "-i", "127.0.0.1", "--node_port", "0",
              "--daemon", "--dest_path", str(tmp_path), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -128,7 +128,7 @@ def test_flood_of_silent_connections_is_bounded(node_factory):
         socks = []
         try:
             for _ in range(300):
-                socks.append(socket.create_connection(("127.0.0.1", node.port), timeout=5))
+                socks.append(socket.create_connection((node.ip_addr, node.port), timeout=5))
             # the authenticated client is served during the flood
             assert [cluster.submit(i)(timeout=30) for i in range(5)] == [0, 2, 4, 6, 8]
             # connections over the limit were closed by the node at once
@@ -155,8 +155,8 @@ def test_flood_of_silent_connections_is_bounded(node_factory):
 class RawClient:
     """An authenticated raw peer (blocking socket) speaking the node protocol."""
 
-    def __init__(self, port: int, secret: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, secret: str, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
         self.conn = Connection("client", derive_key(secret))
         while not self.conn.authenticated:
             for ev in self._recv():
@@ -184,21 +184,27 @@ class RawClient:
 
 
 @pytest.mark.parametrize("bad", ["../escape.txt", "/etc/escape.txt", "a/../../escape.txt", "x\0y"])
-def test_file_paths_cannot_leave_the_computation(node, bad, tmp_path):
-    peer = RawClient(node.port, node.secret)
+def test_file_paths_cannot_leave_the_computation(daemon, bad):
+    peer = RawClient(daemon.port, daemon.secret, daemon.ip_addr)
     try:
         reply = peer.request(Kind.FILE, {"c": "abc123", "n": "comp", "p": bad, "o": 0}, [b"evil"])
         assert reply.kind == Kind.ERROR and "inside the computation" in reply.ctl["r"]
     finally:
         peer.close()
-    assert not (tmp_path / "escape.txt").exists() and not os.path.exists("/etc/escape.txt")
-    assert cluster_ok(node.address, secret=node.secret)
+    # where an escaping path would land: the daemon's folder (the computation's
+    # parent), its parent, or /etc; nothing was written anywhere below them
+    dest = daemon.dest_path
+    written = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs if "escape" in f]
+    assert written == []
+    assert not os.path.exists(os.path.join(os.path.dirname(dest), "escape.txt"))
+    assert not os.path.exists("/etc/escape.txt")
+    daemon.serves()
 
 
 def test_symlinks_cannot_lead_files_out(node, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    peer = RawClient(node.port, node.secret)
+    peer = RawClient(node.port, node.secret, node.ip_addr)
     try:
         peer.conn.send(Kind.FILE, {"c": "lnk1", "n": "comp", "p": "first.txt", "o": 0}, [b"ok"])
         # requests are handled in order: once this one is refused, the first is written
@@ -224,7 +230,7 @@ def _node_dirs(node):
 
 def test_slowloris_peer_is_dropped_at_the_handshake_deadline(node_factory):
     node = node_factory(cpus=1, secret="sl", extra_args=("--handshake_timeout", "1"))
-    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+    with socket.create_connection((node.ip_addr, node.port), timeout=10) as s:
         s.recv(4096)  # the node's HELLO
         s.sendall(b"DSPY\x01\x02")  # a few bytes of a header, then nothing more
         s.settimeout(15)

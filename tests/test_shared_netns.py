@@ -49,13 +49,13 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 
 from dispy import DispyJob
 
+from .installed import program
 from .netns import read_lines, wait_for_line
 
 pytestmark = pytest.mark.netns
@@ -240,7 +240,7 @@ def wait_log(proc, pattern: str, count: int = 1, timeout: float = 10.0) -> None:
 def start_node(host, tmp_path):
     """dispynode (2 CPUs, default port) on ``host``; not waited for (see ``wait_ready``)."""
     proc = host.popen(
-        [sys.executable, "-m", "dispynode", "--daemon", "-c", "2",
+        [*program("dispynode"), "--daemon", "-c", "2",
          "--dest_path", str(tmp_path / f"node-{host.name}")],
         env=ENV, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -256,7 +256,7 @@ def start_scheduler(s, nodes, tmp_path, label: str = "dispyscheduler"):
     """dispyscheduler on host ``s`` in front of ``nodes``; returns once it has said it
     is ready and reported every node ready."""
     proc = s.popen(
-        [sys.executable, "-m", "dispyscheduler", "--daemon", "-i", s.ip,
+        [*program("dispyscheduler"), "--daemon", "-i", s.ip,
          "-p", str(SCHED_PORT), "--cluster_secret", CLUSTER_SECRET,
          "--dest_path", str(tmp_path / "sched"), "--pulse_interval", str(SCHED_PULSE),
          *[a for n in nodes for a in ("-n", n.ip)]],

@@ -31,6 +31,8 @@ import pytest
 
 from dispy import config
 
+from .installed import program
+
 NODE_SECRET = "seed-004-node-secret"
 TIMEOUT = 120.0
 
@@ -84,7 +86,7 @@ class DefaultPortScheduler:
         self.lines: list[str] = []  # stdout and stderr, as they come
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispyscheduler", "--daemon", "-i", "127.0.0.1",
+            [*program("dispyscheduler"), "--daemon", "-i", "127.0.0.1",
              "--dest_path", str(dest_path), *[a for n in nodes for a in ("-n", n.address)]],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
