@@ -665,7 +665,13 @@ def wait_for_line(
                 break
             r.cond.wait(remaining)
         seen = list(r.lines)
-    # outside the lock: describe what happened
+    # outside the lock: describe what happened (a program whose output ended is
+    # exiting: give it a moment, so that its exit status and stderr are told)
+    if why == "its output ended":
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
     rc = proc.poll()
     if why != "its output ended" and rc is not None:
         why += f" (the process exited with {rc})"
