@@ -13,7 +13,7 @@ import logging
 from ._client import JobCluster
 from ._data import NodeData
 from ._executor import ClusterExecutor
-from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
+from ._job import ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
 from ._recovery import recover_jobs
 from ._shared import SharedJobCluster
@@ -47,8 +47,13 @@ if not any(isinstance(h, _UntilConfigured) for h in logger.handlers):
     logger.addHandler(_handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.WARNING)
+# dispy programs write loglevel=dispy.logger.DEBUG: the levels as attributes of
+# the (standard) logger, as dispy's own logger has them
+for _level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    setattr(logger, _level, getattr(logging, _level))
 
 __all__ = [
+    "ClusterStatus",
     "recover_jobs",
     "SharedJobCluster",
     "DispyHTTPServer",

@@ -44,7 +44,7 @@ from . import _loop, config, discovery, serialize, transport
 from ._data import NodeData, check_name
 from ._data import _local as data_local
 from ._finder import NodeFinder
-from ._job import DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
+from ._job import ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._link import MISSED_PULSES, LinkBase
 from ._local import LocalNode
 from ._recover import RecoverFile
@@ -155,6 +155,7 @@ class _NodeLink(LinkBase):
         self.alloc = alloc
         self.key = (host, port)
         self.node = DispyNode(host, port)
+        self.node_cpus = 0  # the CPUs the node says it has
         self._init_link(logger)
         self.failure: str | None = None  # permanent failure, if any
         self._acks: list[int] = []
@@ -241,7 +242,7 @@ class _NodeLink(LinkBase):
             self._closing = True
             chan.close()
             return
-        cpus = field(info, "cpus", int)
+        cpus = self.node_cpus = field(info, "cpus", int)
         self.node.name = field(info, "name", str)
         self.node.platform = info.get("platform", "")
         self.node.avail_info = _avail(info.get("avail"))
@@ -422,6 +423,14 @@ class _NodeLink(LinkBase):
         except ConnectionClosed:
             pass  # the loss handler requeues or abandons them
 
+    @property
+    def limited(self) -> bool:
+        """Given fewer CPUs than the node has (NodeAllocate, set_node_cpus): at most
+        that many of this cluster's jobs are on the node at once, so it never runs more."""
+        if self.engine.via_scheduler:  # its CPUs come and go with its nodes
+            return False
+        return 0 < self.node.cpus < (self.node_cpus or 0)
+
     def cancel(self, job) -> None:
         if self.chan is not None and not self.chan.is_closed:
             self.chan.send(Kind.CANCEL, {"c": self.engine.cid, "j": [job._uid]})
@@ -462,7 +471,7 @@ class _NodeLink(LinkBase):
         if self.chan is None or self.chan.is_closed:
             raise ConnectionClosed(f"node {self.host}:{self.port} is not connected")
         await self._send_computation()
-        self.engine.sched.add_node(self.key, self.node.cpus)
+        self.engine.sched.add_node(self.key, self.node.cpus, self.limited)
         self.engine.dispatch()
 
     async def close(self, terminate: bool) -> None:
@@ -519,7 +528,7 @@ class _Engine:
         self.recover: RecoverFile | None = None  # jobs sent to nodes, for recover_jobs()
         self.compute_opts: dict = {}  # extra COMPUTE fields (SharedJobCluster's, for the scheduler)
         self.nids: dict[str, tuple] = {}  # node run id -> link key: one link per node
-        self.sched = Scheduler(reentrant=reentrant)
+        self.sched = Scheduler(reentrant=reentrant, report_started=True)
         self.links: dict[tuple, _NodeLink] = {}
         self.live: dict[int, DispyJob] = {}
         self.writes: dict[int, set] = {}  # files jobs sent, being written
@@ -618,12 +627,8 @@ class _Engine:
     def dispatch(self) -> None:
         for node, batch in self.sched.assign():
             link = self.links[node.key]
-            now = time.time()
             for job in batch:
                 job.ip_addr = link.node.ip_addr
-                job.start_time = now
-                self.cluster._status_changed(job, link.node)
-            link.node.busy = len(node.running)
             if self.recover is not None:
                 where = f"{link.node.ip_addr}:{link.port}"
                 try:
@@ -633,6 +638,22 @@ class _Engine:
                 except DispyError as exc:
                     logger.error("recover file: %s", exc)
             link.send_jobs(batch)
+        self._report_started()
+
+    def _report_started(self) -> None:
+        """Jobs that a CPU of their node is free for now: Running, from now (the
+        node's own start time replaces it with the result)."""
+        started = self.sched.take_started()
+        if not started:
+            return
+        now = time.time()
+        for job in started:
+            job.start_time = now
+            link = self.links.get(job._node)
+            node = link.node if link is not None else None
+            if node is not None:
+                node.busy = self.sched.nodes[link.key].busy()
+            self.cluster._status_changed(job, node)
 
     def cancel(self, job: DispyJob) -> None:
         if self.sched.cancel_queued(job):
@@ -640,6 +661,13 @@ class _Engine:
             self._complete(job, None)
             return
         link = self.links.get(job._node)
+        if self.sched.cancel_sent(job):  # on its node, not started: it never will
+            job.exception = "cancelled before it started"
+            if link is not None:
+                link.cancel(job)
+            self._complete(job, None)
+            self._report_started()
+            return
         if link is not None and job.status in (jobstate.Running, jobstate.ProvisionalResult):
             link.cancel(job)
 
@@ -652,6 +680,7 @@ class _Engine:
             job = self.live.get(uid)
             if job is None:
                 logger.debug("result for job %s that already ended; ignored", uid)
+                self.sched.release(link.key, uid)
                 continue
             st = field(entry, "st", int)
             if st == jobstate.Created:  # handed back unstarted (its computation closed there)
@@ -692,12 +721,14 @@ class _Engine:
             if t0:
                 job.start_time = t0
             job.end_time = t1 or time.time()
-            job.ip_addr = node.ip_addr
+            # through a dispyscheduler: the node that ran it (the entry says)
+            ip = entry.get("ip")
+            job.ip_addr = ip if isinstance(ip, str) and ip else node.ip_addr
             node.jobs_done += 1
             if t0 and t1:
                 node.cpu_time += t1 - t0
             self._finish(job, node)
-        node.busy = len(self.sched.nodes[link.key].running) if link.key in self.sched.nodes else 0
+        node.busy = self.sched.nodes[link.key].busy() if link.key in self.sched.nodes else 0
         self.dispatch()
 
     def provisional(self, link: _NodeLink, ctl: dict, payload) -> None:
@@ -807,7 +838,7 @@ class _Engine:
             logger.error("recover file: %s", exc)
 
     def node_ready(self, link: _NodeLink) -> None:
-        self.sched.add_node(link.key, link.node.cpus)
+        self.sched.add_node(link.key, link.node.cpus, link.limited)
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
         self.cluster._node_status(DispyNode.Initialized, link.node)
         self.dispatch()
@@ -1182,13 +1213,13 @@ class JobCluster:
         link = self._link(node)
         if link is None:
             return -1
-        total = link.node.avail_cpus if link.node.avail_cpus else link.node.cpus
+        total = link.node_cpus or link.node.avail_cpus or link.node.cpus
         n = max(0, total + cpus) if cpus < 0 else min(cpus, total) if total else cpus
 
         def apply():
-            if link.key in self._engine.sched.nodes:
-                self._engine.sched.set_cpus(link.key, n)
             link.node.cpus = n
+            if link.key in self._engine.sched.nodes:
+                self._engine.sched.set_cpus(link.key, n, link.limited)
             self._engine.dispatch()
 
         self._on_loop(apply)
@@ -1396,10 +1427,11 @@ class JobCluster:
                 logger.exception("callback raised an exception (ignored)")
 
     # -- information -----------------------------------------------------------------
-    def status(self):
-        """(list of DispyNode, number of jobs not yet ended)."""
+    def status(self) -> ClusterStatus:
+        """``ClusterStatus(nodes, jobs_pending)``: the nodes (``DispyNode``) and the
+        number of jobs not yet ended."""
         nodes = [lk.node for lk in self._engine.links.values() if lk.ready or lk.node.jobs_done]
-        return nodes, self._unfinished
+        return ClusterStatus(nodes, self._unfinished)
 
     def stats(self) -> dict:
         """Per node (key 'ip:port'): name, cpus, jobs, sec_per_job, node_time,

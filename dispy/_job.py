@@ -8,6 +8,7 @@ import functools
 import itertools
 import threading
 import weakref
+from typing import NamedTuple
 
 from .core import jobstate
 
@@ -118,6 +119,15 @@ def _future_done(job_ref, fut: concurrent.futures.Future) -> None:
     job = job_ref()
     if job is not None and fut.cancelled() and not job._end.is_set():
         job._cluster.cancel(job)
+
+
+class ClusterStatus(NamedTuple):
+    """What ``cluster.status()`` returns, as dispy does: ``nodes`` (the
+    ``DispyNode`` objects, the same ones ``cluster_status`` callbacks get) and
+    ``jobs_pending`` (jobs not ended yet).  A tuple: ``nodes, n = status()``."""
+
+    nodes: list
+    jobs_pending: int
 
 
 class DispyNodeAvailInfo:

@@ -79,6 +79,64 @@ class ComputationSpec:
     cleanup: object = None  # a callable, or None
     objects: dict = field(default_factory=dict)  # depends classes/functions by name
     main_names: list = field(default_factory=list)  # names to define in the node's __main__
+    # the source file of each function sent by value, by "name:first line":
+    # cloudpickle sends "<dynamic-code>" in its place (see restore_filenames)
+    code_files: dict = field(default_factory=dict)
+
+    def functions(self) -> list:
+        """The functions this spec carries (methods of its classes included)."""
+        out = []
+        for obj in (self.func, self.setup, self.cleanup, *self.objects.values()):
+            obj = getattr(obj, "func", obj)  # functools.partial
+            if inspect.isfunction(obj):
+                out.append(obj)
+            elif inspect.isclass(obj):
+                for attr in vars(obj).values():
+                    attr = getattr(attr, "__func__", attr)  # static and class methods
+                    if inspect.isfunction(attr):
+                        out.append(attr)
+        return out
+
+
+_DYNAMIC = "<dynamic-code>"
+
+
+def _codes(code: types.CodeType):
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def code_filenames(spec: ComputationSpec) -> dict:
+    """``name:first line`` -> source file of every code object the spec's functions hold."""
+    return {
+        f"{c.co_name}:{c.co_firstlineno}": c.co_filename
+        for fn in spec.functions()
+        for c in _codes(fn.__code__)
+    }
+
+
+def _renamed(code: types.CodeType, files: dict) -> types.CodeType:
+    consts = tuple(
+        _renamed(c, files) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
+    name = code.co_filename
+    if name == _DYNAMIC:
+        name = files.get(f"{code.co_name}:{code.co_firstlineno}", name)
+    return code.replace(co_filename=name, co_consts=consts)
+
+
+def restore_filenames(spec: ComputationSpec) -> None:
+    """On the node: give the functions sent by value their source file's name
+    again, so a job's traceback says where the failing line is, as it would on
+    the client (cloudpickle replaces it with "<dynamic-code>")."""
+    files = getattr(spec, "code_files", None)  # None from a client before this field
+    if not files:
+        return
+    for fn in spec.functions():
+        if any(c.co_filename == _DYNAMIC for c in _codes(fn.__code__)):
+            fn.__code__ = _renamed(fn.__code__, files)
 
 
 @dataclass
@@ -249,6 +307,7 @@ def package_computation(computation, depends=(), setup=None, cleanup=None) -> Co
         objects=objects,
         main_names=main_names,
     )
+    spec.code_files = code_filenames(spec)
     try:
         spec_bytes = cloudpickle.dumps(spec, protocol=5)
     except Exception as exc:

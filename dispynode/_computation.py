@@ -330,6 +330,7 @@ def main(argv: list[str]) -> None:
             "(modules it needs must be installed on the node or listed in depends)",
         )
     del msg
+    serialize.restore_filenames(spec)
     _install_main(spec, ctl)
     dispy_data.DATA_DIR = os.path.join(comp_dir, ".dispy_data")
     if spec.setup is not None:

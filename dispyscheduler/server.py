@@ -1031,7 +1031,7 @@ class SchedulerServer:
         job = comp.jobs.get(cjid)
         if job is None:
             return
-        if job.status == jobstate.Created:
+        if job.status == jobstate.Created and job._node is None:  # here, not on a node
             try:
                 self.queue.remove(job)
             except ValueError:
@@ -1071,6 +1071,8 @@ class SchedulerServer:
                 self.links[elsewhere].cancel(job)  # a late result: its rerun is not needed
             job.segs = None
             job._node = link.key  # where its result waits for the client's ACK
+            # the client reports the node that ran the job, not the scheduler
+            entry["ip"], entry["nn"] = link.ip, link.name
             job.comp.deliver(entry, part)
         self.dispatch()
 

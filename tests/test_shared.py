@@ -105,6 +105,8 @@ def test_shared_cluster_runs_jobs_on_the_schedulers_nodes(scheduler_factory, two
         js = [cluster.submit(i) for i in range(12)]
         assert all(j() is not None for j in js), [j.exception for j in js]
         assert {j.status for j in js} == {DispyJob.Finished}
+        # a job's ip_addr is the node that ran it (127.0.0.2, .3), not the scheduler's
+        assert {j.ip_addr for j in js} <= {n.ip_addr for n in two_nodes}
         nodes = cluster.status()[0]
         assert len(nodes) == 1 and nodes[0].cpus == 2  # the scheduler: both nodes' CPUs
 

@@ -1,7 +1,8 @@
 """Job states and every transition between them, in one table.
 
 Theory of operation: a job is *Created* when submitted and waits in the
-client's queue; *Running* once sent to a node; it may report
+client's queue, or on a node it was sent to ahead; *Running* once a CPU of
+that node is free for it (``scheduler``); it may report
 *ProvisionalResult*s while running; it ends exactly once, in one of the four
 terminal states.  A job whose node is lost goes back to *Created* if it may
 run again (reentrant, not pinned to that node), else it is *Abandoned*.
@@ -52,6 +53,9 @@ TRANSITIONS: dict[tuple[int, str], int] = {
     (Created, FAIL): Terminated,  # e.g. its node rejected the arguments before starting it
     # a late result from a node declared dead, for a job requeued but not yet run again
     (Created, FINISH): Finished,
+    # sent to a node, not started: the node was lost, or handed it back
+    (Created, REQUEUE): Created,
+    (Created, PROVISIONAL): ProvisionalResult,  # it did start there
     **{(s, PROVISIONAL): ProvisionalResult for s in _LIVE},
     **{(s, FINISH): Finished for s in _LIVE},
     **{(s, FAIL): Terminated for s in _LIVE},

@@ -6,7 +6,12 @@ returns.  Job statuses change only through ``jobstate.next_status``.
 
 Each node gets up to ``cpus * prefetch`` jobs at once: ``cpus`` run while
 the rest wait on the node, so a node never idles for a network round trip
-between two short jobs.
+between two short jobs.  A job sent ahead stays *Created* until a CPU is free
+for it (the node runs a node's jobs in the order sent): the first ``cpus``
+of a node's jobs in flight are *Running*, and as each ends the next one is
+(``take_started``).  A node given fewer CPUs than it has (``NodeAllocate``,
+``set_node_cpus``: ``limited``) gets only ``cpus`` jobs at once, so that it
+never runs more of them.
 """
 
 from __future__ import annotations
@@ -17,26 +22,31 @@ from collections.abc import Iterable
 
 from . import jobstate
 
+_LIVE = (jobstate.Running, jobstate.ProvisionalResult)
+
 
 class NodeState:
     """What the scheduler knows of one node."""
 
-    __slots__ = ("key", "cpus", "running", "ready", "pinned", "prefetch")
+    __slots__ = ("key", "cpus", "running", "ready", "pinned", "prefetch", "limited")
 
-    def __init__(self, key, cpus: int, prefetch: int = 2) -> None:
+    def __init__(self, key, cpus: int, prefetch: int = 2, limited: bool = False) -> None:
         self.key = key
         self.cpus = cpus
         self.prefetch = prefetch
+        self.limited = limited  # fewer CPUs than the node has: no jobs sent ahead
+        #: the jobs sent there and not ended, in the order sent
         self.running: dict[int, object] = {}
         self.ready = False
         self.pinned: collections.deque = collections.deque()
 
     @property
     def capacity(self) -> int:
-        return self.cpus * self.prefetch
+        return self.cpus if self.limited else self.cpus * self.prefetch
 
-    def free(self) -> int:
-        return self.capacity - len(self.running) if self.ready else 0
+    def busy(self) -> int:
+        """How many of its jobs run now (Running or ProvisionalResult)."""
+        return sum(1 for job in self.running.values() if job.status in _LIVE)
 
 
 class Scheduler:
@@ -47,7 +57,12 @@ class Scheduler:
     """
 
     def __init__(
-        self, reentrant: bool = False, prefetch: int = 2, queue=None, eligible=None
+        self,
+        reentrant: bool = False,
+        prefetch: int = 2,
+        queue=None,
+        eligible=None,
+        report_started: bool = False,
     ) -> None:
         self.reentrant = reentrant
         self.prefetch = prefetch
@@ -57,18 +72,48 @@ class Scheduler:
         #: (None: every node runs every job; needs a ClusterQueue otherwise)
         self.eligible = eligible
         self.nodes: dict[object, NodeState] = {}
+        #: jobs that became Running since the last ``take_started()`` (kept only
+        #: with ``report_started``: an owner that never takes them keeps none)
+        self._started: list | None = [] if report_started else None
 
     # -- nodes ----------------------------------------------------------------
-    def add_node(self, key, cpus: int) -> NodeState:
+    def add_node(self, key, cpus: int, limited: bool = False) -> NodeState:
         node = self.nodes.get(key)
         if node is None:
             node = self.nodes[key] = NodeState(key, cpus, self.prefetch)
         node.cpus = cpus
+        node.limited = limited
         node.ready = True
+        self._promote(node)
         return node
 
-    def set_cpus(self, key, cpus: int) -> None:
-        self.nodes[key].cpus = max(0, cpus)
+    def set_cpus(self, key, cpus: int, limited: bool | None = None) -> None:
+        node = self.nodes[key]
+        node.cpus = max(0, cpus)
+        if limited is not None:
+            node.limited = limited
+        self._promote(node)
+
+    def _promote(self, node: NodeState) -> None:
+        """Mark Running the node's first jobs in flight, up to its CPUs."""
+        free = node.cpus - node.busy()
+        if free <= 0:
+            return
+        for job in node.running.values():
+            if job.status == jobstate.Created:
+                job.status = jobstate.next_status(job.status, jobstate.DISPATCH)
+                if self._started is not None:
+                    self._started.append(job)
+                free -= 1
+                if free == 0:
+                    return
+
+    def take_started(self) -> list:
+        """The jobs that became Running since the last call (to stamp and report)."""
+        if not self._started:
+            return []
+        out, self._started = self._started, []
+        return out
 
     def remove_node(self, key) -> list[tuple[object, int]]:
         """The node is gone: requeue or abandon its jobs; return (job, new status) pairs."""
@@ -85,11 +130,13 @@ class Scheduler:
             if node is not None:
                 node.running.pop(job._uid, None)
             out.append(self._lose(job))
+        if node is not None:
+            self._promote(node)
         return out
 
     def _lose(self, job) -> tuple[object, int]:
         may_rerun = getattr(job, "_reentrant", self.reentrant) and job._pinned is None
-        if job.status == jobstate.Created:  # pinned, not yet sent
+        if job.status == jobstate.Created and job._node is None:  # pinned, not yet sent
             event = jobstate.ABANDON
         else:
             event = jobstate.REQUEUE if may_rerun else jobstate.ABANDON
@@ -113,53 +160,68 @@ class Scheduler:
         return True
 
     def assign(self) -> list[tuple[NodeState, list]]:
-        """Give queued jobs to nodes with free slots; mark them Running."""
+        """Give queued jobs to nodes with free slots (first one per free CPU on
+        every node, then the jobs sent ahead); those a CPU is free for become
+        Running, the others stay Created until then (``_promote``)."""
+        batches: dict[object, list] = {}
+        for ahead in (False, True):
+            for node in self.nodes.values():
+                if not node.ready or not (node.pinned or self.pending):
+                    continue
+                taken = len(node.running) + len(batches.get(node.key, ()))
+                limit = node.capacity if ahead else min(node.cpus, node.capacity)
+                if limit - taken > 0:
+                    batch = self._take(node, limit - taken)
+                    if batch:
+                        batches.setdefault(node.key, []).extend(batch)
         out = []
-        for node in self.nodes.values():
-            free = node.free()
-            if free <= 0 or not (node.pinned or self.pending):
-                continue
-            batch = []
-            while free > 0 and node.pinned:
-                if self.eligible is not None and not self.eligible(
-                    node.key, node.pinned[0]._cluster
-                ):
-                    break  # (several clusters) not set up there yet, or taken exclusively
-                batch.append(node.pinned.popleft())
-                free -= 1
-            if self.eligible is None:
-                while free > 0 and self.pending:
-                    batch.append(self.pending.popleft())
-                    free -= 1
-            else:
-                ok = functools.partial(self.eligible, node.key)
-                while free > 0 and self.pending:
-                    job = self.pending.pop_for(ok)
-                    if job is None:
-                        break
-                    batch.append(job)
-                    free -= 1
-            if not batch:
-                continue
-            for job in batch:
-                job.status = jobstate.next_status(job.status, jobstate.DISPATCH)
+        for key, batch in batches.items():
+            node = self.nodes[key]
+            for job in batch:  # Created still: Running once a CPU is free for it
                 job._node = node.key
                 node.running[job._uid] = job
+            self._promote(node)
             out.append((node, batch))
         return out
 
+    def _take(self, node: NodeState, free: int) -> list:
+        """Up to ``free`` jobs for ``node``: its pinned ones first, then the queue's."""
+        batch = []
+        while free > 0 and node.pinned:
+            if self.eligible is not None and not self.eligible(node.key, node.pinned[0]._cluster):
+                break  # (several clusters) not set up there yet, or taken exclusively
+            batch.append(node.pinned.popleft())
+            free -= 1
+        if self.eligible is None:
+            while free > 0 and self.pending:
+                batch.append(self.pending.popleft())
+                free -= 1
+        else:
+            ok = functools.partial(self.eligible, node.key)
+            while free > 0 and self.pending:
+                job = self.pending.pop_for(ok)
+                if job is None:
+                    break
+                batch.append(job)
+                free -= 1
+        return batch
+
     def ended(self, job, event: str) -> bool:
-        """A job's node reported its end; False (and nothing changes) if it already ended."""
+        """A job's node reported its end; False (and nothing else changes) if it
+        already ended (cancelled before it started, say)."""
         before = job.status
+        node = self.nodes.get(job._node)
         try:
             job.status = jobstate.next_status(job.status, event)
         except jobstate.InvalidTransition:
+            if node is not None and node.running.pop(job._uid, None) is not None:
+                self._promote(node)  # its place on the node is free now
             return False
-        if before == jobstate.Created:  # requeued, and a late result came: unqueue it
-            self._unqueue(job)
-        node = self.nodes.get(job._node)
+        if before == jobstate.Created and job._node is None:
+            self._unqueue(job)  # requeued, and a late result came: unqueue it
         if node is not None:
             node.running.pop(job._uid, None)
+            self._promote(node)
         return True
 
     def _unqueue(self, job) -> None:
@@ -172,6 +234,8 @@ class Scheduler:
 
     def requeue(self, job) -> bool:
         """A node handed back a job it never started: queue it again (first)."""
+        if job.status == jobstate.Created and job._node is None:
+            return False  # queued here already
         try:
             job.status = jobstate.next_status(job.status, jobstate.REQUEUE)
         except jobstate.InvalidTransition:
@@ -179,6 +243,7 @@ class Scheduler:
         node = self.nodes.get(job._node)
         if node is not None:
             node.running.pop(job._uid, None)
+            self._promote(node)
         job._node = None
         if job._pinned is not None and job._pinned in self.nodes:
             self.nodes[job._pinned].pinned.appendleft(job)
@@ -200,6 +265,22 @@ class Scheduler:
         job.status = jobstate.next_status(job.status, jobstate.DISPATCH)
         job._node = key
         node.running[job._uid] = job
+        return True
+
+    def release(self, key, uid: int) -> None:
+        """The node reported the end of a job that had ended here already (cancelled
+        before it started): its place on the node is free."""
+        node = self.nodes.get(key)
+        if node is not None and node.running.pop(uid, None) is not None:
+            self._promote(node)
+
+    def cancel_sent(self, job) -> bool:
+        """Cancel a job sent to a node that has not started it: Cancelled now (the
+        node is told to drop it; its place there is free once the node says so).
+        False if the job is not such a one."""
+        if job.status != jobstate.Created or job._node is None:
+            return False
+        job.status = jobstate.next_status(job.status, jobstate.CANCEL)
         return True
 
     def set_ready(self, key, ready: bool) -> None:
