@@ -414,7 +414,9 @@ class BlockingChannel:
 
     def send(self, kind: int, ctl: dict, payload=()) -> None:
         self.conn.send(kind, ctl, payload)
-        bufs = [memoryview(b).cast("B") for b in self.conn.take_output()]
+        # (an empty buffer, such as an empty file's payload, is left out: sendmsg
+        # of nothing but empty buffers sends 0 bytes, and this loop never ended)
+        bufs = [m for m in (memoryview(b).cast("B") for b in self.conn.take_output()) if m.nbytes]
         while bufs:
             n = self.sock.sendmsg(bufs[:512])
             while n:
