@@ -244,6 +244,8 @@ class _NodeLink(LinkBase):
             return
         cpus = self.node_cpus = field(info, "cpus", int)
         self.node.name = field(info, "name", str)
+        if engine.via_scheduler:
+            engine.scheduler_nodes(info.get("nodes"))
         self.node.platform = info.get("platform", "")
         self.node.avail_info = _avail(info.get("avail"))
         self.node.update_time = time.time()
@@ -370,6 +372,8 @@ class _NodeLink(LinkBase):
                     if self.key in self.engine.sched.nodes:
                         self.engine.sched.set_cpus(self.key, cpus)
                         self.engine.dispatch()
+                if self.engine.via_scheduler:
+                    self.engine.scheduler_nodes(msg.ctl.get("nodes"))
                 self.node.avail_info = _avail(msg.ctl["a"])
                 self.node.update_time = time.time()
                 self.engine.cluster._node_status(DispyNode.AvailInfo, self.node)
@@ -527,6 +531,8 @@ class _Engine:
         self.finder: NodeFinder | None = None
         self.recover: RecoverFile | None = None  # jobs sent to nodes, for recover_jobs()
         self.compute_opts: dict = {}  # extra COMPUTE fields (SharedJobCluster's, for the scheduler)
+        #: a SharedJobCluster's view of the nodes behind its scheduler, by (ip, port)
+        self.behind: dict[tuple, DispyNode] = {}
         self.nids: dict[str, tuple] = {}  # node run id -> link key: one link per node
         self.sched = Scheduler(reentrant=reentrant, report_started=True)
         self.links: dict[tuple, _NodeLink] = {}
@@ -837,6 +843,31 @@ class _Engine:
         except DispyError as exc:
             logger.error("recover file: %s", exc)
 
+    def scheduler_nodes(self, rows) -> None:
+        """The scheduler's list of its nodes (its INFO and pulses): kept for status()."""
+        if not isinstance(rows, list):
+            return
+        seen = {}
+        now = time.time()
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            ip, port = row.get("ip"), row.get("port")
+            if not isinstance(ip, str) or not isinstance(port, int) or isinstance(port, bool):
+                continue
+            node = self.behind.get((ip, port)) or DispyNode(ip, port)
+            for attr, key in (("cpus", "cpus"), ("busy", "busy"), ("jobs_done", "done")):
+                value = row.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    setattr(node, attr, value)
+            name = row.get("name")
+            if isinstance(name, str) and name:
+                node.name = name
+            node.avail_cpus = node.cpus
+            node.update_time = now
+            seen[(ip, port)] = node
+        self.behind = seen
+
     def node_ready(self, link: _NodeLink) -> None:
         self.sched.add_node(link.key, link.node.cpus, link.limited)
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
@@ -969,7 +1000,16 @@ class JobCluster:
         max_file_size=0,
         insecure=False,
         cafile=None,
+        host=None,
+        ext_host=None,
+        dispy_port=None,
     ) -> None:
+        # dispy 4.15's names for the same options
+        ip_addr = _either("ip_addr", ip_addr, "host", host)
+        ext_ip_addr = _either("ext_ip_addr", ext_ip_addr, "ext_host", ext_host)
+        if dispy_port is not None:  # dispy's base port: the client's; the node's is next
+            port = _either("port", port, "dispy_port", int(dispy_port))
+            node_port = node_port or int(dispy_port) + 1
         if loglevel is not None:
             logger.setLevel(loglevel)
         if setup is not None and not callable(setup):
@@ -1102,6 +1142,14 @@ class JobCluster:
     def submit_job_id(self, job_id, *args, **kwargs) -> DispyJob:
         """Like ``submit``, with ``job.id`` set before the job can run (so callbacks see it)."""
         return self._submit(None, args, kwargs, job_id)
+
+    def submit_job_id_node(self, job_id, node, *args, **kwargs) -> DispyJob | None:
+        """``submit_node`` with ``job.id`` set before the job can run (dispy's name)."""
+        key = self._node_key(node)
+        if key is None:
+            logger.warning("submit_job_id_node: node %r is not a node of this cluster", node)
+            return None
+        return self._submit(key, args, kwargs, job_id)
 
     def _node_key(self, node):
         """The link key of ``node`` (DispyNode, 'host', 'host:port', name); None if unknown
@@ -1257,7 +1305,8 @@ class JobCluster:
             opts.update(more_opts)
         segs = file_segs + serialize.dumps_args(args, kwargs)
         job = DispyJob(args, kwargs, segs, self)
-        job.id = job_id
+        if job_id is not None:
+            job.id = job_id
         job._pinned = node_key
         job._opts = opts or None
         job.submit_time = time.time()
@@ -1523,6 +1572,17 @@ class JobCluster:
 
 
 _open_clusters: weakref.WeakSet = weakref.WeakSet()
+
+
+def _either(name, value, alias, alias_value):
+    """An option dispy has had under two names: either may be given, not both apart."""
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise TypeError(
+            f"{name}={value!r} and {alias}={alias_value!r} name the same option: give one"
+        )
+    return alias_value
 
 
 def _close_open_clusters() -> None:

@@ -19,8 +19,10 @@ class DispyJob:
     ``status`` is one of the class constants; ``result``, ``stdout``,
     ``stderr``, ``exception`` (the remote traceback text), ``ip_addr``,
     ``start_time`` and ``end_time`` are filled in when the job ends.
-    ``id`` is free for the user (dispy never reads it).  ``job()`` waits
-    for the end and returns the result (None if the job failed).
+    ``id`` is free for the user (dispy never reads it); unless set, a
+    number unique in the process, increasing with each job.  ``finish`` is a
+    ``threading.Event`` set at the job's end; ``job()`` waits for the end and
+    returns the result (None if the job failed).
     """
 
     Created = jobstate.Created
@@ -58,7 +60,6 @@ class DispyJob:
     )
 
     def __init__(self, args: tuple, kwargs: dict, segs: list, cluster) -> None:
-        self.id = None
         self.status = jobstate.Created
         self.result = None
         self.stdout = None
@@ -74,7 +75,7 @@ class DispyJob:
         # keep every result, 100 MB arrays included, alive until the cyclic GC ran)
         self.future.add_done_callback(functools.partial(_future_done, weakref.ref(self)))
         self._end = threading.Event()
-        self._uid = next(DispyJob._ids)
+        self._uid = self.id = next(DispyJob._ids)
         self._args = args
         self._kwargs = kwargs
         self._segs = segs
@@ -82,6 +83,11 @@ class DispyJob:
         self._opts = None
         self._node = None
         self._cluster = cluster
+
+    @property
+    def finish(self) -> threading.Event:
+        """Set when the job has ended (dispy's ``job.finish.wait(timeout)``)."""
+        return self._end
 
     def __call__(self, clear: bool = False, timeout: float | None = None):
         """Wait for the job to end (at most ``timeout`` seconds); return its result.

@@ -83,10 +83,9 @@ def _job_from_blob(uid: int, blob: bytes) -> tuple[DispyJob, str]:
 
 def _unrecorded_job(uid: int, host: str) -> DispyJob:
     """A job the node has and the recover file does not: its id and arguments
-    were never written (``job.id`` is None)."""
+    were never written (``job.id`` is its number in the crashed client)."""
     job = DispyJob((), {}, [], None)
-    job.id = None
-    job._uid = uid
+    job.id = job._uid = uid
     job.status = jobstate.Running
     job.ip_addr = host
     return job

@@ -6,7 +6,8 @@ API is JobCluster's."""
 from __future__ import annotations
 
 from . import config
-from ._client import JobCluster
+from ._client import JobCluster, _either
+from ._job import ClusterStatus
 
 #: Jobs a client keeps at the scheduler per CPU of the scheduler's nodes, so the
 #: scheduler sees enough of every client's queue to apply its policy.
@@ -52,7 +53,20 @@ class SharedJobCluster(JobCluster):
         pulse_interval=None,
         cafile=None,
         insecure=False,
+        host=None,
+        client_port=None,
+        scheduler_host=None,
+        ext_host=None,
+        dispy_port=None,
     ) -> None:
+        # dispy 4.15's names for the same options (dispy_port: its base port; the
+        # scheduler's is two above)
+        ip_addr = _either("ip_addr", ip_addr, "host", host)
+        port = _either("port", port, "client_port", client_port)
+        scheduler_node = _either("scheduler_node", scheduler_node, "scheduler_host", scheduler_host)
+        ext_ip_addr = _either("ext_ip_addr", ext_ip_addr, "ext_host", ext_host)
+        if dispy_port is not None and scheduler_port is None:
+            scheduler_port = int(dispy_port) + 2
         if nodes is None:
             patterns = ["*"]
         else:
@@ -96,6 +110,14 @@ class SharedJobCluster(JobCluster):
         name = getattr(node, "ip_addr", None) or str(node)
         links = list(self._engine.links)
         return self._submit(links[0] if links else None, args, kwargs, more_opts={"n": name})
+
+    def status(self) -> ClusterStatus:
+        """``ClusterStatus(nodes, jobs_pending)``: the scheduler's nodes (as its
+        last pulse told them: CPUs, jobs running and done, all clients' alike)."""
+        nodes = list(self._engine.behind.values())
+        if not nodes:  # an older scheduler: itself, as one node
+            return super().status()
+        return ClusterStatus(nodes, self._unfinished)
 
     def _engine_created(self, engine) -> None:
         engine.compute_opts = self._compute_opts

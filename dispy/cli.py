@@ -108,10 +108,11 @@ def main(argv=None) -> int:
                     else f"{job.exception}"
                 )
             )
-            if job.stdout:
-                sys.stdout.write(job.stdout)
-            if job.stderr:
-                sys.stdout.write(job.stderr)
+            for output in (job.stdout, job.stderr):  # a program's own bytes
+                if output:
+                    sys.stdout.flush()
+                    sys.stdout.buffer.write(output)
+                    sys.stdout.buffer.flush()
         cluster.print_status()
     return 1 if failed else 0
 

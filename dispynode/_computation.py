@@ -57,6 +57,7 @@ class _Runner:
     def __init__(self, spec, comp_dir: str) -> None:
         self.spec = spec
         self.comp_dir = comp_dir
+        self.output = (b"", b"")  # a program's stdout and stderr
         if spec.program:
             prog = os.path.join(comp_dir, spec.program)
             self.cmd = [sys.executable, prog] if prog.endswith(".py") else [prog]
@@ -69,8 +70,8 @@ class _Runner:
                 capture_output=True,
                 stdin=subprocess.DEVNULL,
             )
-            sys.stdout.write(proc.stdout.decode(errors="replace"))
-            sys.stderr.write(proc.stderr.decode(errors="replace"))
+            # as in dispy, a program's job.stdout / job.stderr are its own bytes
+            self.output = (proc.stdout, proc.stderr)
             return jobstate.Finished, proc.returncode, None
         try:
             return jobstate.Finished, self.spec.func(*args, **kwargs), None
@@ -216,10 +217,14 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
                 "t1": t1,
             }
             reply["s"], segs = join_segments([segs])
-            if out.tell():
-                reply["o"] = out.getvalue()
-            if err.tell():
-                reply["e"] = err.getvalue()
+            if runner.spec.program:
+                reply["o"], reply["e"] = runner.output
+                runner.output = (b"", b"")
+            else:
+                if out.tell():
+                    reply["o"] = out.getvalue()
+                if err.tell():
+                    reply["e"] = err.getvalue()
             if exc_text:
                 reply["x"] = exc_text
             chan.send(Kind.W_RESULT, reply, segs)

@@ -308,7 +308,7 @@ class ClientSession(SessionBase):
                 self.chan.abort()
                 return
             if not self.chan.is_closed:
-                self.chan.send(Kind.STATUS, {"a": {}, "cpus": self.server.total_cpus()})
+                self.chan.send(Kind.STATUS, self.server.status_for_clients())
 
     def on_close(self, exc) -> None:
         if exc is not None:
@@ -747,6 +747,19 @@ class SchedulerServer:
     def total_cpus(self) -> int:
         return max(1, sum(lk.cpus for lk in self.links.values() if lk.ready))
 
+    def status_for_clients(self) -> dict:
+        """A pulse to clients: the CPUs they may size their queues to, and the nodes
+        behind them (what SharedJobCluster.status() shows, as dispy does)."""
+        nodes = []
+        for lk in self.links.values():
+            if lk.ready:
+                st = self.sched.nodes.get(lk.key)
+                nodes.append({
+                    "ip": lk.ip, "port": lk.port, "name": lk.name, "cpus": lk.cpus,
+                    "busy": st.busy() if st is not None else 0, "done": self.done_on[lk.key],
+                })  # fmt: skip
+        return {"a": {}, "cpus": self.total_cpus(), "nodes": nodes}
+
     def info(self) -> dict:
         return {
             "name": self.name,
@@ -756,6 +769,7 @@ class SchedulerServer:
             "version": __version__,
             "ip": self.ext_ip_addr or (self.bound[0][0] if self.bound else ""),
             "scheduler": True,
+            "nodes": self.status_for_clients()["nodes"],
         }
 
     def node_ready(self, link: NodeLink, on_node=()) -> None:
@@ -780,7 +794,7 @@ class SchedulerServer:
         """Clients size their queues to the scheduler's CPUs: tell them when that changes."""
         for s in list(self.sessions):
             if not s.chan.is_closed:
-                s.chan.send(Kind.STATUS, {"a": {}, "cpus": self.total_cpus()})
+                s.chan.send(Kind.STATUS, self.status_for_clients())
 
     def jobs_lost(self, link: NodeLink, jobs: list) -> None:
         """Jobs a node that came back no longer has (it restarted): requeue or abandon."""

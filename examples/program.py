@@ -15,5 +15,5 @@ if __name__ == '__main__':
         jobs.append(job)
     for job in jobs:
         job()
-        print('%s: exit %s, output %s' % (job.id, job.result, job.stdout.strip()))
+        print('%s: exit %s, output %s' % (job.id, job.result, job.stdout.decode().strip()))
     cluster.close()

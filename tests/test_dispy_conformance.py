@@ -170,7 +170,10 @@ def test_allocate_returning_zero_leaves_the_node_out(node_factory):
     used, unused = node_factory(cpus=1, secret="z"), node_factory(cpus=1, secret="z")
     with dispy.JobCluster(
         jobs.double,
-        nodes=[dispy.NodeAllocate(used.ip_addr, port=used.port), NoCpu(unused.ip_addr, port=unused.port)],
+        nodes=[
+            dispy.NodeAllocate(used.ip_addr, port=used.port),
+            NoCpu(unused.ip_addr, port=unused.port),
+        ],
         secret="z",
     ) as cluster:
         js = [cluster.submit(i) for i in range(6)]
@@ -209,3 +212,206 @@ def test_traceback_of_a_failed_job_names_the_programs_file(node, tmp_path):
     assert f'File "{prog}", line 4, in compute' in proc.stdout, proc.stdout
     assert "<dynamic-code>" not in proc.stdout
     assert "ValueError: boom 2" in proc.stdout
+
+
+# -- DispyJob: id, finish; a program's output -----------------------------------------------------
+
+
+def test_job_id_is_a_unique_increasing_number_unless_set(node):
+    with dispy.JobCluster(jobs.double, nodes=[node.address], secret=node.secret) as cluster:
+        js = [cluster.submit(i) for i in range(5)]
+        ids = [j.id for j in js]
+        assert all(isinstance(i, int) for i in ids) and ids == sorted(set(ids))
+        named = cluster.submit_job_id("mine", 1)
+        assert named.id == "mine"
+        js[0].id = "set later"  # the program's own, as dispy's examples do
+        assert [j(timeout=30) for j in js] == [0, 2, 4, 6, 8] and js[0].id == "set later"
+
+
+def test_job_finish_is_an_event_set_at_the_end(node):
+    with dispy.JobCluster(jobs.sleep_for, nodes=[node.address], secret=node.secret) as cluster:
+        job = cluster.submit(0.2)
+        assert isinstance(job.finish, threading.Event)
+        assert job.finish.wait(30) and job.status == DispyJob.Finished and job.result == 0.2
+
+
+def test_submit_job_id_node(node_factory):
+    a, b = node_factory(cpus=1, secret="p"), node_factory(cpus=1, secret="p")
+    status, ready = nodes_ready(2)
+    with dispy.JobCluster(
+        jobs.double, nodes=[a.address, b.address], secret="p", cluster_status=status
+    ) as cluster:
+        assert ready.wait(30)
+        js = [cluster.submit_job_id_node(f"id{i}", b.address, i) for i in range(3)]
+        assert [j(timeout=30) for j in js] == [0, 2, 4]
+        assert [j.id for j in js] == ["id0", "id1", "id2"]
+        assert {j.ip_addr for j in js} == {b.ip_addr}
+        assert cluster.submit_job_id_node("x", "no-such-node", 1) is None
+
+
+def test_program_output_is_bytes(node, tmp_path):
+    """A program computation's job.stdout / job.stderr are its raw bytes, as in dispy
+    (dispy programs call job.stdout.decode()); a function's are str."""
+    prog = tmp_path / "prog.sh"
+    prog.write_bytes(b"#!/bin/sh\nprintf 'caf\\303\\251 %s\\n' \"$1\"\nprintf 'oops\\377' >&2\n")
+    prog.chmod(0o755)
+    with dispy.JobCluster(str(prog), nodes=[node.address], secret=node.secret) as cluster:
+        job = cluster.submit("x")
+        assert job(timeout=60) == 0
+        assert job.stdout == "café x\n".encode() and job.stderr == b"oops\xff"
+        assert job.stdout.decode() == "café x\n"
+    with dispy.JobCluster(jobs.echo_print, nodes=[node.address], secret=node.secret) as cluster:
+        job = cluster.submit("y")
+        job(timeout=60)
+        assert isinstance(job.stdout, str)
+
+
+# -- the client's parameter names of dispy 4.15 ---------------------------------------------------
+
+
+def test_host_ext_host_and_dispy_port_are_accepted(node):
+    with dispy.JobCluster(
+        jobs.double,
+        nodes=[node.address],
+        secret=node.secret,
+        host="127.0.0.1",
+        ext_host="127.0.0.1",
+    ) as cluster:
+        assert cluster.submit(2)(timeout=30) == 4
+    try:
+        dispy.JobCluster(jobs.double, nodes=[node.address], ip_addr="127.0.0.1", host="127.0.0.9")
+    except TypeError as exc:
+        assert "ip_addr" in str(exc) and "host" in str(exc) and "give one" in str(exc)
+    else:
+        raise AssertionError("two different values for one option were accepted")
+
+
+def test_shared_cluster_takes_scheduler_host(node_factory, tmp_path):
+    from .test_shared import CLUSTER_SECRET, NODE_SECRET, Scheduler
+
+    n = node_factory(cpus=1, secret=NODE_SECRET)
+    sched = Scheduler([n], tmp_path)
+    try:
+        with dispy.SharedJobCluster(
+            jobs.double, scheduler_host="127.0.0.1", scheduler_port=sched.port,
+            secret=CLUSTER_SECRET, recover_file=False,
+        ) as cluster:  # fmt: skip
+            job = cluster.submit(21)
+            assert job(timeout=60) == 42
+            assert job.ip_addr == n.ip_addr  # the node that ran it, not the scheduler
+            # status() shows the scheduler's nodes, as dispy does
+            st = cluster.status()
+            assert [(nd.ip_addr, nd.port, nd.cpus) for nd in st.nodes] == [(n.ip_addr, n.port, 1)]
+            assert st.jobs_pending == 0
+    finally:
+        sched.stop()
+
+
+# -- the documented surface: every name a dispy program may use -----------------------------------
+#
+# From dispy's documentation (its API reference, as the seeds quote it): the
+# names below must exist with these parameters.  Their behaviour is tested
+# here and in test_api.py / test_loopback.py / test_installed.py.
+
+import inspect  # noqa: E402
+
+from dispy import DispyNodeAvailInfo, NodeAllocate  # noqa: E402
+
+DOCUMENTED = {
+    dispy.JobCluster: {
+        "__init__": ["computation", "nodes", "depends", "callback", "cluster_status", "ip_addr",
+                     "port", "node_port", "ext_ip_addr", "dest_path", "loglevel", "setup",
+                     "cleanup", "ping_interval", "pulse_interval", "poll_interval", "reentrant",
+                     "secret", "keyfile", "certfile", "recover_file", "job_status", "host",
+                     "ext_host", "dispy_port"],
+        "submit": [], "submit_node": ["node"], "submit_job_id": ["job_id"],
+        "submit_job_id_node": ["job_id", "node"], "cancel": ["job"],
+        "discover_nodes": ["nodes"], "allocate_node": ["node"], "deallocate_node": ["node"],
+        "close_node": ["node"], "resetup_node": ["node"], "set_node_cpus": ["node", "cpus"],
+        "send_file": ["path", "node"], "node_jobs": ["node"], "status": [], "print_status": [],
+        "stats": [], "wait": ["timeout"], "close": ["timeout", "terminate"], "shutdown": [],
+    },
+    dispy.SharedJobCluster: {
+        "__init__": ["computation", "nodes", "depends", "callback", "cluster_status", "ip_addr",
+                     "port", "scheduler_node", "scheduler_port", "ext_ip_addr", "loglevel",
+                     "setup", "cleanup", "dest_path", "poll_interval", "reentrant", "exclusive",
+                     "secret", "keyfile", "certfile", "recover_file", "job_status", "host",
+                     "client_port", "scheduler_host", "ext_host", "dispy_port"],
+    },
+    NodeAllocate: {
+        "__init__": ["host", "port", "cpus", "depends", "setup_args"],
+        "allocate": ["cluster", "ip_addr", "name", "cpus", "avail_info", "platform"],
+    },
+}  # fmt: skip
+
+
+def test_documented_methods_and_parameters_exist():
+    missing = []
+    for cls, methods in DOCUMENTED.items():
+        for name, params in methods.items():
+            fn = getattr(cls, name, None)
+            if fn is None:
+                missing.append(f"{cls.__name__}.{name}")
+                continue
+            have = inspect.signature(fn).parameters
+            missing += [f"{cls.__name__}.{name}({p}=)" for p in params if p not in have]
+    assert missing == []
+
+
+def test_documented_constants_and_attributes():
+    # dispy's values: programs compare with them, and some print them
+    assert (DispyJob.Created, DispyJob.Running, DispyJob.ProvisionalResult, DispyJob.Cancelled,
+            DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished) == (5, 6, 7, 8, 9, 10, 11)  # fmt: skip
+    assert len({DispyNode.Initialized, DispyNode.Closed, DispyNode.AvailInfo}) == 3
+    info = DispyNodeAvailInfo(cpu=1.0, memory=2, disk=3, swap=4.0)
+    assert (info.cpu, info.memory, info.disk, info.swap) == (1.0, 2, 3, 4.0)
+    node = DispyNode("10.0.0.1", 51348)
+    for attr in ("ip_addr", "name", "cpus", "avail_cpus", "busy", "jobs_done", "cpu_time",
+                 "update_time", "avail_info", "tx", "rx"):  # fmt: skip
+        assert hasattr(node, attr), attr
+    params = inspect.signature(dispy.recover_jobs).parameters
+    assert list(params) == ["recover_file", "timeout", "terminate_pending"]
+
+
+def test_callbacks_get_what_dispy_gives_and_when(node):
+    """``callback(job)``: each provisional result, then the end, once.
+    ``cluster_status(status, node, job)``: the node Initialized (job None), then
+    for the job Running, ProvisionalResult..., and its end, with its node."""
+    calls, status_calls = [], []
+    done = threading.Event()
+
+    def callback(job):
+        calls.append((job.status, job.result))
+        if job.status == DispyJob.Finished:
+            done.set()
+
+    def cluster_status(status, n, job):
+        status_calls.append((status, n.ip_addr if n is not None else None, job))
+
+    with dispy.JobCluster(
+        jobs.provisional_steps, nodes=[node.address], secret=node.secret,
+        callback=callback, cluster_status=cluster_status,
+    ) as cluster:  # fmt: skip
+        job = cluster.submit(2)
+        assert job(timeout=30) == ("done", 2) and done.wait(30)
+    assert calls == [
+        (DispyJob.ProvisionalResult, ("step", 0)),
+        (DispyJob.ProvisionalResult, ("step", 1)),
+        (DispyJob.Finished, ("done", 2)),
+    ]
+    assert status_calls[0] == (DispyNode.Initialized, node.ip_addr, None)
+    about_job = [(st, ip) for st, ip, j in status_calls if j is job]
+    assert about_job[0] == (DispyJob.Running, node.ip_addr)
+    assert about_job[-1] == (DispyJob.Finished, node.ip_addr)
+    assert [st for st, _ in about_job].count(DispyJob.Finished) == 1
+
+
+def test_names_a_job_sees(node):
+    """dispy_node_name, dispy_node_ip_addr, dispy_job_path, dispynode_logger (to
+    job.stderr).  (Modules such as os without an import: dispy's 6.5, run as
+    printed in test_installed.py.)"""
+    with dispy.JobCluster(jobs.node_globals, nodes=[node.address], secret=node.secret) as c:
+        job = c.submit("x")
+        name, ip, in_job_path = job(timeout=30)
+    assert name and ip == node.ip_addr and in_job_path
+    assert "logged x" in job.stderr

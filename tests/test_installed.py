@@ -79,7 +79,9 @@ def test_readme_demo_command_word_for_word(tmp_path):
     home.mkdir()
     venv_bin = make_venv(tmp_path / "venv")
     env = {
-        k: v for k, v in os.environ.items() if k.startswith("PIP_") or k == "DISPY_BROADCAST_ONLY_IN_NETNS"
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("PIP_") or k == "DISPY_BROADCAST_ONLY_IN_NETNS"
     }
     env.update(HOME=str(home), PATH=f"{venv_bin}:/usr/local/bin:/usr/bin:/bin", LANG="C.UTF-8")
     env["VIRTUAL_ENV"] = str(venv_bin.parent)
@@ -92,7 +94,9 @@ def test_readme_demo_command_word_for_word(tmp_path):
     proc = subprocess.run(
         ["bash", "-c", command], cwd=src, env=env, capture_output=True, text=True, timeout=900
     )
-    assert proc.returncode == 0, f"{command!r} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{command!r} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     lines = re.findall(r"^\S+ executed job (\d+) at \S+ with (\d+)$", proc.stdout, re.M)
     assert sorted(int(i) for i, _ in lines) == list(range(20)), proc.stdout
     assert all(5 <= int(n) <= 20 for _, n in lines)
@@ -160,8 +164,12 @@ class Hosts:
         try:
             proc = self.c.run(argv, timeout=timeout, env=self.env(**env), cwd=str(cwd))
         except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"{argv} did not end in {timeout} s:\n{e.stdout}\n{e.stderr}\n{self.logs()}") from None
-        assert proc.returncode == 0, f"{argv} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{self.logs()}"
+            raise AssertionError(
+                f"{argv} did not end in {timeout} s:\n{e.stdout}\n{e.stderr}\n{self.logs()}"
+            ) from None
+        assert proc.returncode == 0, (
+            f"{argv} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}\n{self.logs()}"
+        )
         return proc
 
     def logs(self) -> str:
@@ -187,8 +195,6 @@ def hosts(installed, tmp_path_factory):
         yield h
     finally:
         h.net.close()
-
-
 
 
 # ------------------------------------------------------- dispy's programs, as is
@@ -240,7 +246,9 @@ def test_sending_files_to_client(hosts):
     """6.7 as printed sends a file it never writes: each job fails (its stderr
     says why) and the program, which prints without waiting, ends normally."""
     out = hosts.run_seed("files_to_client.py")
-    assert re.findall(r"^job (\d+) results in file \1\.dat$", out, re.M) == [str(i) for i in range(20)]
+    assert re.findall(r"^job (\d+) results in file \1\.dat$", out, re.M) == [
+        str(i) for i in range(20)
+    ]
 
 
 @pytest.mark.netns
@@ -368,7 +376,12 @@ def test_tutorial_through_dispyscheduler(hosts, script):
     dispyscheduler on the client's host that finds the nodes by broadcast."""
     sched = hosts.daemon(
         hosts.c,
-        [hosts.installed.script(script), "--daemon", "--dest_path", str(hosts.base / f"sched-{script}")],
+        [
+            hosts.installed.script(script),
+            "--daemon",
+            "--dest_path",
+            str(hosts.base / f"sched-{script}"),
+        ],
         r"^dispyscheduler ready",
     )
     try:
@@ -401,12 +414,16 @@ cluster.close()
 def test_nodes_of_another_network_through_dispynetrelay(hosts, script):
     """6.12: ``nodes=['<relay>', '10.231.2.*']``: the relay on the far network
     brings in its node."""
-    relay = hosts.daemon(hosts.relay, [hosts.installed.script(script), "--daemon"], r"^dispynetrelay ready")
+    relay = hosts.daemon(
+        hosts.relay, [hosts.installed.script(script), "--daemon"], r"^dispynetrelay ready"
+    )
     try:
         work = hosts.workdir(f"relay-{script}")
         (work / "client.py").write_text(RELAY_CLIENT)
         wildcard = hosts.far.ip.rsplit(".", 1)[0] + ".*"
-        out = hosts.run([hosts.installed.python, "client.py", hosts.relay.ip, wildcard], cwd=work).stdout
+        out = hosts.run(
+            [hosts.installed.python, "client.py", hosts.relay.ip, wildcard], cwd=work
+        ).stdout
         assert out.strip() == f"[0, 1, 4, 9, 16, 25] ['{hosts.far.ip}']", out
     finally:
         hosts.stop(relay)
