@@ -33,6 +33,36 @@ from .server import NodeServer, install_signal_handlers
 logger = logging.getLogger("dispynode")
 
 
+#: dispy's options taken with a warning (nargs), and why they change nothing here.
+_ACCEPTED_FROM_DISPY = {
+    "--msg_timeout": 1,
+    "--ping_interval": 1,
+    "--force_cleanup": 0,
+    "--unsafe_setup": 0,
+    "--admin_secret": 1,
+}
+_WHY_IGNORED = {
+    "--msg_timeout": "a peer has --handshake_timeout to authenticate, and a silent one "
+    "is declared gone after 5 pulses",
+    "--ping_interval": "the node announces itself when it starts and when its clients "
+    "have left; clients ask again with their own ping_interval",
+    "--force_cleanup": "a computation's files are always removed when it closes",
+    "--unsafe_setup": "setup always runs in the computation's own process",
+    "--admin_secret": "there is no admin connection; stop the node with a signal or 'quit'",
+}
+#: dispy's options whose behaviour is not built yet: refused, saying so, rather
+#: than taken and not honoured (a node serving outside its service hours, say).
+_NOT_YET_FROM_DISPY = {
+    "--service_start": "service hours; run the node from a timer (systemd, cron) meanwhile",
+    "--service_stop": "service hours; run the node from a timer (systemd, cron) meanwhile",
+    "--service_end": "service hours; run the node from a timer (systemd, cron) meanwhile",
+    "--client_shutdown": "use --serve 1 to exit once its client is gone",
+    "--init": "an init/close file run at start and stop",
+    "--scheduler_host": "the scheduler is given its nodes (dispyscheduler -n) or finds them",
+    "--ipv4_udp_multicast": "discovery is by broadcast and by name",
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="dispynode",
@@ -47,7 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         help="address to listen on (repeatable; default: all addresses)",
     )
-    p.add_argument("--ext_ip_addr", help="address clients should use (behind NAT)")
+    p.add_argument(
+        "--ext_ip_addr",
+        "--ext_host",
+        dest="ext_ip_addr",
+        help="address clients should use (behind NAT)",
+    )
     p.add_argument(
         "-c",
         "--cpus",
@@ -117,8 +152,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--name", help="node name reported to clients (default: host name)")
     p.add_argument(
-        "--dest_path", default=config.DEFAULT_DEST_PATH, help="where computations' files go"
+        "--dest_path",
+        "--dest_path_prefix",
+        dest="dest_path",
+        default=config.DEFAULT_DEST_PATH,
+        help="where computations' files go",
     )
+    # dispy 4.15's options that have no counterpart here: taken, with a warning
+    # saying why, so that dispy's service units and scripts still start a node
+    for flag, nargs in _ACCEPTED_FROM_DISPY.items():
+        if nargs:
+            p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(
+                flag, action="store_const", const=True, default=None, help=argparse.SUPPRESS
+            )
+    for flag in _NOT_YET_FROM_DISPY:
+        p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--max_file_size",
         type=int,
@@ -142,6 +192,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if pre.config:
         p.set_defaults(**load_config(p, pre.config))
     args = p.parse_args(argv)
+    for flag in _NOT_YET_FROM_DISPY:
+        if getattr(args, flag.lstrip("-")) is not None:
+            p.error(f"{flag} (dispy's) is not supported yet: {_NOT_YET_FROM_DISPY[flag]}")
+    for flag, why in _WHY_IGNORED.items():
+        if getattr(args, flag.lstrip("-")) is not None:
+            logger.warning("%s (dispy's option) has no effect here: %s", flag, why)
     if pre.ip_addr:  # addresses on the command line replace the file's, not add to them
         args.ip_addr = pre.ip_addr
     args.ip_addr = list(dict.fromkeys(args.ip_addr))
@@ -182,7 +238,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 #: Options that never go into a saved configuration file.
-_NOT_SAVED = {"config", "save_config", "secret", "make_certs", "quit_on_eof"}
+_NOT_SAVED = {"config", "save_config", "secret", "make_certs", "quit_on_eof"} | {
+    f.lstrip("-") for f in (*_ACCEPTED_FROM_DISPY, *_NOT_YET_FROM_DISPY)
+}
 
 
 def load_config(p: argparse.ArgumentParser, path: str) -> dict:
