@@ -225,7 +225,10 @@ class Session(SessionBase):
         nargs = field(ctl, "sa", int, default=0)
         if not 0 <= nargs <= len(payload):
             raise ProtocolError("bad setup arguments length")
-        await comp.setup(bytes(payload), nargs)
+        if not comp.ready:
+            await comp.setup(bytes(payload), nargs)
+        # else: set up already, in this session (a restarted dispyscheduler's RESUME
+        # took it over, then its COMPUTE came): the same computation, nothing to do
         reply = {"c": cid, "ok": comp.ready}
         if not comp.ready:
             reply["r"] = comp.error

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import psutil
 import pytest
@@ -191,7 +192,12 @@ def test_cancel_kills_the_job_process(node, tmp_path):
     with cluster_for(node, jobs.pid_then_sleep) as cluster:
         job = cluster.submit(str(pidfile), 60)
         probe = cluster.submit(str(tmp_path / "probe"), 0)
-        assert probe(timeout=30) == 0  # the long job has started and written its pid
+        assert probe(timeout=30) == 0
+        # the long job runs beside the probe: wait until it has written its pid
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline, "the long job never wrote its pid"
+            time.sleep(0.01)  # polling a file another process writes, with a deadline
         pid = int(pidfile.read_text())
         proc = psutil.Process(pid)
         assert cluster.cancel(job) == 0

@@ -722,4 +722,26 @@ def test_garbage_node_does_not_block_a_good_one(node):
         ) as cluster:
             js = [cluster.submit(i) for i in range(6)]
             assert [j(timeout=30) for j in js] == [2 * i for i in range(6)]
-            assert all(j.ip_addr == node.ip_addr for j in js)  # none on the garbage node (127.0.0.1)
+            # none on the garbage node (127.0.0.1)
+            assert all(j.ip_addr == node.ip_addr for j in js)
+
+
+def test_compute_twice_in_one_session_is_answered_ok(node):
+    """A second COMPUTE for a computation already set up in this session (a restarted
+    dispyscheduler RESUMEs it, then sends COMPUTE) is answered ok: it used to fail with
+    'already set up', and the scheduler then never used that node for it (found by
+    the chaos test through the scheduler)."""
+    from dispy import serialize
+
+    spec = serialize.package_computation(abs).spec_bytes  # importable everywhere
+    sock, conn = authenticated(node)
+    with sock:
+        for _ in range(2):
+            conn.send(Kind.COMPUTE, {"c": "twice1", "n": "double", "sa": 0}, [spec])
+            sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
+            [msg] = recv_messages(sock, conn)
+            assert msg.kind == Kind.COMPUTE_REPLY and msg.ctl["ok"] is True, msg.ctl
+        conn.send(Kind.CLOSE, {"c": "twice1", "t": True})
+        sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
+        assert recv_messages(sock, conn)[0].kind == Kind.CLOSED
+    assert_node_serves(node)
