@@ -7,6 +7,7 @@ example with two clusters.  All traffic stays inside the namespaces.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import os
 import shutil
@@ -152,9 +153,7 @@ def test_relay_brings_in_nodes_of_another_network(netns):
     # without the relay: the broadcast does not cross the router
     out = client_result(start_client(client, [net_b], want=1, wait=3, njobs=0))
     assert out["found"] == []
-    rproc = relay.popen(
-        [*program("dispynetrelay"), "--daemon"], env=ENV, stderr=subprocess.STDOUT
-    )
+    rproc = relay.popen([*program("dispynetrelay"), "--daemon"], env=ENV, stderr=subprocess.STDOUT)
     wait_for_line(rproc, r"dispynetrelay ready", timeout=30)
     proc = start_client(client, [relay.ip, net_b], want=3, wait=60, njobs=8)
     ups = {wait_for_line(proc, r"node up (\S+)", timeout=30).group(1) for _ in far}
@@ -237,29 +236,33 @@ def test_mapreduce_example_with_two_clusters(netns, tmp_path):
     expected = collections.Counter()
     for text in docs.values():
         expected.update(w.lower() for w in text.split() if len(w) > 3 and w.isalpha())
-    hosts_dir = f"/etc/netns/{client.ns}"  # ip netns exec mounts this over /etc/hosts
-    os.makedirs(hosts_dir, exist_ok=True)
-    try:
-        with open("/etc/hosts") as f:
-            base = f.read()
-        with open(os.path.join(hosts_dir, "hosts"), "w") as f:
-            f.write(base + f"\n{node1.ip} node1\n{node2.ip} node2\n")
-        for name, text in docs.items():
-            with open(os.path.join("/tmp", name), "w") as f:
-                f.write(text + "\n")
-        for h in (node1, node2, node3):
-            start_node(h)
-        proc = client.popen(
-            [sys.executable, os.path.join(EXAMPLES, "mapreduce.py")], env=ENV, cwd=str(tmp_path)
-        )
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        counts = {w: int(c) for w, c in (ln.split() for ln in out.splitlines())}
-        assert counts == dict(expected)
-    finally:
-        shutil.rmtree(hosts_dir, ignore_errors=True)
-        for name in docs:
-            try:
-                os.remove(os.path.join("/tmp", name))
-            except FileNotFoundError:
-                pass
+    # the example reads /tmp/doc1..5, a fixed place: another test run on this
+    # machine (CI runs the suite on two Pythons at once) must not use them meanwhile
+    with open("/tmp/dispy-test-mapreduce.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        hosts_dir = f"/etc/netns/{client.ns}"  # ip netns exec mounts this over /etc/hosts
+        os.makedirs(hosts_dir, exist_ok=True)
+        try:
+            with open("/etc/hosts") as f:
+                base = f.read()
+            with open(os.path.join(hosts_dir, "hosts"), "w") as f:
+                f.write(base + f"\n{node1.ip} node1\n{node2.ip} node2\n")
+            for name, text in docs.items():
+                with open(os.path.join("/tmp", name), "w") as f:
+                    f.write(text + "\n")
+            for h in (node1, node2, node3):
+                start_node(h)
+            proc = client.popen(
+                [sys.executable, os.path.join(EXAMPLES, "mapreduce.py")], env=ENV, cwd=str(tmp_path)
+            )
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            counts = {w: int(c) for w, c in (ln.split() for ln in out.splitlines())}
+            assert counts == dict(expected)
+        finally:
+            shutil.rmtree(hosts_dir, ignore_errors=True)
+            for name in docs:
+                try:
+                    os.remove(os.path.join("/tmp", name))
+                except FileNotFoundError:
+                    pass
