@@ -212,7 +212,7 @@ def test_exclusive_cluster_takes_nodes_another_cluster_is_set_up_on(scheduler_fa
     x = None
     try:
         assert y.submit(0)() == 0  # y is set up on both nodes
-        long_y = y.submit(1.0)  # running on one node when x comes
+        long_y = y.submit(3.0)  # running on one node when x comes (long: x sets up meanwhile)
         assert _wait_for(lambda: long_y.status == DispyJob.Running, 30)
         x = sched.cluster(jobs.sleep_for, exclusive=True)
         jx = [x.submit(0.2) for _ in range(4)]
@@ -220,7 +220,7 @@ def test_exclusive_cluster_takes_nodes_another_cluster_is_set_up_on(scheduler_fa
         later_y = y.submit(0)
         for j in jx:
             assert j(timeout=60) == 0.2, (j.status, j.exception)
-        assert long_y() == 1.0
+        assert long_y() == 3.0
         # while y's long job ran, x had only the other node: the jobs of x that
         # started before it ended ran one at a time (start and end times are the
         # nodes' own, on one clock here)
