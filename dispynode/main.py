@@ -33,23 +33,17 @@ from .server import NodeServer, install_signal_handlers
 logger = logging.getLogger("dispynode")
 
 
-#: dispy's options taken with a warning (nargs), and why they change nothing here.
+#: dispy's options taken with a warning: (takes a value, why it changes nothing here).
 _ACCEPTED_FROM_DISPY = {
-    "--msg_timeout": 1,
-    "--ping_interval": 1,
-    "--force_cleanup": 0,
-    "--unsafe_setup": 0,
-    "--admin_secret": 1,
-}
-_WHY_IGNORED = {
-    "--msg_timeout": "a peer has --handshake_timeout to authenticate, and a silent one "
-    "is declared gone after 5 pulses",
-    "--ping_interval": "the node announces itself when it starts and when its clients "
-    "have left; clients ask again with their own ping_interval",
-    "--force_cleanup": "a computation's files are always removed when it closes",
-    "--unsafe_setup": "setup always runs in the computation's own process",
-    "--admin_secret": "there is no admin connection; stop the node with a signal or 'quit'",
-}
+    "--msg_timeout": (True, "a peer has --handshake_timeout to authenticate, and a silent "
+                      "one is declared gone after 5 pulses"),
+    "--ping_interval": (True, "the node announces itself when it starts and when its "
+                        "clients have left; clients ask again with their own ping_interval"),
+    "--force_cleanup": (False, "a computation's files are always removed when it closes"),
+    "--unsafe_setup": (False, "setup always runs in the computation's own process"),
+    "--admin_secret": (True, "there is no admin connection; stop the node with a signal "
+                       "or 'quit'"),
+}  # fmt: skip
 #: dispy's options whose behaviour is not built yet: refused, saying so, rather
 #: than taken and not honoured (a node serving outside its service hours, say).
 _NOT_YET_FROM_DISPY = {
@@ -160,8 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     # dispy 4.15's options that have no counterpart here: taken, with a warning
     # saying why, so that dispy's service units and scripts still start a node
-    for flag, nargs in _ACCEPTED_FROM_DISPY.items():
-        if nargs:
+    for flag, (takes_value, _why) in _ACCEPTED_FROM_DISPY.items():
+        if takes_value:
             p.add_argument(flag, default=None, help=argparse.SUPPRESS)
         else:
             p.add_argument(
@@ -195,7 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in _NOT_YET_FROM_DISPY:
         if getattr(args, flag.lstrip("-")) is not None:
             p.error(f"{flag} (dispy's) is not supported yet: {_NOT_YET_FROM_DISPY[flag]}")
-    for flag, why in _WHY_IGNORED.items():
+    for flag, (_takes_value, why) in _ACCEPTED_FROM_DISPY.items():
         if getattr(args, flag.lstrip("-")) is not None:
             logger.warning("%s (dispy's option) has no effect here: %s", flag, why)
     if pre.ip_addr:  # addresses on the command line replace the file's, not add to them

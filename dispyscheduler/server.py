@@ -747,18 +747,21 @@ class SchedulerServer:
     def total_cpus(self) -> int:
         return max(1, sum(lk.cpus for lk in self.links.values() if lk.ready))
 
-    def status_for_clients(self) -> dict:
-        """A pulse to clients: the CPUs they may size their queues to, and the nodes
-        behind them (what SharedJobCluster.status() shows, as dispy does)."""
-        nodes = []
+    def node_rows(self) -> list[dict]:
+        """The ready nodes, as clients see them (SharedJobCluster.status(), as dispy)."""
+        rows = []
         for lk in self.links.values():
             if lk.ready:
                 st = self.sched.nodes.get(lk.key)
-                nodes.append({
+                rows.append({
                     "ip": lk.ip, "port": lk.port, "name": lk.name, "cpus": lk.cpus,
                     "busy": st.busy() if st is not None else 0, "done": self.done_on[lk.key],
                 })  # fmt: skip
-        return {"a": {}, "cpus": self.total_cpus(), "nodes": nodes}
+        return rows
+
+    def status_for_clients(self) -> dict:
+        """A pulse to clients: the CPUs they may size their queues to, and the nodes."""
+        return {"a": {}, "cpus": self.total_cpus(), "nodes": self.node_rows()}
 
     def info(self) -> dict:
         return {
@@ -769,7 +772,7 @@ class SchedulerServer:
             "version": __version__,
             "ip": self.ext_ip_addr or (self.bound[0][0] if self.bound else ""),
             "scheduler": True,
-            "nodes": self.status_for_clients()["nodes"],
+            "nodes": self.node_rows(),
         }
 
     def node_ready(self, link: NodeLink, on_node=()) -> None:
@@ -1086,7 +1089,7 @@ class SchedulerServer:
             job.segs = None
             job._node = link.key  # where its result waits for the client's ACK
             # the client reports the node that ran the job, not the scheduler
-            entry["ip"], entry["nn"] = link.ip, link.name
+            entry["ip"] = link.ip
             job.comp.deliver(entry, part)
         self.dispatch()
 

@@ -214,8 +214,7 @@ class Scheduler:
         try:
             job.status = jobstate.next_status(job.status, event)
         except jobstate.InvalidTransition:
-            if node is not None and node.running.pop(job._uid, None) is not None:
-                self._promote(node)  # its place on the node is free now
+            self.release(job._node, job._uid)  # its place on the node is free now
             return False
         if before == jobstate.Created and job._node is None:
             self._unqueue(job)  # requeued, and a late result came: unqueue it
