@@ -374,6 +374,7 @@ class _NodeLink(LinkBase):
                         self.engine.dispatch()
                 if self.engine.via_scheduler:
                     self.engine.scheduler_nodes(msg.ctl.get("nodes"))
+                self._paused(msg.ctl.get("paused"))
                 self.node.avail_info = _avail(msg.ctl["a"])
                 self.node.update_time = time.time()
                 self.engine.cluster._node_status(DispyNode.AvailInfo, self.node)
@@ -391,6 +392,18 @@ class _NodeLink(LinkBase):
             logger.warning("node %s: %s", self.node.name, msg.ctl.get("r"))
         elif kind not in (Kind.PONG, Kind.STATUS):
             raise ProtocolError(f"unexpected message kind {kind} from node")
+
+    def _paused(self, why) -> None:
+        """The node says it is outside its service hours (``why``), or serves again."""
+        node = self.engine.sched.nodes.get(self.key)
+        if node is None or node.paused == bool(why):
+            return
+        self.engine.sched.set_paused(self.key, bool(why))
+        if why:
+            logger.info("node %s takes no jobs for now: %s", self.node.name, why)
+        else:
+            logger.info("node %s takes jobs again", self.node.name)
+            self.engine.dispatch()
 
     def ack(self, uid: int) -> None:
         self._acks.append(uid)
@@ -563,6 +576,7 @@ class _Engine:
                 client_port=c._client_port,
                 ext_ip_addr=c._ext_ip_addr,
                 ping_interval=c._ping_interval,
+                multicast=c._multicast,
             )
             await self.finder.start()
         self.finder.add(list(patterns), [(h, p) for h, p, _ in specs])
@@ -1032,6 +1046,7 @@ class JobCluster:
         self._ext_ip_addr = ext_ip_addr[0] if isinstance(ext_ip_addr, list | tuple) else ext_ip_addr
         self._client_port = port or config.CLIENT_PORT
         self._ping_interval = float(ping_interval) if ping_interval else None
+        self._multicast = bool(ipv4_udp_multicast)
         specs, patterns, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
         self._local: LocalNode | None = None
         if want_local and not specs and not patterns and not secret and not insecure:

@@ -1,5 +1,6 @@
 """What the daemons' command lines share (dispynode, dispynetrelay, dispyscheduler):
-port checks, logging, and running until SIGINT/SIGTERM or ``quit`` on stdin."""
+port checks, dispy's options taken with a warning, TOML configuration files,
+logging, and running until SIGINT/SIGTERM or ``quit`` on stdin."""
 
 from __future__ import annotations
 
@@ -16,6 +17,71 @@ def check_ports(parser: argparse.ArgumentParser, args: argparse.Namespace, *name
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 65535:
             parser.error(f"--{name} {value} is not a port number (0-65535)")
+
+
+def add_dispy_options(p: argparse.ArgumentParser, table: dict) -> None:
+    """dispy 4.15's options with no counterpart here (``table``: flag -> (takes a
+    value, why)): taken, hidden from --help, so dispy's scripts still start."""
+    for flag, (takes_value, _why) in table.items():
+        if takes_value:
+            p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(
+                flag, action="store_const", const=True, default=None, help=argparse.SUPPRESS
+            )
+
+
+def warn_dispy_options(args: argparse.Namespace, table: dict, logger) -> None:
+    """A warning for each of ``table``'s options given, naming it and why."""
+    for flag, (_takes_value, why) in table.items():
+        if getattr(args, flag.lstrip("-")) is not None:
+            logger.warning("%s (dispy's option) has no effect here: %s", flag, why)
+
+
+def load_config(p: argparse.ArgumentParser, path: str, not_saved: set) -> dict:
+    """Options from a TOML file, keyed like the command line's long options."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            cfg = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        p.error(f"cannot read --config {path}: {exc}")
+    known = {a.dest: a for a in p._actions}
+    for key, value in cfg.items():
+        if key not in known or key in not_saved:
+            p.error(f"--config {path}: unknown option {key!r}")
+        if "secret" in key and not key.endswith("_file"):
+            p.error(f"--config {path}: put the secret in a --secret_file, not here")
+        want = known[key].type
+        if want is not None and not isinstance(value, want):
+            p.error(f"--config {path}: {key} must be a {want.__name__}")
+    return cfg
+
+
+def save_config(args: argparse.Namespace, path: str, prog: str, not_saved: set) -> None:
+    """Write the options as TOML (never a secret)."""
+    lines = [f"# {prog} options ({prog} --config FILE)"]
+    for key, value in sorted(vars(args).items()):
+        if key in not_saved or value is None or "auth" in key:
+            continue
+        if "secret" in key and not key.endswith("_file"):
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, list):
+            text = "[" + ", ".join(_toml_str(v) for v in value) + "]"
+        else:
+            text = _toml_str(str(value))
+        lines.append(f"{key} = {text}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def setup_logging(prog: str, debug: bool) -> None:

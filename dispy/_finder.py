@@ -43,8 +43,10 @@ class NodeFinder:
         client_port: int = config.CLIENT_PORT,
         ext_ip_addr: str | None = None,
         ping_interval: float | None = None,
+        multicast: bool = False,
     ) -> None:
         self.key = key
+        self.multicast = multicast  # ipv4_udp_multicast: the group, not broadcast
         self.on_node = on_node
         self.ip_addrs = ip_addrs
         self.client_port = client_port
@@ -63,8 +65,17 @@ class NodeFinder:
         )
         try:
             self.listener = await discovery.open_endpoint(
-                self.key, self._on_datagram, host, self.client_port, reuse=True, name="dispy"
+                self.key,
+                self._on_datagram,
+                "0.0.0.0"
+                if self.multicast
+                else host,  # a socket bound to one address hears no group
+                self.client_port,
+                reuse=True,
+                name="dispy",
             )
+            if self.multicast:
+                self.listener.join_multicast(self.ip_addrs)
         except OSError as exc:
             logger.debug(
                 "not listening for node announcements on UDP port %s: %s", self.client_port, exc
@@ -101,8 +112,11 @@ class NodeFinder:
         for pat, port, _ in patterns:
             if pat == "*":  # a node on this very host, whatever the interfaces
                 self.reply.send(DatagramKind.DISCOVER, body, ("127.0.0.1", port))
-            targets = discovery.broadcast_targets([pat], self.ip_addrs)
-            self.reply.broadcast(DatagramKind.DISCOVER, body, port, targets)
+            if self.multicast:
+                self.reply.multicast(DatagramKind.DISCOVER, body, port, self.ip_addrs)
+            else:
+                targets = discovery.broadcast_targets([pat], self.ip_addrs)
+                self.reply.broadcast(DatagramKind.DISCOVER, body, port, targets)
         for host, port in probes:
             asyncio.get_running_loop().create_task(self._probe(host, port, body))
 

@@ -54,6 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="run the jobs on a dispynode started on this machine for this run",
     )
+    p.add_argument(
+        "--scheduler_node",
+        "--scheduler_host",
+        dest="scheduler_node",
+        metavar="HOST",
+        help="run through the dispyscheduler on HOST (SharedJobCluster) instead of finding nodes",
+    )
+    p.add_argument(
+        "--scheduler_port",
+        type=int,
+        default=config.SCHEDULER_PORT,
+        help="the dispyscheduler's port (default %(default)s)",
+    )
     p.add_argument("--node_port", type=int, default=config.NODE_PORT)
     p.add_argument("-i", "--ip_addr", default=None, help="client address")
     p.add_argument("-p", "--port", type=int, default=None, help="client port")
@@ -63,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keyfile", help="TLS private key, if not in --certfile")
     p.add_argument("--cafile", help="CA the nodes' certificates are signed by")
     p.add_argument("-d", "--debug", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.scheduler_node and (args.nodes or args.local):
+        p.error("--scheduler_node runs on the scheduler's nodes: drop -n/--local")
+    return args
 
 
 def main(argv=None) -> int:
@@ -73,19 +89,35 @@ def main(argv=None) -> int:
         print(f"dispy: program {args.program!r} not found", file=sys.stderr)
         return 2
     try:
-        cluster = JobCluster(
-            args.program,
-            nodes=(args.nodes or []) + ["local"] if args.local else (args.nodes or None),
-            depends=args.files,
-            node_port=args.node_port,
-            ip_addr=args.ip_addr,
-            port=args.port,
-            secret=args.secret,
-            dest_path=args.dest_path,
-            certfile=args.certfile,
-            keyfile=args.keyfile,
-            cafile=args.cafile,
-        )
+        if args.scheduler_node:
+            from ._shared import SharedJobCluster
+
+            cluster = SharedJobCluster(
+                args.program,
+                depends=args.files,
+                scheduler_host=args.scheduler_node,
+                scheduler_port=args.scheduler_port,
+                ip_addr=args.ip_addr,
+                secret=args.secret,
+                dest_path=args.dest_path,
+                certfile=args.certfile,
+                keyfile=args.keyfile,
+                cafile=args.cafile,
+            )
+        else:
+            cluster = JobCluster(
+                args.program,
+                nodes=(args.nodes or []) + ["local"] if args.local else (args.nodes or None),
+                depends=args.files,
+                node_port=args.node_port,
+                ip_addr=args.ip_addr,
+                port=args.port,
+                secret=args.secret,
+                dest_path=args.dest_path,
+                certfile=args.certfile,
+                keyfile=args.keyfile,
+                cafile=args.cafile,
+            )
     except DispyError as exc:
         print(f"dispy: {exc}", file=sys.stderr)
         return 2

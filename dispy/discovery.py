@@ -17,6 +17,10 @@ see ``protocol._datagram``; none carries pickle):
   client's address in ``ip``/``port`` and ``relayed`` set, and forwards the
   ANNOUNCEs it hears there to the clients it has heard from.
 
+With ``ipv4_udp_multicast`` (dispy's option of that name) the datagrams that
+would be broadcast go to the IPv4 multicast group ``MULTICAST_GROUP`` instead,
+once per local interface, and the sockets that hear them join that group.
+
 Safety: a program broadcasts only on the interfaces of its own network
 namespace.  When ``$DISPY_BROADCAST_ONLY_IN_NETNS`` holds a namespace's
 inode (the test suite sets it to the machine's own), every non-loopback
@@ -43,6 +47,9 @@ from .protocol._datagram import DatagramDecoder, DatagramKind, encode_datagram
 logger = logging.getLogger("dispy.discovery")
 
 GUARD_ENV = "DISPY_BROADCAST_ONLY_IN_NETNS"
+
+#: The administratively scoped IPv4 group dispy uses for multicast discovery.
+MULTICAST_GROUP = "239.255.97.5"
 
 
 def netns_inode() -> int | None:
@@ -75,7 +82,7 @@ def is_wildcard(host: str) -> bool:
 def interfaces(bind: list[str] | None = None) -> list[ipaddress.IPv4Interface]:
     """The non-loopback IPv4 interfaces of this host (those holding a ``bind``
     address, when given and not a wildcard address)."""
-    want = {b for b in (bind or []) if b not in ("", "0.0.0.0")}
+    want = {b for b in (bind or []) if b not in ("", "0.0.0.0", "::")}
     out = []
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:
@@ -198,6 +205,50 @@ class Endpoint(asyncio.DatagramProtocol):
     def broadcast(self, kind: DatagramKind, body: dict, port: int, targets: list[str]) -> int:
         """Send to each broadcast address in ``targets``; return how many went."""
         return sum(self.send(kind, body, (t, port)) for t in targets)
+
+    def multicast(self, kind: DatagramKind, body: dict, port: int, bind=None) -> int:
+        """Send to ``MULTICAST_GROUP`` once out of each local interface (those of
+        ``bind`` when given); return how many went."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return 0
+        sent = 0
+        for iface in interfaces(bind):
+            try:
+                sock.setsockopt(
+                    socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(iface.ip))
+                )
+            except OSError as exc:
+                logger.debug("%s: no multicast out of %s: %s", self.name, iface.ip, exc)
+                continue
+            sent += self.send(kind, body, (MULTICAST_GROUP, port))
+        return sent
+
+    def join_multicast(self, bind=None) -> int:
+        """Hear ``MULTICAST_GROUP`` on each local interface (those of ``bind`` when
+        given); return on how many.  Not in a guarded namespace: joining sends
+        IGMP reports onto the network."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return 0
+        if guarded():
+            logger.debug("%s: not joining %s: %s is set", self.name, MULTICAST_GROUP, GUARD_ENV)
+            return 0
+        joined = 0
+        group = socket.inet_aton(MULTICAST_GROUP)
+        for iface in interfaces(bind):
+            try:
+                sock.setsockopt(
+                    socket.IPPROTO_IP,
+                    socket.IP_ADD_MEMBERSHIP,
+                    group + socket.inet_aton(str(iface.ip)),
+                )
+                joined += 1
+            except OSError as exc:  # EADDRINUSE: joined on that interface already
+                logger.debug(
+                    "%s: cannot join %s on %s: %s", self.name, MULTICAST_GROUP, iface.ip, exc
+                )
+        return joined
 
     def close(self) -> None:
         if self.transport is not None:

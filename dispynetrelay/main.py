@@ -63,8 +63,14 @@ class Relay:
         node_port: int,
         client_port: int,
         ssl=None,
+        multicast: bool = False,
+        scheduler: tuple[str, int] | None = None,
     ) -> None:
         self.key = key
+        self.multicast = multicast  # --ipv4_udp_multicast: the group, not broadcast
+        #: --scheduler_node: (address, port) told of every node here, for as long as we run
+        self.scheduler = scheduler
+        self._timers: list[asyncio.TimerHandle] = []
         self.ip_addrs = ip_addrs
         self.relay_port = relay_port
         self.node_port = node_port
@@ -85,6 +91,8 @@ class Relay:
         self.announcements = await discovery.open_endpoint(
             self.key, self._on_announce, "0.0.0.0", self.client_port, reuse=True, name="relay"
         )
+        if self.multicast:
+            self.announcements.join_multicast(self.ip_addrs)
         self.server = await transport.serve(
             host if host != "0.0.0.0" else None,
             self.requests.address[1],
@@ -92,6 +100,10 @@ class Relay:
             self._on_client,
             ssl=self.ssl,
         )
+        if self.scheduler is not None:  # the nodes here answer the scheduler directly
+            loop = asyncio.get_running_loop()
+            for at in (0.0, 0.5, 1.5, 4.0):  # UDP may drop one
+                self._timers.append(loop.call_later(at, self._forward_discover, *self.scheduler))
 
     def local_networks(self) -> list[ipaddress.IPv4Network]:
         return [i.network for i in discovery.interfaces(self.ip_addrs)]
@@ -117,11 +129,19 @@ class Relay:
         if any(src in net for net in self.local_networks()):
             return  # a client on our own network: its broadcast reached the nodes already
         self._remember(ip, port)
+        n = self._forward_discover(ip, port)
+        logger.info("relayed discovery for client %s:%s to %d network(s)", ip, port, n)
+
+    def _forward_discover(self, ip: str, port: int) -> int:
+        """Ask this network's nodes to answer (ip, port); how many networks were asked."""
         fwd = {"port": port, "ip": ip, "relayed": 1}
-        n = self.requests.broadcast(DatagramKind.DISCOVER, fwd, self.node_port, self._targets())
+        if self.multicast:
+            n = self.requests.multicast(DatagramKind.DISCOVER, fwd, self.node_port, self.ip_addrs)
+        else:
+            n = self.requests.broadcast(DatagramKind.DISCOVER, fwd, self.node_port, self._targets())
         self.requests.send(DatagramKind.DISCOVER, fwd, ("127.0.0.1", self.node_port))
         self.relayed += 1
-        logger.info("relayed discovery for client %s:%s to %d network(s)", ip, port, n)
+        return n
 
     def _on_announce(self, kind: DatagramKind, body: dict, addr) -> None:
         if kind != DatagramKind.ANNOUNCE or body.get("relayed"):
@@ -133,10 +153,11 @@ class Relay:
             del self.clients[key]
         fwd = dict(body, relayed=1)
         fwd.setdefault("ip", addr[0])
-        for client in self.clients:
+        told = list(self.clients) + ([self.scheduler] if self.scheduler else [])
+        for client in told:
             self.announcements.send(DatagramKind.ANNOUNCE, fwd, client)
-        if self.clients:
-            logger.info("node %s announced; told %d client(s)", fwd["ip"], len(self.clients))
+        if told:
+            logger.info("node %s announced; told %d client(s)", fwd["ip"], len(told))
 
     def _on_client(self, chan: transport.Channel) -> None:
         """A client that names the relay in ``nodes`` connects: tell it what we are."""
@@ -151,6 +172,8 @@ class Relay:
         chan.start()
 
     async def shutdown(self) -> None:
+        for t in self._timers:
+            t.cancel()
         for ep in (self.requests, self.announcements):
             if ep is not None:
                 ep.close()
@@ -179,13 +202,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="port clients send discovery to (default: --node_port)",
     )
     p.add_argument(
-        "--node_port", type=int, default=config.NODE_PORT, help="nodes' port (default %(default)s)"
+        "--node_port", type=int, default=None, help=f"nodes' port (default {config.NODE_PORT})"
     )
     p.add_argument(
         "--client_port",
         type=int,
-        default=config.CLIENT_PORT,
-        help="port node announcements go to (default %(default)s)",
+        default=None,
+        help=f"port node announcements go to (default {config.CLIENT_PORT})",
+    )
+    p.add_argument(
+        "--dispy_port",
+        type=int,
+        default=None,
+        help="dispy's base port: the client port; the node port is the next one",
+    )
+    p.add_argument(
+        "--ipv4_udp_multicast",
+        action="store_true",
+        help=f"relay by IPv4 multicast (group {discovery.MULTICAST_GROUP}) instead of broadcast",
+    )
+    p.add_argument(
+        "--scheduler_node",
+        "--scheduler_host",
+        dest="scheduler_node",
+        metavar="HOST",
+        help="a dispyscheduler (or client) in another network: this network's nodes are "
+        "announced to it as they start",
+    )
+    p.add_argument(
+        "--scheduler_port",
+        type=int,
+        default=None,
+        help="the UDP port it hears node announcements on (default: the client port)",
     )
     p.add_argument(
         "-s",
@@ -199,9 +247,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)
+    check_ports(p, args, "dispy_port")
+    base = args.dispy_port
+    if args.client_port is None:
+        args.client_port = base if base is not None else config.CLIENT_PORT
+    if args.node_port is None:
+        args.node_port = base + 1 if base is not None else config.NODE_PORT
     if args.relay_port is None:
         args.relay_port = args.node_port
-    check_ports(p, args, "relay_port", "node_port", "client_port")
+    if args.scheduler_port is None:
+        args.scheduler_port = args.client_port
+    check_ports(p, args, "relay_port", "node_port", "client_port", "scheduler_port")
     if args.secret and args.secret_file:
         p.error("give --secret or --secret_file, not both")
     if args.keyfile and not args.certfile:
@@ -224,6 +280,17 @@ async def run(args: argparse.Namespace) -> int:
         except DispyError as exc:
             print(f"dispynetrelay: {exc}", file=sys.stderr)
             return 2
+    scheduler = None
+    if args.scheduler_node:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                args.scheduler_node, args.scheduler_port, family=socket.AF_INET,
+                type=socket.SOCK_DGRAM,
+            )  # fmt: skip
+        except (OSError, UnicodeError) as exc:
+            print(f"dispynetrelay: --scheduler_node {args.scheduler_node}: {exc}", file=sys.stderr)
+            return 2
+        scheduler = (infos[0][4][0], args.scheduler_port)
     relay = Relay(
         derive_key(args.secret),
         ip_addrs=args.ip_addr,
@@ -231,6 +298,8 @@ async def run(args: argparse.Namespace) -> int:
         node_port=args.node_port,
         client_port=args.client_port,
         ssl=ssl_ctx,
+        multicast=args.ipv4_udp_multicast,
+        scheduler=scheduler,
     )
     try:
         await relay.start()

@@ -130,7 +130,9 @@ class Worker:
             return
         if job.timer is not None:
             job.timer.cancel()
-        if job.cancelled:
+        if job.handed_back:  # not the job's failure: its client runs it again
+            info = {"st": jobstate.Created, "x": job.handed_back}
+        elif job.cancelled:
             info = {"st": jobstate.Cancelled, "x": "cancelled while running"}
         elif job.timed_out:
             info = {
@@ -303,6 +305,18 @@ class Computation:
                 w.kill(signal.SIGTERM)
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, w.kill, signal.SIGKILL)
                 return
+
+    def hand_back_running(self, why: str) -> int:
+        """Stop the running jobs; each goes back to the client (to run again) with
+        ``why``.  Returns how many."""
+        n = 0
+        for w in self.workers.values():
+            if w.job is not None and not w.job.handed_back:
+                w.job.handed_back = why
+                w.kill(signal.SIGTERM)
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, w.kill, signal.SIGKILL)
+                n += 1
+        return n
 
     # -- close ------------------------------------------------------------------
     async def close(self, terminate: bool = False) -> str:

@@ -22,13 +22,21 @@ import logging
 import os
 import sys
 
-from dispy import config
-from dispy._daemon import check_ports, setup_logging
+from dispy import config, discovery
+from dispy._daemon import (
+    add_dispy_options,
+    check_ports,
+    load_config,
+    save_config,
+    setup_logging,
+    warn_dispy_options,
+)
 from dispy.errors import DispyError
 from dispy.keys import read_secret_file, resolve_secret
 from dispy.tls import server_context
 
 from .server import NodeServer, install_signal_handlers
+from .service import ServiceHours
 
 logger = logging.getLogger("dispynode")
 
@@ -44,17 +52,6 @@ _ACCEPTED_FROM_DISPY = {
     "--admin_secret": (True, "there is no admin connection; stop the node with a signal "
                        "or 'quit'"),
 }  # fmt: skip
-#: dispy's options whose behaviour is not built yet: refused, saying so, rather
-#: than taken and not honoured (a node serving outside its service hours, say).
-_NOT_YET_FROM_DISPY = {
-    "--service_start": "service hours; run the node from a timer (systemd, cron) meanwhile",
-    "--service_stop": "service hours; run the node from a timer (systemd, cron) meanwhile",
-    "--service_end": "service hours; run the node from a timer (systemd, cron) meanwhile",
-    "--client_shutdown": "use --serve 1 to exit once its client is gone",
-    "--init": "an init/close file run at start and stop",
-    "--scheduler_host": "the scheduler is given its nodes (dispyscheduler -n) or finds them",
-    "--ipv4_udp_multicast": "discovery is by broadcast and by name",
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,15 +151,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     # dispy 4.15's options that have no counterpart here: taken, with a warning
     # saying why, so that dispy's service units and scripts still start a node
-    for flag, (takes_value, _why) in _ACCEPTED_FROM_DISPY.items():
-        if takes_value:
-            p.add_argument(flag, default=None, help=argparse.SUPPRESS)
-        else:
-            p.add_argument(
-                flag, action="store_const", const=True, default=None, help=argparse.SUPPRESS
-            )
-    for flag in _NOT_YET_FROM_DISPY:
-        p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    add_dispy_options(p, _ACCEPTED_FROM_DISPY)
+    p.add_argument(
+        "--service_start",
+        metavar="HH:MM",
+        help="serve only from this time of day (with --service_stop and/or --service_end)",
+    )
+    p.add_argument(
+        "--service_stop",
+        metavar="HH:MM",
+        help="from this time of day take no new jobs (running ones go on); "
+        "jobs not started go back to their clients",
+    )
+    p.add_argument(
+        "--service_end",
+        metavar="HH:MM",
+        help="at this time of day also stop the running jobs; they go back to their "
+        "clients, to run elsewhere or when the node serves again",
+    )
+    p.add_argument(
+        "--client_shutdown",
+        action="store_true",
+        help="exit once the first client has closed its computation (as --serve 1)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="FILE",
+        help="Python file whose init() runs before the node serves and close() when it stops",
+    )
+    p.add_argument(
+        "--scheduler_host",
+        metavar="HOST",
+        help="also announce this node to the dispyscheduler (or client) on HOST, "
+        "for one in another network",
+    )
+    p.add_argument(
+        "--ipv4_udp_multicast",
+        action="store_true",
+        help=f"discovery by IPv4 multicast (group {discovery.MULTICAST_GROUP}) instead of "
+        "broadcast",
+    )
     p.add_argument(
         "--max_file_size",
         type=int,
@@ -184,17 +212,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     pre, _ = p.parse_known_args(argv)
     if pre.config:
-        p.set_defaults(**load_config(p, pre.config))
+        p.set_defaults(**load_config(p, pre.config, _NOT_SAVED))
     args = p.parse_args(argv)
-    for flag in _NOT_YET_FROM_DISPY:
-        if getattr(args, flag.lstrip("-")) is not None:
-            p.error(f"{flag} (dispy's) is not supported yet: {_NOT_YET_FROM_DISPY[flag]}")
-    for flag, (_takes_value, why) in _ACCEPTED_FROM_DISPY.items():
-        if getattr(args, flag.lstrip("-")) is not None:
-            logger.warning("%s (dispy's option) has no effect here: %s", flag, why)
+    warn_dispy_options(args, _ACCEPTED_FROM_DISPY, logger)
     if pre.ip_addr:  # addresses on the command line replace the file's, not add to them
         args.ip_addr = pre.ip_addr
     args.ip_addr = list(dict.fromkeys(args.ip_addr))
+    try:
+        args.service = ServiceHours.from_options(
+            args.service_start, args.service_stop, args.service_end
+        )
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.client_shutdown and args.serve < 0:
+        args.serve = 1
+    if args.init and not os.path.isfile(args.init):
+        p.error(f"--init {args.init}: no such file")
     if args.save_config:
         return args
     if args.make_certs:
@@ -232,53 +265,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 #: Options that never go into a saved configuration file.
-_NOT_SAVED = {"config", "save_config", "secret", "make_certs", "quit_on_eof"} | {
-    f.lstrip("-") for f in (*_ACCEPTED_FROM_DISPY, *_NOT_YET_FROM_DISPY)
+_NOT_SAVED = {"config", "save_config", "secret", "make_certs", "quit_on_eof", "service"} | {
+    f.lstrip("-") for f in _ACCEPTED_FROM_DISPY
 }
-
-
-def load_config(p: argparse.ArgumentParser, path: str) -> dict:
-    """Options from a TOML file, keyed like the command line's long options."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        p.error(f"cannot read --config {path}: {exc}")
-    known = {a.dest: a for a in p._actions}
-    for key, value in cfg.items():
-        if key not in known or key in _NOT_SAVED:
-            p.error(f"--config {path}: unknown option {key!r}")
-        if key == "secret":
-            p.error(f"--config {path}: put the secret in a --secret_file, not here")
-        want = known[key].type
-        if want is not None and not isinstance(value, want):
-            p.error(f"--config {path}: {key} must be a {want.__name__}")
-    return cfg
-
-
-def save_config(args: argparse.Namespace, path: str) -> None:
-    """Write the options as TOML (never the secret)."""
-    lines = ["# dispynode options (dispynode --config FILE)"]
-    for key, value in sorted(vars(args).items()):
-        if key in _NOT_SAVED or value is None or key == "auth":
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        elif isinstance(value, list):
-            text = "[" + ", ".join(_toml_str(v) for v in value) + "]"
-        else:
-            text = _toml_str(str(value))
-        lines.append(f"{key} = {text}")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 async def _stdin_commands(node: NodeServer, quit_on_eof: bool) -> None:
@@ -331,9 +320,20 @@ async def run(args: argparse.Namespace) -> int:
         max_unauth=args.max_unauth,
         client_port=args.client_port,
         discover=not args.no_discovery,
+        multicast=args.ipv4_udp_multicast,
+        scheduler_host=args.scheduler_host,
+        service=args.service,
     )
     if args.clean:
         node.clean()
+    hooks = {}
+    if args.init:
+        try:
+            hooks = _run_init(args.init)
+        except Exception as exc:  # the administrator's code: any error stops the start
+            print(f"dispynode: --init {args.init} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     try:
         await node.start()
     except OSError as exc:
@@ -362,13 +362,30 @@ async def run(args: argparse.Namespace) -> int:
     if stdin_task is not None:
         stdin_task.cancel()
     await node.shutdown()
+    if callable(hooks.get("close")):
+        try:
+            hooks["close"]()
+        except Exception as exc:  # logged: the node stops anyway
+            logger.error("--init %s: close() failed: %s: %s", args.init, type(exc).__name__, exc)
     return 0
+
+
+def _run_init(path: str) -> dict:
+    """--init FILE (dispy's): run the file, then its ``init()``; its namespace (for
+    ``close()`` at stop)."""
+    import runpy
+
+    ns = runpy.run_path(path, run_name="dispynode_init")
+    if callable(ns.get("init")):
+        ns["init"]()
+    logger.info("--init %s: ran%s", path, " init()" if callable(ns.get("init")) else "")
+    return ns
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.save_config:
-        save_config(args, args.save_config)
+        save_config(args, args.save_config, "dispynode", _NOT_SAVED)
         print(f"dispynode: options written to {args.save_config}")
         return 0
     if args.make_certs:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import hmac
 import logging
 import os
@@ -41,7 +42,9 @@ from dispy.errors import ProtocolError
 from dispy.protocol import Kind, derive_key, field, join_segments, split_segments
 from dispy.protocol._datagram import DatagramKind
 
+from . import service as service_hours
 from .executor import Computation, Worker
+from .service import ServiceHours
 from .store import ResultStore, StoreError
 
 logger = logging.getLogger("dispynode")
@@ -69,6 +72,7 @@ class NodeJob:
         "timeout",
         "timer",
         "timed_out",
+        "handed_back",
     )
 
     def __init__(self, comp: Computation, jid: int, payload: list, timeout: float = 0) -> None:
@@ -80,6 +84,7 @@ class NodeJob:
         self.timeout = timeout
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
+        self.handed_back = ""  # why it is stopped and handed back (service hours ended)
 
 
 class Session(SessionBase):
@@ -111,6 +116,8 @@ class Session(SessionBase):
             if self._pulse_task is None:
                 self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
             self.chan.send(Kind.INFO, self.node.info())
+            if self.node.paused:
+                self.pulse()
         elif kind in OPS:
             self._queue_op(kind, ctl, msg.payload)
         elif kind == Kind.CANCEL:
@@ -318,8 +325,15 @@ class Session(SessionBase):
                 )
                 self.chan.abort()
                 return
-            if not self.chan.is_closed:
-                self.chan.send(Kind.STATUS, {"a": self.node.avail_info()})
+            self.pulse()
+
+    def pulse(self) -> None:
+        """The node's free resources, and whether it takes jobs now (service hours)."""
+        if not self.chan.is_closed:
+            ctl = {"a": self.node.avail_info()}
+            if self.node.paused:
+                ctl["paused"] = self.node.paused
+            self.chan.send(Kind.STATUS, ctl)
 
     # -- end ----------------------------------------------------------------
     def on_close(self, exc) -> None:
@@ -380,8 +394,20 @@ class NodeServer:
         zombie_interval: float = 3600.0,
         client_port: int = config.CLIENT_PORT,
         discover: bool = True,
+        multicast: bool = False,
+        scheduler_host: str | None = None,
+        service: ServiceHours | None = None,
+        clock=datetime.datetime.now,
     ) -> None:
         self.ssl = ssl
+        self.multicast = multicast  # --ipv4_udp_multicast: announce to the group
+        self.scheduler_host = scheduler_host  # --scheduler_host: announce there too
+        self._scheduler_addr: str | None = None
+        self.service = service
+        self.clock = clock
+        self._service_timer: asyncio.TimerHandle | None = None
+        #: why the node takes no jobs now (outside its service hours); "" while it serves
+        self.paused = ""
         self.client_port = client_port
         self.discover = discover
         self.nid = os.urandom(8).hex()  # this run of the node, so clients see one node once
@@ -444,7 +470,12 @@ class NodeServer:
             if self.port == 0 and self.bound:  # the other addresses use the same port
                 self.port = self.bound[0][1]
         self._servers.append(await transport.serve_unix(self.worker_addr, self._on_worker))
-        if self.discover:
+        if self.service is not None:
+            logger.info("service hours: %s", self.service.describe())
+            self.service_tick()
+        if self.scheduler_host:
+            await self._resolve_scheduler()
+        if self.discover or self.scheduler_host:
             await self._start_discovery()
 
     # -- discovery (UDP) ------------------------------------------------------
@@ -452,6 +483,20 @@ class NodeServer:
         return bool(self.bound) and all(
             host.startswith("127.") or host == "::1" for host, _ in self.bound
         )
+
+    async def _resolve_scheduler(self) -> None:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                self.scheduler_host, self.client_port, family=socket.AF_INET,
+                type=socket.SOCK_DGRAM,
+            )  # fmt: skip
+            self._scheduler_addr = infos[0][4][0]
+        except (OSError, UnicodeError) as exc:
+            logger.warning(
+                "--scheduler_host %s: cannot resolve it (%s); not announcing there",
+                self.scheduler_host,
+                exc,
+            )
 
     async def _start_discovery(self) -> None:
         host = "127.0.0.1" if self._loopback_only() else "0.0.0.0"
@@ -466,6 +511,11 @@ class NodeServer:
                 exc.strerror or exc,
             )
             return
+        if self.multicast and self.discover:
+            joined = self.udp.join_multicast([h for h, _ in self.bound])
+            logger.info(
+                "discovery by multicast: %s on %d interface(s)", discovery.MULTICAST_GROUP, joined
+            )
         self.announce()
 
     def announcement(self) -> dict:
@@ -479,16 +529,25 @@ class NodeServer:
 
     def announce(self) -> None:
         """Tell clients on this node's networks (client port, broadcast) that it is free."""
-        if self.udp is None:
+        if self.udp is None or self.paused:
             return
         body = self.announcement()
-        if not self._loopback_only():
-            targets = discovery.broadcast_targets(["*"], [h for h, _ in self.bound])
+        if self._scheduler_addr:
+            self.udp.send(DatagramKind.ANNOUNCE, body, (self._scheduler_addr, self.client_port))
+        if not self.discover:
+            return
+        bound = [h for h, _ in self.bound]
+        if self._loopback_only():
+            pass
+        elif self.multicast:
+            self.udp.multicast(DatagramKind.ANNOUNCE, body, self.client_port, bound)
+        else:
+            targets = discovery.broadcast_targets(["*"], bound)
             self.udp.broadcast(DatagramKind.ANNOUNCE, body, self.client_port, targets)
         self.udp.send(DatagramKind.ANNOUNCE, body, ("127.0.0.1", self.client_port))
 
     def _on_datagram(self, kind: DatagramKind, body: dict, addr) -> None:
-        if kind != DatagramKind.DISCOVER:
+        if kind != DatagramKind.DISCOVER or self.paused or not self.discover:
             return
         ip = body.get("ip") or addr[0]
         port = body.get("port") or addr[1]
@@ -570,8 +629,67 @@ class NodeServer:
 
     # -- the queue ------------------------------------------------------------
     def enqueue(self, jobs: list[NodeJob]) -> None:
+        if self.paused:  # outside service hours: back to their clients, to run elsewhere
+            for session in {j.comp.session for j in jobs if j.comp.session is not None}:
+                session.pulse()  # first, so that the client sends them nowhere here
+            for job in jobs:
+                self._hand_back(job, self.paused)
+            return
         self.queue.extend(jobs)
         self.dispatch()
+
+    def _hand_back(self, job: NodeJob, why: str) -> None:
+        self.deliver(job.comp.cid, job.jid, {"st": jobstate.Created, "x": why}, [b"N."],
+                     job.comp.session)  # fmt: skip
+
+    # -- service hours ----------------------------------------------------------
+    def service_tick(self) -> None:
+        """Apply the service hours at the clock's time; look again when they change
+        (at least every minute: the wall clock may jump)."""
+        if self._service_timer is not None:
+            self._service_timer.cancel()
+        now = self.clock()
+        state = self.service.state(now)
+        if state == service_hours.SERVING:
+            self._serve_again()
+        else:
+            self._pause(state)
+        wait = (self.service.next_change(now) - now).total_seconds()
+        self._service_timer = asyncio.get_running_loop().call_later(
+            min(max(wait, 0.05), 60.0), self.service_tick
+        )
+
+    def _pause(self, state: str) -> None:
+        ended = state == service_hours.ENDED
+        why = (
+            f"outside its service hours ({self.service.describe()}; "
+            f"dispynode --service_{'end' if ended else 'stop'})"
+        )
+        if not self.paused:
+            logger.info(
+                "service hours: taking no new jobs now; queued jobs go back to their clients"
+            )
+        self.paused = why
+        for s in list(self.sessions):
+            s.pulse()
+        queued, self.queue = self.queue, collections.deque()
+        for job in queued:
+            self._hand_back(job, why)
+        if ended:
+            running = sum(c.hand_back_running(why) for c in list(self.computations.values()))
+            if running:
+                logger.info(
+                    "service hours ended: %d running job(s) stopped and handed back", running
+                )
+
+    def _serve_again(self) -> None:
+        if not self.paused:
+            return
+        self.paused = ""
+        logger.info("service hours: taking jobs again")
+        for s in list(self.sessions):
+            s.pulse()
+        self.announce()
 
     def dispatch(self) -> None:
         queue = self.queue
@@ -692,6 +810,8 @@ class NodeServer:
 
     # -- lifetime -------------------------------------------------------------
     async def shutdown(self) -> None:
+        if self._service_timer is not None:
+            self._service_timer.cancel()
         if self.udp is not None:
             self.udp.close()
         if self._reaper is not None:

@@ -20,9 +20,17 @@ import os
 import sys
 import tempfile
 
-from dispy import config
+from dispy import config, discovery
 from dispy._client import _parse_nodes
-from dispy._daemon import check_ports, run_until_stopped, setup_logging
+from dispy._daemon import (
+    add_dispy_options,
+    check_ports,
+    load_config,
+    run_until_stopped,
+    save_config,
+    setup_logging,
+    warn_dispy_options,
+)
 from dispy.errors import DispyError
 from dispy.keys import resolve_secret
 from dispy.protocol import derive_key
@@ -31,6 +39,17 @@ from dispy.tls import client_context, server_context
 from .server import SchedulerServer
 
 logger = logging.getLogger("dispyscheduler")
+
+
+#: dispy's options taken with a warning: (takes a value, why it changes nothing here).
+_ACCEPTED_FROM_DISPY = {
+    "--cleanup_nodes": (False, "a computation's files are always removed from its nodes "
+                        "when it closes"),
+    "--msg_timeout": (True, "a peer has a fixed time to authenticate, and a silent one is "
+                      "declared gone after 5 pulses"),
+}  # fmt: skip
+#: Options that never go into a saved configuration file.
+_NOT_SAVED = {"config", "save_config", "policy"} | {f.lstrip("-") for f in _ACCEPTED_FROM_DISPY}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         help="address to serve clients on (repeatable; default all)",
     )
-    p.add_argument("--ext_ip_addr", help="address clients should use (behind NAT)")
+    p.add_argument(
+        "--ext_ip_addr",
+        "--ext_host",
+        dest="ext_ip_addr",
+        help="address clients should use (behind NAT)",
+    )
+    p.add_argument(
+        "--ipv4_udp_multicast",
+        action="store_true",
+        help=f"find nodes by IPv4 multicast (group {discovery.MULTICAST_GROUP}) instead of broadcast",
+    )
     p.add_argument(
         "-p",
         "--port",
@@ -144,7 +173,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--daemon", action="store_true", help="do not read commands from standard input")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")
-    args = p.parse_args(argv)  # fmt: skip
+    p.add_argument("--config", help="read options from this TOML file (command line wins)")
+    p.add_argument(
+        "--save_config",
+        metavar="FILE",
+        help="write the options given (file and command line) to FILE as TOML, then exit",
+    )
+    add_dispy_options(p, _ACCEPTED_FROM_DISPY)
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        p.set_defaults(**load_config(p, pre.config, _NOT_SAVED))
+    args = p.parse_args(argv)
+    warn_dispy_options(args, _ACCEPTED_FROM_DISPY, logger)
+    for name in ("nodes", "ip_addr"):  # the command line's replace the file's
+        if getattr(pre, name):
+            setattr(args, name, getattr(pre, name))
     check_ports(p, args, "port", "node_port", "httpd_port")
     try:
         _parse_nodes(args.nodes or ["*"], args.node_port)
@@ -156,6 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(exc))
     if args.cluster_secret is None:
         args.cluster_secret = args.node_secret
+    if args.save_config:
+        return args
     args.policy = (
         "fair"
         if args.fair_cluster_scheduler
@@ -199,6 +244,7 @@ async def run(args: argparse.Namespace) -> int:
         client_ssl=client_ssl,
         node_ssl=node_ssl,
         ext_ip_addr=args.ext_ip_addr,
+        multicast=args.ipv4_udp_multicast,
     )
     try:
         await server.start()
@@ -236,6 +282,10 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.save_config:
+        save_config(args, args.save_config, "dispyscheduler", _NOT_SAVED)
+        print(f"dispyscheduler: options written to {args.save_config}")
+        return 0
     setup_logging("dispyscheduler", args.debug)
     return asyncio.run(run(args))
 

@@ -420,6 +420,21 @@ class NodeLink(LinkBase):
     async def _request(self, kind, ctl: dict, reply_key, payload=()) -> dict:
         return await self._ask(kind, ctl, reply_key, payload)
 
+    def _paused(self, why) -> None:
+        """The node says it is outside its service hours (``why``), or serves again."""
+        node = self.server.sched.nodes.get(self.key)
+        if node is None or node.paused == bool(why):
+            return
+        self.server.sched.set_paused(self.key, bool(why))
+        logger.info(
+            "node %s %s",
+            self.key[0],
+            f"takes no jobs for now: {why}" if why else "takes jobs again",
+        )
+        self.server._tell_cpus()
+        if not why:
+            self.server.dispatch()
+
     def on_message(self, msg) -> None:
         self.last_heard = time.monotonic()
         kind, ctl = msg.kind, msg.ctl
@@ -429,6 +444,8 @@ class NodeLink(LinkBase):
         if kind == Kind.STATUS:
             if "j" in ctl:  # a provisional result: to its client
                 self.server.forward_to_client(self, Kind.STATUS, ctl, msg.payload)
+            else:
+                self._paused(ctl.get("paused"))
             return
         if kind == Kind.FILE:  # dispy_send_file from a job
             self.server.forward_to_client(self, Kind.FILE, ctl, msg.payload)
@@ -575,7 +592,9 @@ class SchedulerServer:
         node_ssl=None,
         ext_ip_addr: str | None = None,
         client_port: int = config.CLIENT_PORT,
+        multicast: bool = False,
     ) -> None:
+        self.multicast = multicast  # --ipv4_udp_multicast: find nodes by the group
         self.cluster_key = cluster_key
         self.node_key = node_key
         self.ip_addrs = ip_addrs
@@ -652,6 +671,7 @@ class SchedulerServer:
                 ip_addrs=self.ip_addrs,
                 client_port=self.client_port,
                 ping_interval=self.ping_interval,
+                multicast=self.multicast,
             )
             await self.finder.start()
             self.finder.add(patterns, named)
@@ -745,7 +765,15 @@ class SchedulerServer:
         return True
 
     def total_cpus(self) -> int:
-        return max(1, sum(lk.cpus for lk in self.links.values() if lk.ready))
+        nodes = self.sched.nodes
+        return max(
+            1,
+            sum(
+                lk.cpus
+                for lk in self.links.values()
+                if lk.ready and not getattr(nodes.get(lk.key), "paused", False)
+            ),
+        )
 
     def node_rows(self) -> list[dict]:
         """The ready nodes, as clients see them (SharedJobCluster.status(), as dispy)."""

@@ -102,9 +102,8 @@ def test_dispynode_config_file_round_trip(tmp_path):
 def test_dispynode_takes_dispy_4_15_options(tmp_path):
     """A dispy user's command line starts the node: dispy's names for the same
     options (--ext_host, --dest_path_prefix), options with no counterpart taken
-    with a warning naming them and why, and options whose behaviour is not built
-    yet refused with a message saying so (never taken and silently not honoured).
-    --save_config makes the node exit after parsing: nothing listens here."""
+    with a warning naming them and why, the rest with their meaning; bad values
+    get a message naming the option.  --save_config makes the node exit after parsing: nothing listens here."""
     cfg = tmp_path / "node.toml"
     proc = _installed(
         "dispynode.py", "--ext_host", "10.231.9.9", "--dest_path_prefix", str(tmp_path / "d"),
@@ -118,7 +117,60 @@ def test_dispynode_takes_dispy_4_15_options(tmp_path):
                  "--admin_secret"):  # fmt: skip
         assert f"{flag} (dispy's option) has no effect here: " in proc.stderr, flag
         assert flag.lstrip("-") not in text  # never saved
-    for argv in (["--service_start", "00:00"], ["--client_shutdown"], ["--init", "f.py"]):
+    # the options with behaviour (tested for it in test_node_service and the
+    # installed tier): dispy's documented example line is taken and saved
+    init = tmp_path / "init.py"
+    init.write_text("def init():\n    pass\n")
+    proc = _installed(
+        "dispynode", "-d", "--cpus", "-1", "--zombie_interval=10", "--service_start", "17:00",
+        "--service_stop", "6:00", "--service_end", "8:00", "--client_shutdown", "--init",
+        str(init), "--scheduler_host", "127.0.0.1", "--ipv4_udp_multicast", "--save_config",
+        str(cfg),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = cfg.read_text()
+    for line in ('service_start = "17:00"', 'service_stop = "6:00"', 'service_end = "8:00"',
+                 "client_shutdown = true", 'scheduler_host = "127.0.0.1"',
+                 "ipv4_udp_multicast = true", f'init = "{init}"'):  # fmt: skip
+        assert line in text, (line, text)
+    for argv, why in (
+        (["--service_start", "00:00"], "--service_start needs --service_stop or --service_end"),
+        (["--service_end", "00:00"], "--service_stop/--service_end need --service_start"),
+        (["--service_start", "25:00", "--service_end", "1:00"],
+         "--service_start '25:00' is not a time of day: give it as HH:MM"),
+        (["--service_start", "8:00", "--service_stop", "9:00", "--service_end", "8:30"],
+         "--service_stop must come before --service_end"),
+        (["--init", str(tmp_path / "nofile.py")], "no such file"),
+    ):  # fmt: skip
         proc = _installed("dispynode", *argv, "--daemon", timeout=30)
-        assert proc.returncode == 2, proc.stderr
-        assert f"{argv[0]} (dispy's) is not supported yet" in proc.stderr
+        assert proc.returncode == 2 and why in proc.stderr, (argv, proc.stderr)
+
+
+def test_dispyscheduler_takes_dispy_4_15_options(tmp_path):
+    """dispyscheduler's dispy names: --ext_host, --ipv4_udp_multicast, a saved
+    configuration read back with --config (the command line wins), and
+    --cleanup_nodes/--msg_timeout taken with a warning saying why."""
+    cfg = tmp_path / "sched.toml"
+    proc = _installed(
+        "dispyscheduler", "--ext_host", "10.231.9.8", "--ipv4_udp_multicast", "-n", "10.231.3.*",
+        "--cleanup_nodes", "--msg_timeout", "30", "--node_secret", "s", "--save_config", str(cfg),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = cfg.read_text()
+    for line in ('ext_ip_addr = "10.231.9.8"', "ipv4_udp_multicast = true",
+                 'nodes = ["10.231.3.*"]'):  # fmt: skip
+        assert line in text, text
+    assert "secret" not in text and "cleanup_nodes" not in text
+    for flag in ("--cleanup_nodes", "--msg_timeout"):
+        assert f"{flag} (dispy's option) has no effect here: " in proc.stderr, flag
+    again = tmp_path / "again.toml"
+    proc = _installed(
+        "dispyscheduler", "--config", str(cfg), "-n", "10.231.4.*", "--node_secret", "s",
+        "--save_config", str(again),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = again.read_text()
+    assert 'nodes = ["10.231.4.*"]' in text and 'ext_ip_addr = "10.231.9.8"' in text, text
+    cfg.write_text('node_secret = "x"\n')
+    proc = _installed("dispyscheduler", "--config", str(cfg))
+    assert proc.returncode == 2 and "secret" in proc.stderr, proc.stderr

@@ -28,7 +28,7 @@ _LIVE = (jobstate.Running, jobstate.ProvisionalResult)
 class NodeState:
     """What the scheduler knows of one node."""
 
-    __slots__ = ("key", "cpus", "running", "ready", "pinned", "prefetch", "limited")
+    __slots__ = ("key", "cpus", "running", "ready", "paused", "pinned", "prefetch", "limited")
 
     def __init__(self, key, cpus: int, prefetch: int = 2, limited: bool = False) -> None:
         self.key = key
@@ -38,6 +38,7 @@ class NodeState:
         #: the jobs sent there and not ended, in the order sent
         self.running: dict[int, object] = {}
         self.ready = False
+        self.paused = False  # outside the node's service hours: it takes no jobs for now
         self.pinned: collections.deque = collections.deque()
 
     @property
@@ -166,7 +167,7 @@ class Scheduler:
         batches: dict[object, list] = {}
         for ahead in (False, True):
             for node in self.nodes.values():
-                if not node.ready or not (node.pinned or self.pending):
+                if not node.ready or node.paused or not (node.pinned or self.pending):
                     continue
                 taken = len(node.running) + len(batches.get(node.key, ()))
                 limit = node.capacity if ahead else min(node.cpus, node.capacity)
@@ -287,6 +288,13 @@ class Scheduler:
         node = self.nodes.get(key)
         if node is not None:
             node.ready = ready
+
+    def set_paused(self, key, paused: bool) -> None:
+        """The node is outside its service hours (dispynode --service_stop): no jobs
+        for it until it says it serves again; ``ready`` is kept as it was."""
+        node = self.nodes.get(key)
+        if node is not None:
+            node.paused = paused
 
     def cancel_queued(self, job) -> bool:
         """Cancel a job that has not been sent to a node; False if it was sent."""
