@@ -313,6 +313,7 @@ class Computation:
         for w in self.workers.values():
             if w.job is not None and not w.job.handed_back:
                 w.job.handed_back = why
+                self.node.jobs_handed_back += 1
                 w.kill(signal.SIGTERM)
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, w.kill, signal.SIGKILL)
                 n += 1

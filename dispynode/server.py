@@ -430,6 +430,7 @@ class NodeServer:
         self.queue: collections.deque[NodeJob] = collections.deque()
         self.running = 0
         self.jobs_done = 0
+        self.jobs_handed_back = 0  # not run here (service hours), to run elsewhere
         self.worker_addr = f"\0dispynode-{os.getpid()}-{os.urandom(8).hex()}"
         self.stopped = asyncio.Event()
         #: results not acknowledged yet: cid -> jid -> (entry, segments); on disk too
@@ -639,6 +640,7 @@ class NodeServer:
         self.dispatch()
 
     def _hand_back(self, job: NodeJob, why: str) -> None:
+        self.jobs_handed_back += 1
         self.deliver(job.comp.cid, job.jid, {"st": jobstate.Created, "x": why}, [b"N."],
                      job.comp.session)  # fmt: skip
 

@@ -23,8 +23,9 @@ from dispynode.service import ServiceHours
 
 from . import jobs
 from .test_recovery_netns import wait_until
+from .test_shared import NODE_SECRET, Scheduler
 
-SECRET = "service-hours-test"
+SECRET = NODE_SECRET  # the node's: a dispyscheduler in front of it uses the same
 
 
 class FakeClock:
@@ -98,14 +99,30 @@ def runs(folder, i) -> int:
         return 0
 
 
-def test_stop_hands_back_queued_jobs_and_end_stops_running_ones(node, clock, tmp_path):
+@pytest.mark.parametrize("via", ["client", "dispyscheduler"])
+def test_stop_hands_back_queued_jobs_and_end_stops_running_ones(node, clock, tmp_path, via):
+    """Directly from a JobCluster, and through a dispyscheduler (which holds the
+    jobs back for its clients)."""
     folder = str(tmp_path / "gates")
     os.mkdir(folder)
 
     def release(i):
         open(os.path.join(folder, f"open-{i}"), "w").close()
 
-    with dispy.JobCluster(jobs.gated, nodes=[node.address], secret=SECRET) as cluster:
+    sched = Scheduler([node], tmp_path) if via == "dispyscheduler" else None
+    try:
+        _day_of_service(node, clock, folder, release, sched)
+    finally:
+        if sched is not None:
+            sched.stop()
+
+
+def _day_of_service(node, clock, folder, release, sched):
+    if sched is None:
+        cluster = dispy.JobCluster(jobs.gated, nodes=[node.address], secret=SECRET)
+    else:
+        cluster = sched.cluster(jobs.gated)
+    with cluster:
         j1 = cluster.submit(folder, 1)
         wait_until(lambda: runs(folder, 1) == 1, 30, "job 1 starts")
         j2 = cluster.submit(folder, 2)  # sent ahead to the node's queue, behind job 1
@@ -118,9 +135,11 @@ def test_stop_hands_back_queued_jobs_and_end_stops_running_ones(node, clock, tmp
         release(1)
         assert j1() == 10 and j1.status == dispy.DispyJob.Finished
         j3 = cluster.submit(folder, 3)  # the client holds it: the node takes no jobs now
-        assert j2.status == j3.status == jobstate.Created
+        if sched is None:  # (through a scheduler, the client reckons with its CPUs)
+            assert j2.status == j3.status == jobstate.Created
         assert runs(folder, 2) == runs(folder, 3) == 0
         assert node.node.jobs_done == 1
+        assert node.node.jobs_handed_back == 1  # job 2, once: nothing was sent again
 
         clock.set("9:30", day=5)  # serving again: jobs 2 and 3 run there
         node.tick()
@@ -130,13 +149,14 @@ def test_stop_hands_back_queued_jobs_and_end_stops_running_ones(node, clock, tmp
         node.tick()
         assert "--service_end" in node.node.paused
         wait_until(
-            lambda: j2.status == jobstate.Created and node.node.running == 0,
+            lambda: node.node.running == 0 and (sched or j2.status == jobstate.Created),
             30,
             "the running job stopped and handed back",
         )
         release(2)
         release(3)
         assert runs(folder, 3) == 0
+        assert node.node.jobs_handed_back == 3  # and job 2 running, job 3 queued behind it
 
         clock.set("9:00", day=6)
         node.tick()
