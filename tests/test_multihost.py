@@ -166,12 +166,13 @@ def test_relay_brings_in_nodes_of_another_network(netns):
     assert relay.ip not in out["found"]  # the relay is not taken for a node
 
 
-def test_node_behind_nat_advertises_ext_ip_addr(netns):
+@pytest.mark.parametrize("flag", ["--ext_ip_addr", "--ext_host"])  # dispy 4.15's name
+def test_node_behind_nat_advertises_ext_ip_addr(netns, flag):
     node = netns.add_host("natted")
     client = netns.add_host("c")
     public = node.ip.rsplit(".", 1)[0] + ".200"
     assert node.run(["ip", "addr", "add", f"{public}/24", "dev", "eth0"]).returncode == 0
-    start_node(node, "--ext_ip_addr", public)
+    start_node(node, flag, public)
     out = client_result(start_client(client, ["*"], want=1))
     assert out["found"] == [public] and out["ran"] == [public]
 
