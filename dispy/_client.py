@@ -47,6 +47,7 @@ from ._finder import NodeFinder
 from ._job import ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._link import MISSED_PULSES, LinkBase
 from ._local import LocalNode
+from ._paths import write_chunk
 from ._recover import RecoverFile
 from ._recovery import default_path as _default_recover_path
 from ._recovery import job_blob
@@ -506,13 +507,6 @@ class _NodeLink(LinkBase):
             self.task.cancel()
 
 
-def _write_file(path: str, data: bytes, mode: int) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
-
-
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -786,8 +780,9 @@ class _Engine:
             )
             return
         dest = os.path.join(self.cluster.dest_path, norm)
+        # confined to dest_path: no symlink there (or on the way) is followed out of it
         task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(_write_file, dest, bytes(payload), mode)
+            asyncio.to_thread(write_chunk, self.cluster.dest_path, norm, 0, bytes(payload), mode)
         )
         self.writes.setdefault(uid, set()).add(task)
 

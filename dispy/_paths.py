@@ -1,8 +1,47 @@
-"""Paths a peer names: checked to stay inside the folder they are for (node and scheduler)."""
+"""Paths a peer names: checked to stay inside the folder they are for (node and
+scheduler); and the daemons' own folders, checked to be theirs alone."""
 
 from __future__ import annotations
 
 import os
+import stat
+
+from .errors import DispyError
+
+
+def private_dir(path: str, option: str = "--dest_path") -> str:
+    """Make sure ``path`` is a folder of this user's alone (mode 0700), creating it
+    (and its parents) if needed; returns its absolute path.
+
+    A daemon keeps results, keys and computations' files there: a folder that
+    another local user made first (the defaults are in the shared /tmp), or a
+    symlink in its place, could let that user read or replace them.  Such a
+    folder is refused with a ``DispyError`` saying what to do, never used.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    me = os.geteuid()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise DispyError(
+            f"{option} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a folder'}: "
+            "it must be a folder of this user's own; remove it or choose another " + option
+        )
+    if st.st_uid != me:
+        raise DispyError(
+            f"{option} {path} belongs to user {st.st_uid}, not to this user ({me}): another "
+            f"user may have made it to read or replace what is kept there; remove it or "
+            f"choose another {option}"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)  # ours: others have no business in it
+    return path
 
 
 def safe_relpath(path: str) -> str:

@@ -24,9 +24,11 @@ Files are created with mode 0600 before SQLite opens them; SQLite gives its
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import logging
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -99,10 +101,23 @@ def create_private_file(path: str, *, exclusive: bool) -> bool:
     With ``exclusive`` the file must not exist (``FileExistsError``).  An
     existing file's mode is set to 0600 too.
     """
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else 0)
-    existed = os.path.exists(path)
-    fd = os.open(path, flags, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else 0)
+    existed = os.path.lexists(path)
     try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(
+                exc.errno, f"{path} is a symlink; remove it (it is not followed)"
+            ) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(
+                errno.EPERM,
+                f"{path} is not a file of this user's own (owner {st.st_uid}); remove it",
+            )
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)

@@ -30,4 +30,6 @@ MAX_PENDING_OPS = 4096
 
 #: Where a node keeps computations' files unless --dest_path says otherwise.
 # (a folder named like a package, e.g. /tmp/dispy, would shadow it for programs run from /tmp)
-DEFAULT_DEST_PATH = os.path.join(tempfile.gettempdir(), "dispy-node")
+# per user: a folder of another user's is refused (dispy._paths.private_dir)
+DEFAULT_DEST_PATH = os.path.join(tempfile.gettempdir(), f"dispy-node-{os.geteuid()}")
+SCHEDULER_DEST_PATH = os.path.join(tempfile.gettempdir(), f"dispy-scheduler-{os.geteuid()}")

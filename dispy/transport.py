@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import socket
+import struct
 from collections.abc import Callable
 
 from . import config
@@ -146,6 +148,10 @@ class Channel:
     @property
     def bytes_received(self) -> int:
         return self.conn.decoder.bytes_received
+
+    def lift_limit(self) -> None:
+        """A local peer proved itself: take full-size frames from it now."""
+        self.conn.decoder.lift_limit()
 
     def start(self) -> None:
         """Deliver messages that arrived before ``on_message`` was set."""
@@ -380,18 +386,44 @@ class _Refuse(asyncio.Protocol):
         transport.abort()
 
 
-async def serve_unix(path: str, on_channel: Callable[[Channel], None]) -> asyncio.Server:
+def peer_uid(sock) -> int | None:
+    """The user id of a local socket's peer (``SO_PEERCRED``), None if unknown."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except (OSError, AttributeError):
+        return None
+    return _PEERCRED.unpack(creds)[1]
+
+
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+async def serve_unix(
+    path: str, on_channel: Callable[[Channel], None], on_refused=None
+) -> asyncio.Server:
     """Listen on a local (unix) socket for a node's own job processes.
 
-    The channel is trusted framing (no handshake): the first message must
-    carry the token that only the node's computation process knows, and the
-    owner checks it before anything else.
+    Only processes of this user may stay connected (``SO_PEERCRED``; another
+    local user is cut off at once, ``on_refused(uid)`` told).  The channel is
+    trusted framing (no handshake) but takes small frames only until the owner
+    has checked the token in the first message (``Channel.lift_limit``): only
+    the node's computation process knows it.
     """
     loop = asyncio.get_running_loop()
+    me = os.geteuid()
+
+    def made(proto: ChannelProtocol) -> None:
+        uid = peer_uid(proto.transport.get_extra_info("socket"))
+        if uid != me:
+            proto.transport.abort()
+            if on_refused is not None:
+                on_refused(uid)
+            return
+        on_channel(Channel(proto))
 
     def factory():
-        conn = Connection("server", None, trusted=True)
-        return ChannelProtocol(conn, "local", on_made=lambda p: on_channel(Channel(p)))
+        conn = Connection("server", None, trusted=True, limited=True)
+        return ChannelProtocol(conn, "local", on_made=made)
 
     return await loop.create_unix_server(factory, path)
 

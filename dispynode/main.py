@@ -336,6 +336,10 @@ async def run(args: argparse.Namespace) -> int:
             return 2
     try:
         await node.start()
+    except DispyError as exc:
+        print(f"dispynode: {exc}", file=sys.stderr)
+        await node.shutdown()
+        return 2
     except OSError as exc:
         print(
             f"dispynode: cannot listen on {args.ip_addr or 'all addresses'} port {args.node_port}: "

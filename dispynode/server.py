@@ -34,11 +34,11 @@ import psutil
 from dispy import _data as data
 from dispy import config, discovery, transport
 from dispy._data import check_name
-from dispy._paths import safe_relpath
+from dispy._paths import private_dir, safe_relpath
 from dispy._session import OPS, SessionBase
 from dispy._version import __version__
 from dispy.core import jobstate
-from dispy.errors import ProtocolError
+from dispy.errors import DispyError, ProtocolError
 from dispy.protocol import Kind, derive_key, field, join_segments, split_segments
 from dispy.protocol._datagram import DatagramKind
 
@@ -432,6 +432,8 @@ class NodeServer:
         self.jobs_done = 0
         self.jobs_handed_back = 0  # not run here (service hours), to run elsewhere
         self.worker_addr = f"\0dispynode-{os.getpid()}-{os.urandom(8).hex()}"
+        self._local_waiting = 0  # job-process connections that have not shown a token yet
+        self._local_refusals = 0  # connections of other local users
         self.stopped = asyncio.Event()
         #: results not acknowledged yet: cid -> jid -> (entry, segments); on disk too
         self.unacked: dict[str, dict[int, tuple[dict, list]]] = {}
@@ -443,8 +445,12 @@ class NodeServer:
         self.served = 0
 
     async def start(self) -> None:
-        os.makedirs(self.dest_path, mode=0o700, exist_ok=True)
-        self.store = ResultStore(os.path.join(self.dest_path, STORE_FILE))
+        self.dest_path = private_dir(self.dest_path)
+        store = os.path.join(self.dest_path, STORE_FILE)
+        try:
+            self.store = ResultStore(store)
+        except (OSError, StoreError) as exc:
+            raise DispyError(f"cannot keep results in {store}: {exc}") from None
         self._stored_cids = self.store.pending_cids()
         if self._stored_cids:
             logger.info(
@@ -470,7 +476,9 @@ class NodeServer:
                 self.bound.append(sock.getsockname()[:2])
             if self.port == 0 and self.bound:  # the other addresses use the same port
                 self.port = self.bound[0][1]
-        self._servers.append(await transport.serve_unix(self.worker_addr, self._on_worker))
+        self._servers.append(
+            await transport.serve_unix(self.worker_addr, self._on_worker, self._local_refused)
+        )
         if self.service is not None:
             logger.info("service hours: %s", self.service.describe())
             self.service_tick()
@@ -606,8 +614,40 @@ class NodeServer:
             self.stopped.set()
 
     # -- job processes ------------------------------------------------------
+    def _local_refused(self, uid) -> None:
+        self._local_refusals += 1
+        if self._local_refusals in (1, 10, 100, 1000) or self._local_refusals % 10000 == 0:
+            logger.warning(
+                "local connection from user %s to the job-process socket refused "
+                "(only this node's own processes may connect; %d so far)",
+                uid,
+                self._local_refusals,
+            )
+
     def _on_worker(self, chan: transport.Channel) -> None:
+        if self._local_waiting >= max(64, 4 * self.cpus):
+            chan.close()  # a flood of local connections that never say who they are
+            return
+        self._local_waiting += 1
+        waiting = [True]
+
+        def settled() -> None:
+            if waiting[0]:
+                waiting[0] = False
+                self._local_waiting -= 1
+                timer.cancel()
+
+        def too_slow() -> None:
+            if waiting[0]:
+                logger.warning("local connection that sent no token in time; closed")
+                settled()
+                chan.close()
+
+        timer = asyncio.get_running_loop().call_later(self.handshake_timeout, too_slow)
+        chan.on_close = lambda exc: settled()
+
         def first(msg) -> None:
+            settled()
             ctl = msg.ctl
             comp = self.computations.get(ctl.get("c")) if msg.kind == Kind.W_HELLO else None
             token = ctl.get("t")
@@ -623,6 +663,7 @@ class NodeServer:
                 )
                 chan.close()
                 return
+            chan.lift_limit()
             comp.add_worker(Worker(comp, chan, field(ctl, "p", int)))
 
         chan.on_message = first

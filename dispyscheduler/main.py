@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
-import tempfile
 
 from dispy import config, discovery
 from dispy._client import _parse_nodes
@@ -131,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dest_path_prefix",
         "--dest_path",
         dest="dest_path",
-        default=os.path.join(tempfile.gettempdir(), "dispy-scheduler"),
+        default=config.SCHEDULER_DEST_PATH,
         help="where clients' files are kept (default %(default)s)",
     )
     p.add_argument(
@@ -248,6 +246,10 @@ async def run(args: argparse.Namespace) -> int:
     )
     try:
         await server.start()
+    except DispyError as exc:
+        print(f"dispyscheduler: {exc}", file=sys.stderr)
+        await server.shutdown()
+        return 2
     except OSError as exc:
         print(
             f"dispyscheduler: cannot listen on port {args.port}: {exc.strerror or exc} "

@@ -32,13 +32,14 @@ import os
 import platform
 import shutil
 import socket
+import sqlite3
 import time
 
 from dispy import config, discovery, transport
 from dispy._client import _parse_nodes
 from dispy._finder import NodeFinder
 from dispy._link import MISSED_PULSES, LinkBase
-from dispy._paths import safe_relpath, write_chunk
+from dispy._paths import private_dir, safe_relpath, write_chunk
 from dispy._session import OPS, SessionBase
 from dispy._version import __version__
 from dispy.core import jobstate
@@ -46,6 +47,7 @@ from dispy.core.queues import ClusterQueue
 from dispy.core.scheduler import Scheduler
 from dispy.errors import (
     ConnectionClosed,
+    DispyError,
     ProtocolError,
 )
 from dispy.protocol import Kind, field, join_segments, result_entries, split_segments
@@ -640,8 +642,12 @@ class SchedulerServer:
 
     # -- start / stop ---------------------------------------------------------------------
     async def start(self) -> None:
-        os.makedirs(self.dest_path, mode=0o700, exist_ok=True)
-        self.state = SchedulerState(os.path.join(self.dest_path, STATE_FILE))
+        self.dest_path = private_dir(self.dest_path)
+        state = os.path.join(self.dest_path, STATE_FILE)
+        try:
+            self.state = SchedulerState(state)
+        except (OSError, sqlite3.Error) as exc:
+            raise DispyError(f"cannot keep the scheduler's state in {state}: {exc}") from None
         saved_nodes = await asyncio.to_thread(self._restore)
         for host in self.ip_addrs or [None]:
             srv = await transport.serve(

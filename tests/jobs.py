@@ -172,6 +172,7 @@ def logged_sleep(folder, i, seconds):
 
 def send_back(name, text):
     """Write ``name`` in the job's folder and send it to the client."""
+    os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
     with open(name, "w") as f:
         f.write(text)
     return dispy_send_file(name)  # noqa: F821 (provided on the node)

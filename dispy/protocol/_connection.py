@@ -84,6 +84,7 @@ class Connection:
         max_ctl: int = config.MAX_CONTROL_SIZE,
         versions: tuple[int, int] = PROTOCOL_VERSIONS,
         trusted: bool = False,
+        limited: bool = False,
     ) -> None:
         if role not in ("client", "server"):
             raise ValueError("role must be 'client' or 'server'")
@@ -93,7 +94,7 @@ class Connection:
         self._key = key
         self._versions = versions
         self.trusted = trusted
-        self.decoder = FrameDecoder(max_frame, max_ctl, trusted=trusted)
+        self.decoder = FrameDecoder(max_frame, max_ctl, trusted=trusted, limited=limited)
         self.encoder = FrameEncoder()
         self._out: list = []
         self._nonce = os.urandom(NONCE_SIZE)

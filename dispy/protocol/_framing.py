@@ -166,8 +166,12 @@ class FrameDecoder:
         *,
         max_body_unauth: int = 4096,
         trusted: bool = False,
+        limited: bool = False,
     ) -> None:
         self.max_body = max_body
+        #: a trusted local channel whose peer has not shown its token yet: small
+        #: frames only, as before authentication (``lift_limit`` once it has)
+        self.limited = trusted and limited
         self.max_ctl = max_ctl
         self.max_body_unauth = max_body_unauth
         self.trusted = trusted
@@ -175,7 +179,9 @@ class FrameDecoder:
         self.seq = 0
         # small until the peer authenticates: an unauthenticated connection costs little
         first = max(UNAUTH_STAGING_SIZE, max_body_unauth + HEADER_SIZE + TAG_SIZE)
-        self._buf = bytearray(STAGING_SIZE if trusted else min(first, STAGING_SIZE))
+        self._buf = bytearray(
+            STAGING_SIZE if trusted and not self.limited else min(first, STAGING_SIZE)
+        )
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
@@ -195,6 +201,14 @@ class FrameDecoder:
     def key(self, key: bytes | None) -> None:
         """Set when the handshake completes: tags are expected from now on."""
         self._key = key
+        self._grow()
+
+    def lift_limit(self) -> None:
+        """The local peer proved itself (its token): full-size frames from now on."""
+        self.limited = False
+        self._grow()
+
+    def _grow(self) -> None:
         if len(self._buf) < STAGING_SIZE:
             pending = self._view[self._start : self._end]
             buf = bytearray(STAGING_SIZE)
@@ -298,11 +312,12 @@ class FrameDecoder:
             raise ProtocolError(f"unknown frame layout version {version} (this side speaks 1)")
         if flags != 0:
             raise ProtocolError(f"frame has unknown flags 0x{flags:04x}")
-        limit = self.max_body if (self.key is not None or self.trusted) else self.max_body_unauth
+        full = (self.key is not None or self.trusted) and not self.limited
+        limit = self.max_body if full else self.max_body_unauth
         if body_len > limit:
             raise FrameTooLarge(
                 f"frame of {body_len} bytes exceeds the limit of {limit} bytes"
-                + ("" if self.key is not None or self.trusted else " before authentication")
+                + ("" if full else " before authentication")
             )
         if ctl_len > body_len:
             raise ProtocolError(f"control part ({ctl_len} bytes) longer than body ({body_len})")
