@@ -18,7 +18,6 @@ request to its network.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 
@@ -134,12 +133,11 @@ class NodeFinder:
         if kind != DatagramKind.ANNOUNCE:
             return
         nid, port = body["nid"], body["port"]
-        ip = body.get("ip") or addr[0]
+        ip = discovery.sender_ip(body)
         if not isinstance(nid, str) or isinstance(port, bool) or not isinstance(port, int):
             raise ValueError("malformed announcement")
-        ip = str(ipaddress.ip_address(ip))
         if ip.startswith("127.") and not addr[0].startswith("127."):
-            ip = addr[0]  # a node that only knows itself as loopback, heard from afar
+            raise ValueError(f"a loopback address ({ip}) heard from {addr[0]}")
         for pat, _, alloc in self.patterns:
             if discovery.matches(ip, [pat]):
                 self.on_node(ip, port, nid, alloc)

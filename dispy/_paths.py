@@ -10,8 +10,8 @@ from .errors import DispyError
 
 
 def private_dir(path: str, option: str = "--dest_path") -> str:
-    """Make sure ``path`` is a folder of this user's alone (mode 0700), creating it
-    (and its parents) if needed; returns its absolute path.
+    """Make sure ``path`` is a folder of this user's that no one else may write in
+    (created with mode 0700, with its parents, if needed); returns its absolute path.
 
     A daemon keeps results, keys and computations' files there: a folder that
     another local user made first (the defaults are in the shared /tmp), or a
@@ -39,8 +39,9 @@ def private_dir(path: str, option: str = "--dest_path") -> str:
             f"user may have made it to read or replace what is kept there; remove it or "
             f"choose another {option}"
         )
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)  # ours: others have no business in it
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:  # ours, but others could put (or swap) files in it: not any more
+        os.chmod(path, mode & ~0o022)
     return path
 
 

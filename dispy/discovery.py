@@ -75,6 +75,28 @@ def guarded() -> bool:
         return True
 
 
+def local_ip_for(dest: str) -> str | None:
+    """The address of this host that a datagram to ``dest`` leaves from (a route
+    lookup: connecting a UDP socket sends nothing); None if there is no route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            s.connect((dest, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def sender_ip(body: dict) -> str:
+    """The address a datagram says it is from (``ip``, under the cluster's HMAC).
+    The datagram's source address is never used: anyone can send again a datagram
+    they heard, from their own address."""
+    ip = body.get("ip")
+    if not isinstance(ip, str) or not ip:
+        raise ValueError("no address in it")
+    return str(ipaddress.ip_address(ip))
+
+
 def is_wildcard(host: str) -> bool:
     return "*" in host or "?" in host or "[" in host
 
@@ -157,6 +179,7 @@ class Endpoint(asyncio.DatagramProtocol):
         self.dropped = 0
         self.received = 0
         self.refused = 0  # sends the network guard stopped
+        self._from: dict[str, str | None] = {}  # destination -> our address toward it
 
     @property
     def address(self) -> tuple[str, int]:
@@ -195,6 +218,17 @@ class Endpoint(asyncio.DatagramProtocol):
                 GUARD_ENV,
             )
             return False
+        if "ip" not in body:  # say where it comes from (the receiver trusts only that)
+            src = self._from.get(addr[0])
+            if src is None:
+                src = local_ip_for(addr[0])
+                if len(self._from) > 256:
+                    self._from.clear()
+                self._from[addr[0]] = src
+            if src is None:
+                logger.debug("%s: no route to %s", self.name, addr[0])
+                return False
+            body = dict(body, ip=src)
         try:
             self.transport.sendto(encode_datagram(kind, body, self.key, now=time.time()), addr)
         except (OSError, ValueError) as exc:
@@ -221,7 +255,8 @@ class Endpoint(asyncio.DatagramProtocol):
             except OSError as exc:
                 logger.debug("%s: no multicast out of %s: %s", self.name, iface.ip, exc)
                 continue
-            sent += self.send(kind, body, (MULTICAST_GROUP, port))
+            stamped = body if "ip" in body else dict(body, ip=str(iface.ip))
+            sent += self.send(kind, stamped, (MULTICAST_GROUP, port))
         return sent
 
     def join_multicast(self, bind=None) -> int:

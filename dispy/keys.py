@@ -43,16 +43,25 @@ def read_secret_file(path: str) -> str:
         raise DispyError(f"cannot read secret file {path!r}: {exc.strerror}") from None
     if not secret:
         raise DispyError(f"secret file {path!r} is empty: put the cluster's secret in it")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logger.warning("secret file %s can be read by other users: chmod 600 %s", path, path)
+    if mode & stat.S_IRWXO:  # anyone on the machine could run code on the cluster
+        raise DispyError(
+            f"secret file {path!r} can be read by every user of this machine: "
+            f"chmod 600 {path} (and give the cluster a new secret if others had it)"
+        )
+    if mode & stat.S_IRWXG:
+        logger.warning("secret file %s can be read by its group: chmod 600 %s", path, path)
     return secret
 
 
 def load_or_create_key(path: str | None = None) -> str:
     """The per-user cluster key, created (mode 0600) if it does not exist yet."""
     path = path or key_file_path()
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.stat(folder)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o022:  # others could swap the key file
+        os.chmod(folder, stat.S_IMODE(st.st_mode) & ~0o022)
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:  # another process made it first

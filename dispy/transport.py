@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 from . import config
@@ -39,9 +40,11 @@ CHUNK = 1 << 20
 class ChannelProtocol(asyncio.BufferedProtocol):
     """asyncio glue: moves bytes between the socket and the sans-IO connection."""
 
-    def __init__(self, conn: Connection, peer_hint: str = "", on_made=None) -> None:
+    def __init__(self, conn: Connection, peer_hint: str = "", on_made=None, admit=None) -> None:
         self.conn = conn
         self._on_made = on_made
+        self._admit = admit  # admit(protocol) -> bool, before anything is sent
+        self.peer_host = ""
         self.channel: Channel | None = None
         self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -59,6 +62,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and not self.peer:
             self.peer = f"{peer[0]}:{peer[1]}"
+        if isinstance(peer, tuple):
+            self.peer_host = peer[0]
+        if self._admit is not None and not self._admit(self):
+            transport.abort()
+            return
         if self.conn.trusted:
             self.handshake.set_result(None)
             if self._on_made is not None:
@@ -335,37 +343,65 @@ async def serve(
     or garbage connections costs bounded memory.  The server keeps serving.
     """
     loop = asyncio.get_running_loop()
-    pending = 0
-    refused = 0
+    #: connections still authenticating, oldest first; and the same by address
+    waiting: collections.OrderedDict[ChannelProtocol, None] = collections.OrderedDict()
+    per_host: dict[str, collections.deque] = {}
+    host_limit = max(4, max_unauth // 8)  # one address cannot take every slot
+    evicted = 0
+    failures = _Throttle(logger, "connections dropped before authenticating")
+
+    def evict(proto: ChannelProtocol, why: str) -> None:
+        """Make room by dropping the oldest connection still authenticating: a
+        flood then only delays itself, a real peer (whose handshake takes
+        milliseconds) still gets in."""
+        nonlocal evicted
+        evicted += 1
+        failures.note(logging.WARNING, "%s: dropped %s, authenticating the longest", why,
+                      proto.peer or "a connection")  # fmt: skip
+        forget(proto)
+        if proto.transport is not None:
+            proto.transport.abort()
+
+    def forget(proto: ChannelProtocol) -> None:
+        waiting.pop(proto, None)
+        q = per_host.get(proto.peer_host)
+        if q is not None and proto in q:
+            q.remove(proto)
+            if not q:
+                del per_host[proto.peer_host]
 
     def factory():
-        nonlocal pending, refused
-        if pending >= max_unauth:
-            refused += 1
-            if refused in (1, 10, 100, 1000) or refused % 10000 == 0:
-                logger.warning(
-                    "%d connections refused: %d already authenticating (limit)", refused, pending
-                )
-            return _Refuse()
-        pending += 1
-        proto = ChannelProtocol(Connection("server", key, max_frame=max_frame))
+        if len(waiting) >= max_unauth:
+            evict(next(iter(waiting)), f"{max_unauth} connections authenticating (limit)")
+        proto = ChannelProtocol(Connection("server", key, max_frame=max_frame), admit=admit)
+        waiting[proto] = None
         loop.create_task(_await_handshake(proto))
         return proto
 
+    def admit(proto: ChannelProtocol) -> bool:
+        q = per_host.setdefault(proto.peer_host, collections.deque())
+        if len(q) >= host_limit:
+            evict(q[0], f"{proto.peer_host} has {host_limit} connections authenticating "
+                  "(limit per address)")  # fmt: skip
+            q = per_host.setdefault(proto.peer_host, collections.deque())
+        q.append(proto)
+        return True
+
     async def _await_handshake(proto: ChannelProtocol) -> None:
-        nonlocal pending
         try:
             await asyncio.wait_for(asyncio.shield(proto.handshake), timeout)
         except TimeoutError:
-            logger.warning("%s did not authenticate in %g s; dropped", proto.peer, timeout)
+            failures.note(
+                logging.WARNING, "%s did not authenticate in %g s; dropped", proto.peer, timeout
+            )
             if proto.transport is not None:
                 proto.transport.abort()
             return
         except Exception as exc:
-            logger.info("connection from %s rejected: %s", proto.peer, exc)
+            failures.note(logging.INFO, "connection from %s rejected: %s", proto.peer, exc)
             return
         finally:
-            pending -= 1
+            forget(proto)
         _tune(proto.transport.get_extra_info("socket"))
         on_channel(Channel(proto))
 
@@ -379,11 +415,28 @@ async def serve(
     )
 
 
-class _Refuse(asyncio.Protocol):
-    """Closes a connection the moment it is made (over the authentication limit)."""
+class _Throttle:
+    """Log lines about misbehaving peers, at most ``burst`` per ``period`` seconds;
+    how many were left out is said in the next line that is logged."""
 
-    def connection_made(self, transport) -> None:
-        transport.abort()
+    def __init__(self, log: logging.Logger, what: str, burst: int = 10, period: float = 60.0):
+        self.log, self.what, self.burst, self.period = log, what, burst, period
+        self.window_start = 0.0
+        self.in_window = 0
+        self.suppressed = 0
+
+    def note(self, level: int, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.window_start > self.period:
+            self.window_start, self.in_window = now, 0
+        if self.in_window >= self.burst:
+            self.suppressed += 1
+            return
+        self.in_window += 1
+        if self.suppressed:
+            msg += f" (and {self.suppressed} more {self.what} not logged)"
+            self.suppressed = 0
+        self.log.log(level, msg, *args)
 
 
 def peer_uid(sock) -> int | None:

@@ -120,11 +120,10 @@ class Relay:
     def _on_request(self, kind: DatagramKind, body: dict, addr) -> None:
         if kind != DatagramKind.DISCOVER or body.get("relayed"):
             return
-        ip = body.get("ip") or addr[0]
-        port = body.get("port") or addr[1]
-        if not isinstance(ip, str) or isinstance(port, bool) or not isinstance(port, int):
+        ip = discovery.sender_ip(body)
+        port = body.get("port")
+        if isinstance(port, bool) or not isinstance(port, int):
             raise ValueError("malformed discovery request")
-        ip = str(ipaddress.ip_address(ip))
         src = ipaddress.ip_address(addr[0])
         if any(src in net for net in self.local_networks()):
             return  # a client on our own network: its broadcast reached the nodes already
@@ -151,8 +150,7 @@ class Relay:
         now = time.monotonic()
         for key in [k for k, t in self.clients.items() if now - t > CLIENT_TTL]:
             del self.clients[key]
-        fwd = dict(body, relayed=1)
-        fwd.setdefault("ip", addr[0])
+        fwd = dict(body, relayed=1, ip=discovery.sender_ip(body))
         told = list(self.clients) + ([self.scheduler] if self.scheduler else [])
         for client in told:
             self.announcements.send(DatagramKind.ANNOUNCE, fwd, client)

@@ -261,6 +261,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(exc))
     if args.insecure and not args.ip_addr:
         args.ip_addr = ["127.0.0.1"]  # no authentication: never reachable from elsewhere by default
+    for addr in args.ip_addr if args.insecure else ():
+        if not (addr.startswith("127.") or addr in ("::1", "localhost")):
+            p.error(
+                f"--insecure with -i {addr}: whoever reaches that address could run any code "
+                "here as this user; --insecure serves on loopback (127.x) only: to serve other "
+                "machines, give the cluster a secret (--secret_file, $DISPY_SECRET)"
+            )
     return args
 
 

@@ -558,8 +558,8 @@ class NodeServer:
     def _on_datagram(self, kind: DatagramKind, body: dict, addr) -> None:
         if kind != DatagramKind.DISCOVER or self.paused or not self.discover:
             return
-        ip = body.get("ip") or addr[0]
-        port = body.get("port") or addr[1]
+        ip = discovery.sender_ip(body)
+        port = body.get("port")
         if not isinstance(ip, str) or isinstance(port, bool) or not isinstance(port, int):
             raise ValueError(f"bad reply address {ip!r}:{port!r}")
         if not 0 < port < 65536:

@@ -30,7 +30,7 @@ from dispy._daemon import (
     warn_dispy_options,
 )
 from dispy.errors import DispyError
-from dispy.keys import resolve_secret
+from dispy.keys import read_secret_file, resolve_secret
 from dispy.protocol import derive_key
 from dispy.tls import client_context, server_context
 
@@ -102,6 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cluster_secret",
         default=None,
         help="secret clients must prove (default: the node secret)",
+    )
+    p.add_argument(
+        "--node_secret_file",
+        help="read the nodes' secret from this file (not visible in ps, unlike --node_secret)",
+    )
+    p.add_argument(
+        "--cluster_secret_file",
+        help="read the clients' secret from this file (not visible in ps)",
     )
     p.add_argument("--node_certfile", help="TLS certificate to present to nodes")
     p.add_argument("--node_keyfile", help="its key, if not in --node_certfile")
@@ -191,8 +199,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         _parse_nodes(args.nodes or ["*"], args.node_port)
     except ValueError as exc:
         p.error(f"-n: {exc}")
+    for name in ("node_secret", "cluster_secret"):
+        if getattr(args, name) and getattr(args, name + "_file"):
+            p.error(f"give --{name} or --{name}_file, not both")
+        if getattr(args, name):
+            logger.warning(
+                "--%s on the command line can be seen by other users (ps); prefer --%s_file",
+                name,
+                name,
+            )
     try:
-        args.node_secret, args.node_auth = resolve_secret(args.node_secret)
+        if args.node_secret_file:
+            args.node_secret = read_secret_file(args.node_secret_file)
+            args.node_auth = f"secret file {args.node_secret_file}"
+        else:
+            args.node_secret, args.node_auth = resolve_secret(args.node_secret)
+        if args.cluster_secret_file:
+            args.cluster_secret = read_secret_file(args.cluster_secret_file)
     except DispyError as exc:
         p.error(str(exc))
     if args.cluster_secret is None:

@@ -13,6 +13,7 @@ import pytest
 
 import dispy
 from dispy import discovery
+from dispy._finder import NodeFinder
 from dispy.protocol import derive_key
 from dispy.protocol._datagram import DatagramDecoder, DatagramKind, encode_datagram
 
@@ -93,13 +94,13 @@ class Asker:
         self.sock.bind(("127.0.0.1", 0))
         self.decoder = DatagramDecoder(self.key)
 
-    def ask(self, port: int, key: bytes | None = None, raw: bytes | None = None) -> None:
-        data = raw or encode_datagram(
-            DatagramKind.DISCOVER,
-            {"port": self.sock.getsockname()[1]},
-            key or self.key,
-            now=time.time(),
-        )
+    def ask(
+        self, port: int, key: bytes | None = None, raw: bytes | None = None, ip="127.0.0.1"
+    ) -> None:
+        body = {"port": self.sock.getsockname()[1]}
+        if ip is not None:
+            body["ip"] = ip  # where to answer: a datagram's source address is never used
+        data = raw or encode_datagram(DatagramKind.DISCOVER, body, key or self.key, now=time.time())
         self.sock.sendto(data, ("127.0.0.1", port))
 
     def answer(self, timeout: float) -> dict | None:
@@ -136,7 +137,10 @@ def test_node_answers_only_authenticated_requests(node_factory):
         assert again["nid"] == body["nid"]
         # and a replayed (recorded) request is refused
         data = encode_datagram(
-            DatagramKind.DISCOVER, {"port": asker.sock.getsockname()[1]}, asker.key, now=time.time()
+            DatagramKind.DISCOVER,
+            {"port": asker.sock.getsockname()[1], "ip": "127.0.0.1"},
+            asker.key,
+            now=time.time(),
         )
         asker.ask(node.port, raw=data)
         assert asker.answer(10) is not None
@@ -146,6 +150,36 @@ def test_node_answers_only_authenticated_requests(node_factory):
         asker.close()
     with dispy.JobCluster(jobs.double, nodes=[node.address], secret=node.secret) as cluster:
         assert cluster.submit(21)() == 42
+
+
+def test_only_the_address_a_datagram_states_is_used(node_factory):
+    """#18 finding 5: anyone may send again, from their own address, a datagram
+    they heard; so a request that does not state (under the cluster's HMAC)
+    where to answer is not answered, and an announcement that does not state the
+    node's address is not followed, whatever its source."""
+    node = node_factory(cpus=1, discoverable=True)
+    asker = Asker(node.secret)
+    try:
+        asker.ask(node.port, ip=None)
+        assert asker.answer(0.5) is None
+        asker.ask(node.port)
+        assert asker.answer(10)["ip"] == "127.0.0.1"  # a node states its own address too
+    finally:
+        asker.close()
+
+    found = []
+    finder = NodeFinder(derive_key("k"), lambda *a: found.append(a), ip_addrs=[])
+    finder.patterns = [("*", 51348, None)]
+    for body, source in (
+        ({"nid": "n1", "port": 6000}, ("10.231.9.66", 51347)),  # no address: not from source
+        ({"nid": "n1", "port": 6000, "ip": "127.0.0.5"}, ("10.231.9.66", 51347)),
+    ):
+        with pytest.raises(ValueError):
+            finder._on_datagram(DatagramKind.ANNOUNCE, body, source)
+    finder._on_datagram(
+        DatagramKind.ANNOUNCE, {"nid": "n1", "port": 6000, "ip": "10.231.9.7"}, ("10.231.9.66", 1)
+    )
+    assert found == [("10.231.9.7", 6000, "n1", None)]
 
 
 def test_private_node_does_not_answer(node_factory):
