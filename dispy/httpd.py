@@ -55,6 +55,8 @@ MAX_ID = 200
 MAX_BODY = 16 << 10
 #: Seconds a client connection may stay silent before it is dropped.
 CLIENT_TIMEOUT = 30
+#: Most connections (each a thread) at once; a new one beyond closes the oldest.
+MAX_CONNECTIONS = 32
 #: Seconds a POST /api/node "close" waits for the node's close before answering.
 CLOSE_WAIT = 2.0
 
@@ -146,21 +148,34 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: a burst of connections is not stalled
 
     def __init__(self, address, handler, monitor: DispyHTTPServer) -> None:
         self.monitor = monitor
-        self._conns: set[socket.socket] = set()
+        #: open connections, oldest first (each has a thread)
+        self._conns: dict[socket.socket, None] = {}
         self._conns_lock = threading.Lock()
+        self.evicted = 0
         super().__init__(address, handler)
 
     def process_request(self, request, client_address) -> None:
         with self._conns_lock:
-            self._conns.add(request)
+            while len(self._conns) >= MAX_CONNECTIONS:
+                # idle or slow connections cannot pile up threads: the oldest goes
+                # (its thread's read ends), so a real request always gets in
+                oldest = next(iter(self._conns))
+                del self._conns[oldest]
+                self.evicted += 1
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._conns[request] = None
         super().process_request(request, client_address)
 
     def shutdown_request(self, request) -> None:
         with self._conns_lock:
-            self._conns.discard(request)
+            self._conns.pop(request, None)
             super().shutdown_request(request)
 
     def server_close(self) -> None:

@@ -50,6 +50,7 @@ def read_secret_file(path: str) -> str:
         )
     if mode & stat.S_IRWXG:
         logger.warning("secret file %s can be read by its group: chmod 600 %s", path, path)
+    check_strength(secret, f"secret file {path}")
     return secret
 
 
@@ -72,13 +73,31 @@ def load_or_create_key(path: str | None = None) -> str:
     return read_secret_file(path)
 
 
+#: Shorter secrets get a warning: a recorded handshake lets words be tried offline.
+SHORT_SECRET = 16
+
+
+def check_strength(secret: str, source: str) -> None:
+    if len(secret) < SHORT_SECRET:
+        logger.warning(
+            "the cluster secret (%s) is short, %d characters: whoever records one "
+            "connection can try words offline; use %d or more random characters "
+            "(the per-user key file has 64)",
+            source,
+            len(secret),
+            SHORT_SECRET + 4,
+        )
+
+
 def resolve_secret(secret: str | None = None, insecure: bool = False) -> tuple[str, str]:
     """(secret, where it came from): see the module's docstring for the order."""
     if insecure:
         return "", "none (insecure: no authentication)"
     if secret:
+        check_strength(secret, "secret given")
         return secret, "secret given"
     if os.environ.get("DISPY_SECRET"):
+        check_strength(os.environ["DISPY_SECRET"], "$DISPY_SECRET")
         return os.environ["DISPY_SECRET"], "$DISPY_SECRET"
     if os.environ.get("DISPY_SECRET_FILE"):
         path = os.environ["DISPY_SECRET_FILE"]

@@ -371,3 +371,30 @@ def test_browser_end_to_end(cluster, server, node, tmp_path):
             print(f"screenshot: {path}")
         finally:
             browser.close()
+
+
+def test_idle_connections_cannot_pile_up_threads(server):
+    """#18 finding 9: 300 idle connections used to hold 300 threads for 30 s each;
+    now at most MAX_CONNECTIONS are open at once (the oldest is closed for a new
+    one), and a real request still gets its answer."""
+    from dispy import httpd
+
+    MAX_CONNECTIONS = getattr(httpd, "MAX_CONNECTIONS", 32)
+
+    before = threading.active_count()
+    socks = []
+    try:
+        for _ in range(300):
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        assert status_json(server)["nodes"] is not None  # served during the flood
+        assert threading.active_count() - before <= MAX_CONNECTIONS + 2
+        # the oldest connections were closed by the monitor
+        for s in socks[: 300 - MAX_CONNECTIONS]:
+            s.settimeout(10)
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in socks:
+            s.close()

@@ -309,3 +309,24 @@ def test_scheduler_reads_its_secrets_from_files(node_factory, tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "node-s" not in err and "cluster-s" not in err
+
+
+def test_the_key_is_slow_to_guess_and_short_secrets_are_warned(caplog):
+    """#18 finding 4: the cluster key is scrypt of the secret (not one SHA-256),
+    so words cannot be tried offline at hundreds of thousands a second."""
+    import hashlib
+
+    from dispy.protocol import _connection as c
+
+    word = b"guess-" + os.urandom(4).hex().encode()
+    key = derive_key(word.decode())
+    assert c.SCRYPT_N * c.SCRYPT_R >= 1 << 16  # 8 MiB of memory-hard work per guess
+    assert key == hashlib.scrypt(
+        word, salt=c._KEY_SALT, n=c.SCRYPT_N, r=c.SCRYPT_R, p=c.SCRYPT_P, dklen=32
+    )
+    assert key != hashlib.sha256(b"dispy-key-v1\0" + word).digest()
+    resolve_secret("short")
+    assert "is short, 5 characters" in caplog.text
+    caplog.clear()
+    resolve_secret("x" * 24)
+    assert "is short" not in caplog.text

@@ -26,6 +26,7 @@ This object does no I/O: feed it bytes with ``get_buffer``/``buffer_updated``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -42,13 +43,28 @@ PROTOCOL_VERSIONS = (1, 1)
 NONCE_SIZE = 32
 
 
+#: scrypt's cost for the cluster key: about 30 ms and 8 MiB once per process, so a
+#: secret cannot be guessed from a recorded handshake at more than a few dozen
+#: words a second per core (one SHA-256 allowed half a million).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 13, 8, 1
+_KEY_SALT = b"dispy cluster key v2"
+
+
 def derive_key(secret: str | bytes | None) -> bytes:
-    """The 32-byte key that proves knowledge of ``secret`` (None counts as empty)."""
+    """The 32-byte key that proves knowledge of ``secret`` (None counts as empty):
+    scrypt, slow on purpose; worked out once per secret in a process."""
     if secret is None:
         secret = b""
     if isinstance(secret, str):
         secret = secret.encode()
-    return hashlib.sha256(b"dispy-key-v1\0" + secret).digest()
+    return _derive(bytes(secret))
+
+
+@functools.lru_cache(maxsize=32)
+def _derive(secret: bytes) -> bytes:
+    return hashlib.scrypt(
+        secret, salt=_KEY_SALT, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=64 << 20, dklen=32
+    )
 
 
 @dataclass(slots=True)
