@@ -95,6 +95,9 @@ class SessionBase:
                 self._reply_error(kind, ctl, f"{type(exc).__name__}: {exc}")
             finally:
                 self._current = None
+                # not kept while waiting for the next request: a DATA or FILE
+                # payload may be hundreds of MB (the received frame's buffer)
+                kind = ctl = payload = None
 
     def _reply_error(self, kind, ctl, reason: str) -> None:
         if self.chan.is_closed:

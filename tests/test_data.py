@@ -62,3 +62,20 @@ def test_bad_data_name(node):
     with dispy.JobCluster(jobs.data_value, nodes=[node.address], secret=node.secret) as cluster:
         with pytest.raises(ValueError, match="data name"):
             cluster.put(1, name="../escape")
+
+
+def test_the_node_daemon_does_not_keep_a_copy_of_put_data(node_factory):
+    """The daemon writes put() data to its file and lets the received buffer go:
+    a node holds one copy of a model (mapped by its job processes), not two
+    (it used to keep the last request's payload until the next request came)."""
+    import psutil
+
+    node = node_factory(cpus=1)
+    daemon = psutil.Process(node.proc.pid)
+    before = daemon.memory_full_info().pss
+    arr = np.arange(12 << 20, dtype="f8")  # 96 MiB
+    with dispy.JobCluster(jobs.data_info, nodes=[node.address], secret=node.secret) as cluster:
+        handle = cluster.put(arr)
+        assert cluster.submit(handle)()[0] == float(arr.sum())  # on the node, read by a job
+        grown = daemon.memory_full_info().pss - before
+    assert grown < 32 << 20, f"the node daemon grew by {grown >> 20} MiB for 96 MiB of data"
