@@ -25,3 +25,10 @@ def busy(n):
     for i in range(n):
         acc += i * i % 7
     return acc
+
+
+def best_item(items, u):
+    """LensKit-style batch scoring (benchmarks/invoker.py): the top item for ``u``."""
+    import numpy as np
+
+    return int(np.argmax(items @ u))

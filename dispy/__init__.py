@@ -13,6 +13,7 @@ import logging
 from ._client import JobCluster
 from ._data import NodeData
 from ._executor import ClusterExecutor
+from ._invoker import invoker, proc_count
 from ._job import ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._local import LocalNode
 from ._recovery import recover_jobs
@@ -73,5 +74,7 @@ __all__ = [
     "ProtocolError",
     "SubmitError",
     "__version__",
+    "invoker",
+    "proc_count",
     "logger",
 ]
