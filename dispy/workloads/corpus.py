@@ -53,7 +53,10 @@ def read_mm(path, orientation: str = DOCS_TERMS) -> sp.csr_matrix:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"corpus file {path!r} not found")
-    m = scipy.io.mmread(path)
+    try:  # scipy >= 1.12 asks which kind of result is wanted (and warns if not told)
+        m = scipy.io.mmread(path, spmatrix=True)
+    except TypeError:
+        m = scipy.io.mmread(path)
     if not sp.issparse(m):
         m = sp.csr_matrix(m)
     if orientation == TERMS_DOCS:
