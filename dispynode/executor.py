@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -343,8 +344,18 @@ class Computation:
             self._ctl.close()
         for w in list(self.workers.values()):
             w.chan.close()
-        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+        await asyncio.to_thread(self._remove_files)
         return error
+
+    def _remove_files(self) -> None:
+        """The computation's folder, and its put() data in shared memory."""
+        shm = self.node.shm_dir
+        if shm is not None:
+            for entry in os.listdir(shm) if os.path.isdir(shm) else ():
+                if entry.startswith(f"{self.cid}-"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(shm, entry))
+        shutil.rmtree(self.dir, True)
 
     async def _drain_running(self) -> None:
         """Wait for jobs running on this computation's workers to end (close without terminate)."""

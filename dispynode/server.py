@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime
 import hmac
 import logging
@@ -27,6 +28,7 @@ import platform
 import shutil
 import signal
 import socket
+import stat
 import time
 
 import psutil
@@ -254,7 +256,8 @@ class Session(SessionBase):
         if len(payload) > self.node.max_file_size:
             raise ValueError(f"data {name!r} exceeds this node's --max_file_size")
         folder = os.path.join(comp.dir, DATA_FOLDER)
-        await asyncio.to_thread(_store_data, folder, name, version, segs)
+        shm = self.node.shm_dir
+        await asyncio.to_thread(_store_data, folder, name, version, segs, shm, comp.cid)
         if not self.chan.is_closed:
             self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": True})
 
@@ -364,13 +367,67 @@ class Session(SessionBase):
         self.node.session_ended(self)
 
 
-def _store_data(folder: str, name: str, version: int, segs) -> None:
+def _store_data(
+    folder: str, name: str, version: int, segs, shm: str | None = None, cid: str = ""
+) -> None:
+    """Write put() data where the job processes map it: in the node's shared-memory
+    folder (a link to it in the computation's folder) when there is room, as
+    LensKit's invoker does; else in the computation's folder on disk."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    data.write(data.data_path(folder, name, version), segs)
+    path = data.data_path(folder, name, version)
+    size = sum(memoryview(s).nbytes for s in segs)
+    stored = False
+    if shm is not None and size < psutil.virtual_memory().available // 4:
+        target = data.data_path(shm, f"{cid}-{name}", version)
+        try:
+            data.write(target, segs)
+            os.symlink(target, path)
+            stored = True
+        except OSError as exc:  # full (ENOSPC), or gone: on disk instead
+            logger.info("put data %r not in shared memory (%s); on disk", name, exc)
+            for leftover in (target, target + ".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+    if not stored:
+        data.write(path, segs)
     for entry in os.listdir(folder):  # older versions: job processes keep their mappings
         stem, _, ver = entry.rpartition(".")
         if stem == name and ver.isdigit() and int(ver) < version:
-            os.unlink(os.path.join(folder, entry))
+            _remove_data(os.path.join(folder, entry))
+
+
+def _remove_data(path: str) -> None:
+    """A data file, and its shared-memory file if it is a link to one."""
+    with contextlib.suppress(OSError):
+        if os.path.islink(path):
+            os.unlink(os.readlink(path))
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+#: Where put() data goes when it fits in memory (tmpfs): written 5x faster than
+#: to a disk's page cache, and mapped by job processes all the same.
+SHM_BASE = "/dev/shm"
+
+
+def shared_memory_folder() -> str | None:
+    """This node's private folder in shared memory (None if there is none to use);
+    folders left by this user's earlier nodes that are gone are removed."""
+    if not os.path.isdir(SHM_BASE) or not os.access(SHM_BASE, os.W_OK):
+        return None
+    prefix = f"dispy-node-{os.geteuid()}-"
+    for entry in os.listdir(SHM_BASE):
+        pid = entry[len(prefix) :]
+        if entry.startswith(prefix) and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            path = os.path.join(SHM_BASE, entry)
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                shutil.rmtree(path, ignore_errors=True)
+    try:
+        return private_dir(os.path.join(SHM_BASE, prefix + str(os.getpid())), "shared memory")
+    except (DispyError, OSError) as exc:
+        logger.warning("put() data goes to disk: %s", exc)
+        return None
 
 
 class NodeServer:
@@ -431,6 +488,7 @@ class NodeServer:
         self.running = 0
         self.jobs_done = 0
         self.jobs_handed_back = 0  # not run here (service hours), to run elsewhere
+        self.shm_dir: str | None = None  # put() data, when it fits in memory
         self.worker_addr = f"\0dispynode-{os.getpid()}-{os.urandom(8).hex()}"
         self._local_waiting = 0  # job-process connections that have not shown a token yet
         self._local_refusals = 0  # connections of other local users
@@ -446,6 +504,7 @@ class NodeServer:
 
     async def start(self) -> None:
         self.dest_path = private_dir(self.dest_path)
+        self.shm_dir = await asyncio.to_thread(shared_memory_folder)
         store = os.path.join(self.dest_path, STORE_FILE)
         try:
             self.store = ResultStore(store)
@@ -868,6 +927,8 @@ class NodeServer:
         await asyncio.gather(*(c.close(terminate=True) for c in comps), return_exceptions=True)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
+        if self.shm_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self.shm_dir, True)
 
     def clean(self) -> None:
         """--clean: remove what earlier runs left under dest_path."""

@@ -79,3 +79,27 @@ def test_the_node_daemon_does_not_keep_a_copy_of_put_data(node_factory):
         assert cluster.submit(handle)()[0] == float(arr.sum())  # on the node, read by a job
         grown = daemon.memory_full_info().pss - before
     assert grown < 32 << 20, f"the node daemon grew by {grown >> 20} MiB for 96 MiB of data"
+
+
+def test_put_data_lives_in_shared_memory_and_goes_with_the_computation(node_factory):
+    """Where /dev/shm is usable, put() data is written there (5x faster than a
+    disk's page cache; parinvoke does the same), in a private folder of the
+    node's, linked from the computation's folder; closing the cluster removes
+    it, stopping the node removes the folder."""
+    import os
+
+    import pytest
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this machine: put() data goes to disk")
+    node = node_factory(cpus=1)
+    shm = f"/dev/shm/dispy-node-{os.geteuid()}-{node.proc.pid}"
+    assert os.path.isdir(shm) and (os.stat(shm).st_mode & 0o777) == 0o700
+    arr = np.arange(1 << 20, dtype="f8")
+    with dispy.JobCluster(jobs.data_info, nodes=[node.address], secret=node.secret) as cluster:
+        handle = cluster.put(arr)
+        assert cluster.submit(handle)()[0] == float(arr.sum())
+        assert len(os.listdir(shm)) == 1
+    assert os.listdir(shm) == []
+    node.stop()
+    assert not os.path.exists(shm)
