@@ -3,11 +3,14 @@
 For users without a PKI.  Writes into DIR::
 
     ca.pem      the cluster CA's certificate (give it to every node and client)
-    ca.key      its private key (keep it safe; needed only to make more certificates)
+    private/ca.key  its private key, in a folder of its own (mode 0700): never
+                copy it to a node; needed only to make more certificates
     node.pem    node.key     for dispynode --certfile node.pem --keyfile node.key --cafile ca.pem
+    node-NAME.pem/.key       with --node NAME (repeatable): a key of its own for each node,
+                             NAME in its certificate
     client.pem  client.key   for JobCluster(..., certfile=, keyfile=, cafile=)
 
-Keys are ECDSA P-256, written with mode 0600.
+Keys are ECDSA P-256, written with mode 0600 (also over older files).
 """
 
 from __future__ import annotations
@@ -35,9 +38,25 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write(path: str, data: bytes, private: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Write ``path`` anew with its mode (0600 for keys) whatever was there before;
+    a symlink in its place is replaced, not followed."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def _key_bytes(key) -> bytes:
@@ -48,9 +67,12 @@ def _key_bytes(key) -> bytes:
     )
 
 
-def make_certs(directory: str, hosts=(), days: int = 3650) -> dict[str, str]:
-    """Create the CA, node and client certificates in ``directory``; return their paths."""
+def make_certs(directory: str, hosts=(), days: int = 3650, nodes=()) -> dict[str, str]:
+    """Create the CA, node and client certificates in ``directory`` (and one per
+    name in ``nodes``); return their paths."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.makedirs(os.path.join(directory, "private"), mode=0o700, exist_ok=True)
+    os.chmod(os.path.join(directory, "private"), 0o700)
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -82,28 +104,30 @@ def make_certs(directory: str, hosts=(), days: int = 3650) -> dict[str, str]:
     )
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(socket.gethostname())]
     names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    for h in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    paths = {"ca": os.path.join(directory, "ca.pem"), "ca_key": os.path.join(directory, "ca.key")}
+    names += [_san(h) for h in hosts]
+    paths = {
+        "ca": os.path.join(directory, "ca.pem"),
+        "ca_key": os.path.join(directory, "private", "ca.key"),
+    }
     _write(paths["ca"], ca.public_bytes(serialization.Encoding.PEM), False)
     _write(paths["ca_key"], _key_bytes(ca_key), True)
     both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     # the node's certificate may also serve as a client's (dispy's one-certificate setup)
-    for role, usage in (("node", both), ("client", [ExtendedKeyUsageOID.CLIENT_AUTH])):
+    roles = [("node", both, names, "dispy node")]
+    roles += [(f"node-{n}", both, [*names, _san(n)], f"dispy node {n}") for n in nodes]
+    roles.append(("client", [ExtendedKeyUsageOID.CLIENT_AUTH], names, "dispy client"))
+    for role, usage, sans, cn in roles:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(_name(f"dispy {role}"))
+            .subject_name(_name(cn))
             .issuer_name(ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
@@ -121,9 +145,20 @@ def main(argv=None) -> int:
     p.add_argument("directory", help="where to write ca.pem, node.pem/.key, client.pem/.key")
     p.add_argument("--hosts", default="", help="extra node names/addresses, comma separated")
     p.add_argument("--days", type=int, default=3650, help="validity (default %(default)s days)")
+    p.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also a certificate and key of its own for node NAME (repeatable): "
+        "node-NAME.pem, node-NAME.key",
+    )
     args = p.parse_args(argv)
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    paths = make_certs(args.directory, hosts, args.days)
+    for n in args.node:
+        if not n or "/" in n or n.startswith("."):
+            p.error(f"--node {n!r}: give a host name or address")
+    paths = make_certs(args.directory, hosts, args.days, args.node)
     print(
         f"wrote {', '.join(sorted(os.path.basename(v) for v in paths.values()))} "
         f"in {args.directory}"
@@ -132,6 +167,7 @@ def main(argv=None) -> int:
         f"node:   dispynode --certfile {paths['node']} --keyfile {paths['node_key']} "
         f"--cafile {paths['ca']}"
     )
+    print(f"keep {paths['ca_key']} off the nodes: it signs certificates for the cluster")
     print(
         f"client: JobCluster(..., certfile={paths['client']!r}, keyfile={paths['client_key']!r}, "
         f"cafile={paths['ca']!r})"

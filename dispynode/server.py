@@ -420,7 +420,10 @@ def shared_memory_folder() -> str | None:
         pid = entry[len(prefix) :]
         if entry.startswith(prefix) and pid.isdigit() and not psutil.pid_exists(int(pid)):
             path = os.path.join(SHM_BASE, entry)
-            st = os.lstat(path)
+            try:  # (another node starting now may be removing it too)
+                st = os.lstat(path)
+            except OSError:
+                continue
             if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
                 shutil.rmtree(path, ignore_errors=True)
     try:
@@ -503,8 +506,14 @@ class NodeServer:
         self.served = 0
 
     async def start(self) -> None:
-        self.dest_path = private_dir(self.dest_path)
-        self.shm_dir = await asyncio.to_thread(shared_memory_folder)
+        try:
+            self.dest_path = private_dir(self.dest_path)
+        except OSError as exc:
+            raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
+        try:
+            self.shm_dir = await asyncio.to_thread(shared_memory_folder)
+        except OSError as exc:  # never a reason not to serve: put() data goes to disk
+            logger.warning("put() data goes to disk: %s", exc)
         store = os.path.join(self.dest_path, STORE_FILE)
         try:
             self.store = ResultStore(store)

@@ -116,6 +116,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cluster_certfile", help="TLS certificate for clients")
     p.add_argument("--cluster_keyfile", help="its key, if not in --cluster_certfile")
     p.add_argument(
+        "--node_cafile",
+        help="CA the nodes' certificates must be signed by (dispy-certs' ca.pem; "
+        "default: --node_certfile itself)",
+    )
+    p.add_argument(
+        "--cluster_cafile",
+        help="CA the clients' certificates must be signed by (default: --cluster_certfile)",
+    )
+    p.add_argument(
         "--pulse_interval",
         type=float,
         default=2.0,
@@ -235,12 +244,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> int:
     try:
         client_ssl = (
-            server_context(args.cluster_certfile, args.cluster_keyfile, None)
+            server_context(args.cluster_certfile, args.cluster_keyfile, args.cluster_cafile)
             if args.cluster_certfile else None
         )  # fmt: skip
         node_ssl = (
-            client_context(args.node_certfile, args.node_keyfile, None)
-            if args.node_certfile else None
+            client_context(args.node_certfile, args.node_keyfile, args.node_cafile)
+            if args.node_certfile or args.node_cafile else None
         )  # fmt: skip
     except DispyError as exc:
         print(f"dispyscheduler: {exc}", file=sys.stderr)

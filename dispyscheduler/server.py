@@ -642,7 +642,10 @@ class SchedulerServer:
 
     # -- start / stop ---------------------------------------------------------------------
     async def start(self) -> None:
-        self.dest_path = private_dir(self.dest_path)
+        try:
+            self.dest_path = private_dir(self.dest_path)
+        except OSError as exc:
+            raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
         state = os.path.join(self.dest_path, STATE_FILE)
         try:
             self.state = SchedulerState(state)
