@@ -162,6 +162,7 @@ class _NodeLink(LinkBase):
         self._acks: list[int] = []
         self._ack_scheduled = False
         self.setup_done = False
+        self.paused = False  # the node is outside its service hours (its pulses say)
         self.was_setup = False  # the computation was set up there: reconnect with RESUME
         self.task: asyncio.Task | None = None
 
@@ -266,13 +267,18 @@ class _NodeLink(LinkBase):
         if not known:
             await self._send_computation()
         self.setup_done = self.was_setup = True
-        for name, (version, segs) in list(engine.data.items()):  # what put() placed so far
-            await self.put_data(name, version, segs)
         if self._closing:  # closed meanwhile: close() sends CLOSE, then closes the connection
             await closed
             return
         if engine.recover is not None:
             await engine.record_node(self)
+        # what put() placed so far, and what it places meanwhile: the node is ready
+        # (and put() sends to it itself) only once it has every object
+        sent: dict[str, int] = {}
+        while todo := [(n, v, s) for n, (v, s) in engine.data.items() if sent.get(n) != v]:
+            for name, version, segs in todo:
+                await self.put_data(name, version, segs)
+                sent[name] = version
         self.ready = True
         engine.node_ready(self)
         await self._serve(chan, closed)
@@ -396,6 +402,7 @@ class _NodeLink(LinkBase):
 
     def _paused(self, why) -> None:
         """The node says it is outside its service hours (``why``), or serves again."""
+        self.paused = bool(why)  # (applied when it is added to the scheduler, if not yet)
         node = self.engine.sched.nodes.get(self.key)
         if node is None or node.paused == bool(why):
             return
@@ -490,6 +497,7 @@ class _NodeLink(LinkBase):
             raise ConnectionClosed(f"node {self.host}:{self.port} is not connected")
         await self._send_computation()
         self.engine.sched.add_node(self.key, self.node.cpus, self.limited)
+        self.engine.sched.set_paused(self.key, self.paused)
         self.engine.dispatch()
 
     async def close(self, terminate: bool) -> None:
@@ -620,7 +628,8 @@ class _Engine:
     async def put(self, name: str, version: int, segs) -> list[str]:
         """Place data on every set-up node (nodes set up later get it then)."""
         self.data[name] = (version, segs)
-        links = [lk for lk in self.links.values() if lk.setup_done and lk.chan is not None]
+        # (links still setting up send engine.data themselves before they are ready)
+        links = [lk for lk in self.links.values() if lk.ready and lk.chan is not None]
         results = await asyncio.gather(
             *(lk.put_data(name, version, segs) for lk in links), return_exceptions=True
         )
@@ -879,6 +888,7 @@ class _Engine:
 
     def node_ready(self, link: _NodeLink) -> None:
         self.sched.add_node(link.key, link.node.cpus, link.limited)
+        self.sched.set_paused(link.key, link.paused)  # told before it was ready
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
         self.cluster._node_status(DispyNode.Initialized, link.node)
         self.dispatch()

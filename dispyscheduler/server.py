@@ -337,6 +337,7 @@ class NodeLink(LinkBase):
         self.ip = host
         self.name = host
         self.cpus = 0
+        self.paused = False  # the node is outside its service hours (its pulses say)
         self._init_link(logger)
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
         self._acks: dict[str, list] = {}
@@ -424,6 +425,7 @@ class NodeLink(LinkBase):
 
     def _paused(self, why) -> None:
         """The node says it is outside its service hours (``why``), or serves again."""
+        self.paused = bool(why)  # (applied when it is added to the scheduler, if not yet)
         node = self.server.sched.nodes.get(self.key)
         if node is None or node.paused == bool(why):
             return
@@ -815,6 +817,7 @@ class SchedulerServer:
     def node_ready(self, link: NodeLink, on_node=()) -> None:
         """``on_node``: (computation, job ids) the node still has (RESUMED)."""
         self.sched.add_node(link.key, link.cpus)
+        self.sched.set_paused(link.key, link.paused)  # told before it was ready
         logger.info("node %s (%s) ready with %d CPUs", link.name, link, link.cpus)
         for comp, jids in on_node:
             self.adopt(link, comp, jids)

@@ -175,7 +175,7 @@ def test_a_node_outside_its_hours_is_not_found_and_serves_later(tmp_path, clock)
         with dispy.JobCluster(jobs.double, nodes=[n.address], secret=SECRET) as cluster:
             job = cluster.submit(21)
             wait_until(lambda: cluster.status().nodes, 30, "the client connects")
-            assert job.status == jobstate.Created
+            assert job.status == jobstate.Created  # the node said so before it was ready
             clock.set("9:00", day=5)
             n.tick()
             assert job() == 42
