@@ -18,6 +18,7 @@ import pytest
 import dispy
 
 from . import jobs
+from .test_recovery_netns import wait_until
 
 
 def _model(n_items=2000, k=8, seed=5):
@@ -73,6 +74,9 @@ def test_two_nodes_each_get_the_model_once(node_factory):
     with dispy.invoker(
         model, jobs.best_item, nodes=[n.address for n in nodes], secret="inv"
     ) as inv:
+        # nodes join as they come (a loaded machine may take a while to set one
+        # up, while the other runs every task): wait for both, holding the model
+        wait_until(lambda: len(inv.cluster.status().nodes) == 2, 60, "both nodes ready")
         out = list(inv.map(users))
         # one copy of the model per node, in its computation's data folder
         assert [len(_data_files(n.dest_path)) for n in nodes] == [1, 1]
