@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from . import config, discovery
 from .protocol._datagram import DatagramKind
@@ -121,13 +120,11 @@ class NodeFinder:
 
     async def _probe(self, host: str, port: int, body: dict) -> None:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM
-            )
+            ip = await discovery.resolve_ipv4(host, port)
         except (OSError, UnicodeError):
             return  # the TCP link to that name reports the bad name
-        if self.reply is not None and infos:
-            self.reply.send(DatagramKind.DISCOVER, body, (infos[0][4][0], port))
+        if self.reply is not None:
+            self.reply.send(DatagramKind.DISCOVER, body, (ip, port))
 
     def _on_datagram(self, kind: DatagramKind, body: dict, addr) -> None:
         if kind != DatagramKind.ANNOUNCE:

@@ -87,6 +87,16 @@ def local_ip_for(dest: str) -> str | None:
         return None
 
 
+async def resolve_ipv4(host: str, port: int) -> str:
+    """The IPv4 address of ``host`` for datagrams; ``OSError``/``UnicodeError`` if none."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM
+    )
+    if not infos:
+        raise OSError(f"no IPv4 address for {host}")
+    return infos[0][4][0]
+
+
 def sender_ip(body: dict) -> str:
     """The address a datagram says it is from (``ip``, under the cluster's HMAC).
     The datagram's source address is never used: anyone can send again a datagram

@@ -155,7 +155,6 @@ class _Server(http.server.ThreadingHTTPServer):
         #: open connections, oldest first (each has a thread)
         self._conns: dict[socket.socket, None] = {}
         self._conns_lock = threading.Lock()
-        self.evicted = 0
         super().__init__(address, handler)
 
     def process_request(self, request, client_address) -> None:
@@ -165,7 +164,6 @@ class _Server(http.server.ThreadingHTTPServer):
                 # (its thread's read ends), so a real request always gets in
                 oldest = next(iter(self._conns))
                 del self._conns[oldest]
-                self.evicted += 1
                 try:
                     oldest.shutdown(socket.SHUT_RDWR)
                 except OSError:

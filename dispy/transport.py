@@ -43,7 +43,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def __init__(self, conn: Connection, peer_hint: str = "", on_made=None, admit=None) -> None:
         self.conn = conn
         self._on_made = on_made
-        self._admit = admit  # admit(protocol) -> bool, before anything is sent
+        self._admit = admit  # admit(protocol): told of the peer before anything is sent
         self.peer_host = ""
         self.channel: Channel | None = None
         self.transport: asyncio.Transport | None = None
@@ -64,9 +64,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         if isinstance(peer, tuple):
             self.peer_host = peer[0]
-        if self._admit is not None and not self._admit(self):
-            transport.abort()
-            return
+        if self._admit is not None:
+            self._admit(self)
         if self.conn.trusted:
             self.handshake.set_result(None)
             if self._on_made is not None:
@@ -347,15 +346,12 @@ async def serve(
     waiting: collections.OrderedDict[ChannelProtocol, None] = collections.OrderedDict()
     per_host: dict[str, collections.deque] = {}
     host_limit = max(4, max_unauth // 8)  # one address cannot take every slot
-    evicted = 0
-    failures = _Throttle(logger, "connections dropped before authenticating")
+    failures = LogThrottle(logger, "connections dropped before authenticating")
 
     def evict(proto: ChannelProtocol, why: str) -> None:
         """Make room by dropping the oldest connection still authenticating: a
         flood then only delays itself, a real peer (whose handshake takes
         milliseconds) still gets in."""
-        nonlocal evicted
-        evicted += 1
         failures.note(logging.WARNING, "%s: dropped %s, authenticating the longest", why,
                       proto.peer or "a connection")  # fmt: skip
         forget(proto)
@@ -378,14 +374,12 @@ async def serve(
         loop.create_task(_await_handshake(proto))
         return proto
 
-    def admit(proto: ChannelProtocol) -> bool:
+    def admit(proto: ChannelProtocol) -> None:
         q = per_host.setdefault(proto.peer_host, collections.deque())
-        if len(q) >= host_limit:
+        if len(q) >= host_limit:  # (q keeps host_limit - 1 >= 3 of them: it stays)
             evict(q[0], f"{proto.peer_host} has {host_limit} connections authenticating "
                   "(limit per address)")  # fmt: skip
-            q = per_host.setdefault(proto.peer_host, collections.deque())
         q.append(proto)
-        return True
 
     async def _await_handshake(proto: ChannelProtocol) -> None:
         try:
@@ -415,7 +409,7 @@ async def serve(
     )
 
 
-class _Throttle:
+class LogThrottle:
     """Log lines about misbehaving peers, at most ``burst`` per ``period`` seconds;
     how many were left out is said in the next line that is logged."""
 

@@ -281,14 +281,11 @@ async def run(args: argparse.Namespace) -> int:
     scheduler = None
     if args.scheduler_node:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                args.scheduler_node, args.scheduler_port, family=socket.AF_INET,
-                type=socket.SOCK_DGRAM,
-            )  # fmt: skip
+            ip = await discovery.resolve_ipv4(args.scheduler_node, args.scheduler_port)
         except (OSError, UnicodeError) as exc:
             print(f"dispynetrelay: --scheduler_node {args.scheduler_node}: {exc}", file=sys.stderr)
             return 2
-        scheduler = (infos[0][4][0], args.scheduler_port)
+        scheduler = (ip, args.scheduler_port)
     relay = Relay(
         derive_key(args.secret),
         ip_addrs=args.ip_addr,

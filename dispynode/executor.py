@@ -78,8 +78,7 @@ class Worker:
     def _time_out(self, job: NodeJob) -> None:
         if self.job is job:
             job.timed_out = True
-            self.kill(signal.SIGTERM)
-            asyncio.get_running_loop().call_later(CLOSE_GRACE, self.kill, signal.SIGKILL)
+            self.stop()
 
     def _on_message(self, msg) -> None:
         job = self.job
@@ -149,6 +148,11 @@ class Worker:
             }
         self.comp.node.job_ended(job, info, [_NONE])
         self.comp.job_left()
+
+    def stop(self) -> None:
+        """SIGTERM now, SIGKILL after CLOSE_GRACE if it is still there."""
+        self.kill(signal.SIGTERM)
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, self.kill, signal.SIGKILL)
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         try:
@@ -303,8 +307,7 @@ class Computation:
         for w in self.workers.values():
             if w.job is not None and w.job.jid == jid:
                 w.job.cancelled = True
-                w.kill(signal.SIGTERM)
-                asyncio.get_running_loop().call_later(CLOSE_GRACE, w.kill, signal.SIGKILL)
+                w.stop()
                 return
 
     def hand_back_running(self, why: str) -> int:
@@ -315,8 +318,7 @@ class Computation:
             if w.job is not None and not w.job.handed_back:
                 w.job.handed_back = why
                 self.node.jobs_handed_back += 1
-                w.kill(signal.SIGTERM)
-                asyncio.get_running_loop().call_later(CLOSE_GRACE, w.kill, signal.SIGKILL)
+                w.stop()
                 n += 1
         return n
 

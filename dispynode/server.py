@@ -494,7 +494,7 @@ class NodeServer:
         self.shm_dir: str | None = None  # put() data, when it fits in memory
         self.worker_addr = f"\0dispynode-{os.getpid()}-{os.urandom(8).hex()}"
         self._local_waiting = 0  # job-process connections that have not shown a token yet
-        self._local_refusals = 0  # connections of other local users
+        self._local_refusals = transport.LogThrottle(logger, "refused local connections")
         self.stopped = asyncio.Event()
         #: results not acknowledged yet: cid -> jid -> (entry, segments); on disk too
         self.unacked: dict[str, dict[int, tuple[dict, list]]] = {}
@@ -563,11 +563,9 @@ class NodeServer:
 
     async def _resolve_scheduler(self) -> None:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                self.scheduler_host, self.client_port, family=socket.AF_INET,
-                type=socket.SOCK_DGRAM,
-            )  # fmt: skip
-            self._scheduler_addr = infos[0][4][0]
+            self._scheduler_addr = await discovery.resolve_ipv4(
+                self.scheduler_host, self.client_port
+            )
         except (OSError, UnicodeError) as exc:
             logger.warning(
                 "--scheduler_host %s: cannot resolve it (%s); not announcing there",
@@ -614,11 +612,9 @@ class NodeServer:
         if not self.discover:
             return
         bound = [h for h, _ in self.bound]
-        if self._loopback_only():
-            pass
-        elif self.multicast:
+        if self.multicast and not self._loopback_only():
             self.udp.multicast(DatagramKind.ANNOUNCE, body, self.client_port, bound)
-        else:
+        elif not self._loopback_only():
             targets = discovery.broadcast_targets(["*"], bound)
             self.udp.broadcast(DatagramKind.ANNOUNCE, body, self.client_port, targets)
         self.udp.send(DatagramKind.ANNOUNCE, body, ("127.0.0.1", self.client_port))
@@ -683,30 +679,29 @@ class NodeServer:
 
     # -- job processes ------------------------------------------------------
     def _local_refused(self, uid) -> None:
-        self._local_refusals += 1
-        if self._local_refusals in (1, 10, 100, 1000) or self._local_refusals % 10000 == 0:
-            logger.warning(
-                "local connection from user %s to the job-process socket refused "
-                "(only this node's own processes may connect; %d so far)",
-                uid,
-                self._local_refusals,
-            )
+        self._local_refusals.note(
+            logging.WARNING,
+            "local connection from user %s to the job-process socket refused "
+            "(only this node's own processes may connect)",
+            uid,
+        )
 
     def _on_worker(self, chan: transport.Channel) -> None:
         if self._local_waiting >= max(64, 4 * self.cpus):
             chan.close()  # a flood of local connections that never say who they are
             return
         self._local_waiting += 1
-        waiting = [True]
+        waiting = True
 
         def settled() -> None:
-            if waiting[0]:
-                waiting[0] = False
+            nonlocal waiting
+            if waiting:
+                waiting = False
                 self._local_waiting -= 1
                 timer.cancel()
 
         def too_slow() -> None:
-            if waiting[0]:
+            if waiting:
                 logger.warning("local connection that sent no token in time; closed")
                 settled()
                 chan.close()
