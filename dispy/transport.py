@@ -511,6 +511,7 @@ class BlockingChannel:
         while not self._events:
             buf = self.conn.get_buffer()
             n = self.sock.recv_into(buf)
+            del buf  # a view left alive would stop a large frame's buffer growing in place
             if n == 0:
                 raise ConnectionClosed("local channel closed")
             self._events.extend(self.conn.buffer_updated(n))
@@ -520,6 +521,7 @@ class BlockingChannel:
         """One read from the socket; the messages it completed (maybe none)."""
         buf = self.conn.get_buffer()
         n = self.sock.recv_into(buf)
+        del buf
         if n == 0:
             raise ConnectionClosed("local channel closed")
         events = list(self._events) + self.conn.buffer_updated(n)

@@ -144,6 +144,7 @@ class Connection:
             buf = self.get_buffer()
             n = min(len(buf), len(data))
             buf[:n] = data[:n]
+            del buf  # see FrameDecoder.feed
             data = data[n:]
             events.extend(self.buffer_updated(n))
         return events

@@ -42,6 +42,7 @@ from dispy.protocol import (
     split_segments,
     unpack_ctl,
 )
+from dispy.protocol import _framing
 from dispy.protocol._connection import NONCE_SIZE
 from dispy.protocol._framing import (
     ALIGN,
@@ -1298,3 +1299,65 @@ def test_unauthenticated_connection_buffers_little_until_the_handshake():
     for buf in client.take_output():
         server.receive(buf)
     assert server.authenticated and len(server.decoder._buf) == STAGING_SIZE
+
+
+# -- a large frame's buffer grows as its bytes arrive (#18 finding 6) ---------------------
+def test_huge_frame_header_reserves_only_what_has_arrived(monkeypatch):
+    """A peer announcing a 4 GiB body and sending 3 MiB gets a buffer of about
+    that, not 4 GiB (the old decoder reserved the whole body on the header's word)."""
+    monkeypatch.setattr(_framing, "GROW_ABOVE", 1 << 20)
+    server, client = handshake()
+    enc = client.encoder
+    writer = enc.start(Kind.JOBS, b"\x80", (4 << 30) - 1)
+    dec = server.decoder
+    server.receive(writer.head)
+    sent = 0
+    chunk = bytes(256 << 10)
+    while sent < (3 << 20):
+        server.receive(chunk)
+        sent += len(chunk)
+        assert dec.reserved <= max(1 << 20, 2 * sent)
+    assert (3 << 20) <= dec.reserved <= (6 << 20)
+
+
+@pytest.mark.parametrize("hold_views", [False, True])
+def test_growing_frame_arrives_whole_aligned_and_tagged(monkeypatch, hold_views):
+    """A body above GROW_ABOVE, fed in uneven pieces, arrives byte for byte with its
+    payload aligned, its tag checked; with views of the buffer still held (so it
+    cannot be resized in place) it is copied into a larger one instead."""
+    monkeypatch.setattr(_framing, "GROW_ABOVE", 1 << 20)
+    server, client = handshake()
+    arr = np.random.default_rng(7).random((5 << 20) // 8 + 3)
+    lens, bufs = join_segments([[b"m" * 5], [memoryview(arr)]])
+    client.send(Kind.JOBS, {"s": lens}, bufs)
+    stream = memoryview(wire(client.take_output()))
+    dec, held, events, pos = server.decoder, [], [], 0
+    rng = random.Random(3)
+    while pos < len(stream):
+        buf = dec.get_buffer()
+        n = min(len(buf), rng.randrange(1, 700_000), len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        if hold_views:
+            held.append(buf)
+        else:
+            del buf
+        events += server.buffer_updated(n)
+        pos += n
+        if dec._big is not None:
+            big = dec._big
+    assert isinstance(big, _framing.GrowingBuffer) and big.capacity == big.size
+    # grown in place (mremap) when no view is left alive; copied when one is
+    assert (big.copies > 0) if hold_views else (big.copies == 0)
+    (msg,) = events
+    meta, data = split_segments(msg.payload, msg.ctl["s"])
+    assert bytes(meta) == b"m" * 5
+    got = np.frombuffer(data, dtype=np.float64)
+    assert got.ctypes.data % ALIGN == 0
+    np.testing.assert_array_equal(got, arr)
+    # a flipped byte in the body still fails the tag
+    server2, client2 = handshake()
+    client2.send(Kind.JOBS, {"s": lens}, bufs)
+    bad = bytearray(wire(client2.take_output()))
+    bad[HEADER_SIZE + (3 << 20)] ^= 1
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        feed(server2, bad, chunks=(300_000,))
