@@ -64,7 +64,16 @@ from .errors import (
     SubmitError,
 )
 from .keys import resolve_secret
-from .protocol import Kind, derive_key, field, join_segments, result_entries, split_segments
+from .protocol import (
+    IDS_PER_FRAME,
+    JOBS_PER_FRAME,
+    Kind,
+    derive_key,
+    field,
+    join_segments,
+    result_entries,
+    split_segments,
+)
 from .tls import client_context
 
 logger = logging.getLogger("dispy")
@@ -423,7 +432,8 @@ class _NodeLink(LinkBase):
         self._ack_scheduled = False
         acks, self._acks = self._acks, []
         if self.chan is not None and not self.chan.is_closed:
-            self.chan.send(Kind.ACK, {"c": self.engine.cid, "j": acks})
+            for i in range(0, len(acks), IDS_PER_FRAME):
+                self.chan.send(Kind.ACK, {"c": self.engine.cid, "j": acks[i : i + IDS_PER_FRAME]})
 
     # -- jobs to the node ------------------------------------------------------------
     def send_jobs(self, jobs: list) -> None:
@@ -431,7 +441,7 @@ class _NodeLink(LinkBase):
         for job in jobs:
             batch.append(job)
             size += sum(memoryview(s).nbytes for s in job._segs)
-            if size >= BATCH_BYTES:
+            if size >= BATCH_BYTES or len(batch) >= JOBS_PER_FRAME:
                 self._send_batch(batch)
                 batch, size = [], 0
         if batch:

@@ -30,7 +30,7 @@ from ._job import DispyJob
 from ._recover import RecoverFile, RecoverFileError
 from .core import jobstate
 from .errors import AuthenticationFailed, ConnectionClosed, ProtocolError
-from .protocol import Kind, field, result_entries
+from .protocol import IDS_PER_FRAME, Kind, field, result_entries
 from .tls import client_context
 
 logger = logging.getLogger("dispy")
@@ -194,7 +194,8 @@ async def _recover_node(meta, addr: str, jobs: dict, ssl, deadline, terminate) -
                     continue
                 _apply_result(job, entry, part, host)
                 waiting.discard(uid)
-            chan.send(Kind.ACK, {"c": cid, "j": acks})
+            for i in range(0, len(acks), IDS_PER_FRAME):
+                chan.send(Kind.ACK, {"c": cid, "j": acks[i : i + IDS_PER_FRAME]})
             changed.set()
         elif msg.kind == Kind.CLOSED and not closed.done():
             closed.set_result(msg.ctl)
@@ -224,7 +225,9 @@ async def _recover_node(meta, addr: str, jobs: dict, ssl, deadline, terminate) -
             except TimeoutError:
                 break
         if waiting and terminate and not chan.is_closed:
-            chan.send(Kind.CANCEL, {"c": cid, "j": sorted(waiting)})
+            ids = sorted(waiting)
+            for i in range(0, len(ids), IDS_PER_FRAME):
+                chan.send(Kind.CANCEL, {"c": cid, "j": ids[i : i + IDS_PER_FRAME]})
             end = time.monotonic() + CLOSE_WAIT
             while waiting and not chan.is_closed and time.monotonic() < end:
                 changed.clear()

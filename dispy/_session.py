@@ -21,7 +21,7 @@ import logging
 
 from . import config
 from .errors import ConnectionClosed, ProtocolError
-from .protocol import Kind, join_segments
+from .protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME, Kind, join_segments, texts_out
 
 #: Requests queued for ``_handle_op`` (the others are handled as they arrive).
 OPS = (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME)
@@ -124,8 +124,27 @@ class SessionBase:
         out, self._out = self._out, []
         if self.chan.is_closed or not out:
             return
-        lens, flat = join_segments(segs for _, segs in out)
         try:
-            self.chan.send(Kind.RESULTS, {"r": [entry for entry, _ in out], "s": lens}, flat)
+            for batch in _result_frames(out):
+                lens, flat = join_segments(segs for _, segs in batch)
+                self.chan.send(Kind.RESULTS, {"r": [e for e, _ in batch], "s": lens}, flat)
         except ConnectionClosed:
             pass
+
+
+def _result_frames(out: list):
+    """Job ends as they go on the wire (long texts as segments), in frames whose
+    control part stays well under the peer's limit."""
+    batch: list = []
+    size = 0
+    for entry, segs in out:
+        entry, segs = texts_out(entry, segs)
+        # about its msgpack size: texts left inline are short, the rest is small
+        cost = 16 + sum(len(v) + 2 if isinstance(v, str | bytes) else 9 for v in entry.values())
+        if batch and (len(batch) >= RESULTS_PER_FRAME or size + cost > RESULTS_CTL_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append((entry, segs))
+        size += cost
+    if batch:
+        yield batch

@@ -17,8 +17,11 @@ SCHEDULER_RECONNECT_S = 600.0
 #: per connection.  Large enough for a multi-GB numpy array, bounded so a
 #: hostile length field cannot make us allocate without limit.
 MAX_FRAME_SIZE = 4 << 30
-#: Largest control (msgpack) part of a frame.
-MAX_CONTROL_SIZE = 16 << 20
+#: Largest control (msgpack) part of a frame.  What can be large travels in the
+#: payload (job outputs: protocol.texts_out) and batches are cut to stay far
+#: below it (protocol.RESULTS_CTL_BYTES, JOBS_PER_FRAME, IDS_PER_FRAME); the
+#: largest legitimate one is a RESUMED listing up to MAX_QUEUED_JOBS job ids twice.
+MAX_CONTROL_SIZE = 2 << 20
 #: Seconds a peer has to complete the handshake.
 HANDSHAKE_TIMEOUT = 10.0
 #: Most connections a daemon lets authenticate at once; more are dropped at once.

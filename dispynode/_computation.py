@@ -39,7 +39,7 @@ from dispy import _data as dispy_data
 from dispy import serialize
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
-from dispy.protocol import Kind, join_segments, split_segments
+from dispy.protocol import Kind, join_segments, split_segments, texts_out
 from dispy.transport import BlockingChannel
 
 
@@ -216,7 +216,6 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
                 "t0": t0,
                 "t1": t1,
             }
-            reply["s"], segs = join_segments([segs])
             if runner.spec.program:
                 reply["o"], reply["e"] = runner.output
                 runner.output = (b"", b"")
@@ -227,6 +226,9 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
                     reply["e"] = err.getvalue()
             if exc_text:
                 reply["x"] = exc_text
+            del out, err
+            reply, segs = texts_out(reply, segs)  # a long output goes as a segment
+            reply["s"], segs = join_segments([segs])
             chan.send(Kind.W_RESULT, reply, segs)
             del result, segs
     except BaseException:  # report anything on the node's stderr, then die quietly

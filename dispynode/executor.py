@@ -28,7 +28,7 @@ from dispy import transport
 from dispy._paths import write_chunk
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
-from dispy.protocol import Kind, join_segments, split_segments
+from dispy.protocol import Kind, join_segments, split_segments, texts_in
 
 if TYPE_CHECKING:
     from .server import NodeJob, NodeServer, Session
@@ -104,8 +104,8 @@ class Worker:
         self.job = None
         if job.timer is not None:
             job.timer.cancel()
+        ctl, segs = texts_in(ctl, split_segments(msg.payload, ctl["s"]))
         info = {k: ctl[k] for k in ("st", "t0", "t1", "o", "e", "x") if k in ctl}
-        segs = split_segments(msg.payload, ctl["s"])
         self.comp.worker_idle(self)
         self.comp.node.job_ended(job, info, segs)
         self.comp.job_left()

@@ -50,7 +50,15 @@ from dispy.errors import (
     DispyError,
     ProtocolError,
 )
-from dispy.protocol import Kind, field, join_segments, result_entries, split_segments
+from dispy.protocol import (
+    IDS_PER_FRAME,
+    JOBS_PER_FRAME,
+    Kind,
+    field,
+    join_segments,
+    result_entries,
+    split_segments,
+)
 
 from .state import SchedulerState
 
@@ -534,17 +542,20 @@ class NodeLink(LinkBase):
         by_comp: dict[str, list[SJob]] = {}
         for job in jobs:
             by_comp.setdefault(job.comp.cid, []).append(job)
-        for cid, batch in by_comp.items():
-            entries = [
-                [j.cjid, len(j.segs), j.opts] if j.opts else [j.cjid, len(j.segs)] for j in batch
-            ]
-            lens, flat = join_segments(j.segs for j in batch)
-            if self.chan is None:
-                return  # the loss handler requeues or abandons them
-            try:
-                self.chan.send(Kind.JOBS, {"c": cid, "j": entries, "s": lens}, flat)
-            except ConnectionClosed:
-                pass  # the loss handler requeues or abandons them
+        for cid, all_jobs in by_comp.items():
+            for i in range(0, len(all_jobs), JOBS_PER_FRAME):
+                batch = all_jobs[i : i + JOBS_PER_FRAME]
+                entries = [
+                    [j.cjid, len(j.segs), j.opts] if j.opts else [j.cjid, len(j.segs)]
+                    for j in batch
+                ]
+                lens, flat = join_segments(j.segs for j in batch)
+                if self.chan is None:
+                    return  # the loss handler requeues or abandons them
+                try:
+                    self.chan.send(Kind.JOBS, {"c": cid, "j": entries, "s": lens}, flat)
+                except ConnectionClosed:
+                    return  # the loss handler requeues or abandons them
 
     def cancel(self, job: SJob) -> None:
         if self.chan is not None and not self.chan.is_closed:
@@ -561,7 +572,8 @@ class NodeLink(LinkBase):
         acks, self._acks = self._acks, {}
         if self.chan is not None and not self.chan.is_closed:
             for cid, uids in acks.items():
-                self.chan.send(Kind.ACK, {"c": cid, "j": uids})
+                for i in range(0, len(uids), IDS_PER_FRAME):
+                    self.chan.send(Kind.ACK, {"c": cid, "j": uids[i : i + IDS_PER_FRAME]})
 
     async def close(self) -> None:
         self._closing = True

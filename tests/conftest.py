@@ -61,8 +61,9 @@ class Daemon:
     or a dispyscheduler in front of one.  ``serves()`` checks that a real
     client still gets a result through it."""
 
-    def __init__(self, kind, ip_addr, port, secret, dest_path, serves):
+    def __init__(self, kind, ip_addr, port, secret, dest_path, serves, pid):
         self.kind, self.ip_addr, self.port, self.secret = kind, ip_addr, port, secret
+        self.pid = pid  # the daemon's process
         self.dest_path = dest_path
         self.address = f"{ip_addr}:{port}"
         self.serves = serves
@@ -85,7 +86,9 @@ def daemon(request, node_factory, tmp_path):
             with dispy.JobCluster(jobs.double, nodes=[node.address], secret=node.secret) as c:
                 assert c.submit(21)(timeout=30) == 42
 
-        yield Daemon("dispynode", node.ip_addr, node.port, node.secret, node.dest_path, serves)
+        yield Daemon(
+            "dispynode", node.ip_addr, node.port, node.secret, node.dest_path, serves, node.proc.pid
+        )
         return
     node = node_factory(cpus=2, secret=NODE_SECRET)
     sched = Scheduler([node], tmp_path)
@@ -99,8 +102,9 @@ def daemon(request, node_factory, tmp_path):
 
     try:
         yield Daemon(
-            "dispyscheduler", "127.0.0.1", sched.port, CLUSTER_SECRET, str(tmp_path / "sched"), serves
-        )
+            "dispyscheduler", "127.0.0.1", sched.port, CLUSTER_SECRET, str(tmp_path / "sched"),
+            serves, sched.proc.pid,
+        )  # fmt: skip
     finally:
         sched.stop()
 

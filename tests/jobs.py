@@ -206,3 +206,15 @@ def model_fails(model, i):
     if i == 3:
         raise ValueError(f"no score for user {i}")
     return i
+
+
+def print_lots(n):
+    """Prints ``n`` characters to stdout and n // 3 to stderr, then fails with a
+    message of n // 2 characters if ``n`` is odd."""
+    import sys
+
+    sys.stdout.write("o\u00e9" * (n // 2))
+    sys.stderr.write("e" * (n // 3))
+    if n % 2:
+        raise ValueError("v" * (n // 2))
+    return n

@@ -251,3 +251,28 @@ def test_failing_setup_is_reported(node):
         assert job(timeout=30) is None
         assert job.status == DispyJob.Abandoned
         assert "setup raised" in job.exception and "setup exploded" in job.exception
+
+
+def test_long_outputs_arrive_whole(daemon):
+    """A job's stdout, stderr and exception of many MB, and a batch of results
+    whose outputs add up to more than a control part may hold, reach the client
+    whole, from a node and through a scheduler (#18 finding 6: they travel as
+    payload segments; the control part's limit is 2 MiB)."""
+    if daemon.kind == "dispynode":
+        cluster = dispy.JobCluster(jobs.print_lots, nodes=[daemon.address], secret=daemon.secret)
+    else:
+        cluster = dispy.SharedJobCluster(
+            jobs.print_lots, scheduler_node="127.0.0.1", scheduler_port=daemon.port,
+            secret=daemon.secret, recover_file=False,
+        )  # fmt: skip
+    big = 24 << 20
+    with cluster:
+        many = [cluster.submit(4000) for _ in range(600)]
+        job = cluster.submit(big)
+        failing = cluster.submit(5_000_001)
+        assert job(timeout=120) == big
+        assert job.stdout == "o\u00e9" * (big // 2) and job.stderr == "e" * (big // 3)
+        assert failing(timeout=120) is None and failing.status == DispyJob.Terminated
+        assert "v" * 2_500_000 in failing.exception and len(failing.stdout) == 5_000_000
+        for j in many:
+            assert j(timeout=120) == 4000 and j.stdout == "o\u00e9" * 2000

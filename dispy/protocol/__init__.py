@@ -21,16 +21,26 @@ from ._datagram import (
 )
 from ._framing import Frame, FrameDecoder, FrameEncoder, FrameWriter
 from ._messages import (
+    IDS_PER_FRAME,
+    JOBS_PER_FRAME,
+    RESULTS_CTL_BYTES,
+    RESULTS_PER_FRAME,
     Kind,
     field,
     join_segments,
     pack_ctl,
     result_entries,
     split_segments,
+    texts_in,
+    texts_out,
     unpack_ctl,
 )
 
 __all__ = [
+    "IDS_PER_FRAME",
+    "JOBS_PER_FRAME",
+    "RESULTS_CTL_BYTES",
+    "RESULTS_PER_FRAME",
     "PROTOCOL_VERSIONS",
     "Connection",
     "DatagramDecoder",
@@ -52,5 +62,7 @@ __all__ = [
     "pack_ctl",
     "result_entries",
     "split_segments",
+    "texts_in",
+    "texts_out",
     "unpack_ctl",
 ]

@@ -66,10 +66,56 @@ def pack_ctl(ctl: dict) -> bytes:
     return msgpack.packb(ctl, use_bin_type=True)
 
 
+#: Most maps and arrays one control part may hold.  A byte of msgpack can be an
+#: empty map, 72 bytes once decoded: without a budget 2 MiB of them cost 145 MiB.
+#: The largest real control parts (a RESULTS batch of RESULTS_PER_FRAME entries,
+#: a JOBS batch of JOBS_PER_FRAME) hold far fewer.
+MAX_CONTAINERS = 1 << 16
+#: Most entries of one RESULTS frame, and about the most bytes of its control part.
+RESULTS_PER_FRAME = 4096
+RESULTS_CTL_BYTES = 512 << 10
+#: Most jobs in one JOBS frame, and job ids in one ACK or CANCEL frame.
+JOBS_PER_FRAME = 8192
+IDS_PER_FRAME = 32768
+
+
+class _Budget:
+    """msgpack's object/list hook: counts the containers decoded, refuses past the budget."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def __call__(self, value):
+        self.left -= 1
+        if self.left < 0:
+            raise ProtocolError(f"more than {MAX_CONTAINERS} maps and arrays in one message")
+        return value
+
+
 def unpack_map(data: bytes, what: str) -> dict:
-    """Decode one msgpack map with string keys (nothing after it); else ProtocolError."""
+    """Decode one msgpack map with string keys (nothing after it); else ProtocolError.
+
+    Bounded: at most MAX_CONTAINERS maps and arrays, each no longer than the
+    data could hold, so what a message costs once decoded stays in proportion
+    to its size (at most about 20 bytes per byte, on top of the containers).
+    """
+    budget = _Budget(MAX_CONTAINERS)
+    n = len(data)
     try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            object_hook=budget,
+            list_hook=budget,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=n,
+        )
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
     if not isinstance(value, dict):
@@ -151,14 +197,67 @@ def split_segments(payload: memoryview, lens) -> list[memoryview]:
     return out
 
 
+#: A job's texts: its stdout, stderr and exception.  One longer than INLINE_TEXT
+#: travels as a payload segment, not in the control part, so a job printing
+#: 100 MB needs no 100 MB control part (whose limit is MAX_CONTROL_SIZE).
+TEXT_FIELDS = ("o", "e", "x")
+INLINE_TEXT = 128
+
+
+def texts_out(entry: dict, segs) -> tuple[dict, list]:
+    """A job's end ready to send: its long texts moved out of ``entry`` into
+    segments placed before ``segs``; the entry's ``tx`` names them, in order
+    (1: text, 0: bytes).  ``entry`` itself is not changed."""
+    moved: dict = {}
+    texts: list = []
+    for name in TEXT_FIELDS:
+        value = entry.get(name)
+        if isinstance(value, str | bytes) and len(value) > INLINE_TEXT:
+            is_text = isinstance(value, str)
+            moved[name] = int(is_text)
+            texts.append(value.encode("utf-8", "surrogatepass") if is_text else value)
+    if not moved:
+        return entry, list(segs)
+    entry = {k: v for k, v in entry.items() if k not in moved}
+    entry["tx"] = moved
+    return entry, texts + list(segs)
+
+
+def texts_in(entry: dict, segs: list) -> tuple[dict, list]:
+    """The inverse of ``texts_out`` on a received entry and its segments (checked)."""
+    moved = entry.get("tx")
+    if moved is None:
+        return entry, segs
+    if (
+        not isinstance(moved, dict)
+        or len(moved) > len(TEXT_FIELDS)
+        or not all(k in TEXT_FIELDS and v in (0, 1) for k, v in moved.items())
+    ):
+        raise ProtocolError(f"bad text fields {moved!r} in a job's end")
+    if len(segs) < len(moved):
+        raise ProtocolError("a job's end names more texts than it has segments")
+    entry = dict(entry)
+    del entry["tx"]
+    for (name, is_text), seg in zip(moved.items(), segs):
+        entry[name] = bytes(seg).decode("utf-8", "surrogatepass") if is_text else bytes(seg)
+    return entry, segs[len(moved) :]
+
+
 def result_entries(ctl: dict, payload):
     """The ``(entry, segments)`` pairs of a RESULTS message, in order: each entry is
-    a map whose ``n`` says how many of the payload's segments are its own."""
+    a map whose ``n`` says how many of the payload's segments are its result's,
+    after the segments of its long texts (``tx``, see ``texts_out``)."""
     segs = split_segments(payload, field(ctl, "s", list))
     pos = 0
     for entry in field(ctl, "r", list):
         if not isinstance(entry, dict):
             raise ProtocolError("result entry is not a map")
         n = field(entry, "n", int)
-        yield entry, segs[pos : pos + n]
+        if n < 0:
+            raise ProtocolError("result entry with a negative segment count")
+        moved = entry.get("tx")
+        n += len(moved) if isinstance(moved, dict) else 0
+        if pos + n > len(segs):
+            raise ProtocolError("result entries name more segments than the payload has")
+        yield texts_in(entry, segs[pos : pos + n])
         pos += n

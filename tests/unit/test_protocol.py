@@ -1361,3 +1361,60 @@ def test_growing_frame_arrives_whole_aligned_and_tagged(monkeypatch, hold_views)
     bad[HEADER_SIZE + (3 << 20)] ^= 1
     with pytest.raises(ProtocolError, match="failed authentication"):
         feed(server2, bad, chunks=(300_000,))
+
+
+# -- a job's long texts travel as segments (#18 finding 6) --------------------------------
+def test_long_texts_travel_as_segments_and_come_back_whole():
+    from dispy.protocol import texts_in, texts_out
+    from dispy.protocol._messages import INLINE_TEXT, result_entries
+
+    long_out = "é\ud800" + "x" * (3 << 20)  # a lone surrogate, as print() lets a job write
+    entry = {"c": "cid", "j": 7, "n": 1, "st": 5, "o": long_out, "e": b"E" * 5000, "x": "short"}
+    sent, segs = texts_out(entry, [b"RESULT"])
+    assert entry["o"] == long_out  # the caller's entry is left alone
+    assert sent["tx"] == {"o": 1, "e": 0} and "o" not in sent and sent["x"] == "short"
+    ctl = pack_ctl(sent)
+    assert len(ctl) < 200  # the control part stays small however much the job printed
+    small = {"c": "cid", "j": 8, "n": 1, "o": "o" * INLINE_TEXT}
+    assert texts_out(small, [b"R2"]) == (small, [b"R2"])
+    lens, flat = join_segments([segs, [b"R2"]])
+    payload = memoryview(b"".join(bytes(b) for b in flat))
+    got = list(result_entries({"r": [unpack_ctl(ctl), small], "s": lens}, payload))
+    (e1, s1), (e2, s2) = got
+    assert e1 == entry and [bytes(s) for s in s1] == [b"RESULT"]
+    assert e2 == small and [bytes(s) for s in s2] == [b"R2"]
+    assert texts_in(small, [b"R2"]) == (small, [b"R2"])
+
+
+@pytest.mark.parametrize(
+    "tx", [[1], {"q": 1}, {"o": 2}, {"o": 1, "e": 1, "x": 1, "y": 0}, {"o": 1, "e": 1}]
+)
+def test_bad_text_fields_are_protocol_errors(tx):
+    from dispy.protocol._messages import result_entries
+
+    ctl = {"r": [{"c": "c", "j": 1, "n": 0, "tx": tx}], "s": [3]}
+    with pytest.raises(ProtocolError):
+        list(result_entries(ctl, memoryview(b"abc")))
+
+
+def test_results_batches_are_cut_to_keep_control_parts_small():
+    from dispy._session import _result_frames
+    from dispy.protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME
+
+    out = [({"c": "c" * 32, "j": i, "n": 1, "o": "p" * 100}, [b"N."]) for i in range(20_000)]
+    frames = list(_result_frames(out))
+    assert sum(len(f) for f in frames) == 20_000
+    assert [e["j"] for f in frames for e, _ in f] == list(range(20_000))
+    for f in frames:
+        assert len(f) <= RESULTS_PER_FRAME
+        assert len(pack_ctl({"r": [e for e, _ in f], "s": [2] * len(f)})) <= RESULTS_CTL_BYTES * 1.2
+
+
+def test_control_part_budget_of_containers():
+    from dispy.protocol._messages import MAX_CONTAINERS
+
+    # the outer map and list count too
+    ok = pack_ctl({"r": [{} for _ in range(MAX_CONTAINERS - 2)]})
+    assert len(unpack_ctl(ok)["r"]) == MAX_CONTAINERS - 2
+    with pytest.raises(ProtocolError, match="maps and arrays"):
+        unpack_ctl(pack_ctl({"r": [[] for _ in range(MAX_CONTAINERS - 1)]}))
