@@ -300,6 +300,21 @@ class Endpoint(asyncio.DatagramProtocol):
             self.transport.close()
 
 
+def device_of(ips: list[str]) -> str | None:
+    """The one network interface holding every address of ``ips`` (None when
+    they are wildcards, on several interfaces, or not this host's)."""
+    want = {ip for ip in ips if ip not in ("", "0.0.0.0", "::")}
+    if not want:
+        return None
+    names = {
+        name
+        for name, addrs in psutil.net_if_addrs().items()
+        for a in addrs
+        if a.family == socket.AF_INET and a.address in want
+    }
+    return names.pop() if len(names) == 1 else None
+
+
 async def open_endpoint(
     key: bytes,
     on_datagram: Callable,
@@ -308,14 +323,24 @@ async def open_endpoint(
     *,
     reuse: bool = False,
     name: str = "discovery",
+    device: str | None = None,
 ) -> Endpoint:
     """A bound ``Endpoint`` (SO_BROADCAST on; SO_REUSEADDR when ``reuse``, so
-    several programs on one host can all hear broadcasts on a shared port)."""
+    several programs on one host can all hear broadcasts on a shared port).
+
+    ``device``: hear only what arrives on that interface (``SO_BINDTODEVICE``;
+    a socket bound to one unicast address would not hear broadcasts at all).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if reuse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if device is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+            except (OSError, AttributeError) as exc:  # not Linux, or not allowed
+                logger.info("%s: cannot listen on %s only (%s): filtering by address", name, device, exc)
         sock.bind((host or "0.0.0.0", port))
         sock.setblocking(False)
     except OSError:

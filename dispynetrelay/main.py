@@ -72,6 +72,8 @@ class Relay:
         self.scheduler = scheduler
         self._timers: list[asyncio.TimerHandle] = []
         self.ip_addrs = ip_addrs
+        #: -i named addresses: only the nodes of their networks are relayed
+        self.restricted = any(ip not in ("", "0.0.0.0", "::") for ip in ip_addrs)
         self.relay_port = relay_port
         self.node_port = node_port
         self.client_port = client_port
@@ -85,12 +87,17 @@ class Relay:
 
     async def start(self) -> None:
         host = self.ip_addrs[0] if len(self.ip_addrs) == 1 else "0.0.0.0"
+        # with -i, announcements are heard on that interface only (they are
+        # broadcasts, so the socket cannot be bound to the address itself)
+        device = discovery.device_of(self.ip_addrs)
         self.requests = await discovery.open_endpoint(
-            self.key, self._on_request, host, self.relay_port, reuse=True, name="relay requests"
-        )
+            self.key, self._on_request, host, self.relay_port, reuse=True, name="relay requests",
+            device=device if host == "0.0.0.0" else None,
+        )  # fmt: skip
         self.announcements = await discovery.open_endpoint(
-            self.key, self._on_announce, "0.0.0.0", self.client_port, reuse=True, name="relay"
-        )
+            self.key, self._on_announce, "0.0.0.0", self.client_port, reuse=True, name="relay",
+            device=device,
+        )  # fmt: skip
         if self.multicast:
             self.announcements.join_multicast(self.ip_addrs)
         self.server = await transport.serve(
@@ -150,7 +157,13 @@ class Relay:
         now = time.monotonic()
         for key in [k for k, t in self.clients.items() if now - t > CLIENT_TTL]:
             del self.clients[key]
-        fwd = dict(body, relayed=1, ip=discovery.sender_ip(body))
+        ip = discovery.sender_ip(body)
+        if self.restricted and not any(
+            ipaddress.ip_address(ip) in net for net in self.local_networks()
+        ):
+            logger.debug("announcement of %s ignored: not on the networks of -i", ip)
+            return
+        fwd = dict(body, relayed=1, ip=ip)
         told = list(self.clients) + ([self.scheduler] if self.scheduler else [])
         for client in told:
             self.announcements.send(DatagramKind.ANNOUNCE, fwd, client)

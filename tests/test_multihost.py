@@ -18,7 +18,7 @@ import pytest
 
 from .conftest import EXAMPLES
 from .installed import program
-from .netns import wait_for_line
+from .netns import read_lines, wait_for_line
 
 pytestmark = pytest.mark.netns
 
@@ -164,6 +164,33 @@ def test_relay_brings_in_nodes_of_another_network(netns):
     assert out["found"] == sorted(h.ip for h in (*far, late))
     assert near.ip not in out["ran"] and out["results"] == [i * i for i in range(8)]
     assert relay.ip not in out["found"]  # the relay is not taken for a node
+
+
+def test_relay_with_ip_addr_relays_only_that_network(netns):
+    """A relay on two networks, given ``-i`` on one (b), relays the nodes of b to
+    a far client and not those of its other network (c): it listens for
+    announcements on b's interface only (#18 finding 5; it used to bind every
+    interface and relay both)."""
+    client = netns.add_host("c", "a")
+    r = netns.add_router("r", ("a", "b"))
+    relay = netns.add_router("relay", ("b", "c"))
+    route = ["ip", "route", "add", netns.subnet("a").cidr, "via", r.ips["b"]]
+    assert relay.run(route).returncode == 0  # it answers clients beyond r
+    on_b, on_c = netns.add_host("nb", "b"), netns.add_host("nc", "c")
+    rproc = relay.popen(
+        [*program("dispynetrelay"), "--daemon", "-i", relay.ips["b"]],
+        env=ENV,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_line(rproc, r"dispynetrelay ready", timeout=30)
+    nets = [netns.subnet(s).prefix + ".*" for s in ("b", "c")]
+    start_client(client, [relay.ips["b"], *nets], want=2, wait=60, njobs=0)
+    wait_for_line(rproc, r"relayed discovery for client", timeout=30)
+    start_node(on_c)  # announces (broadcast on c) before it says it is ready
+    start_node(on_b)
+    wait_for_line(rproc, rf"node {on_b.ip} announced; told 1 client", timeout=30)
+    lines = "\n".join(read_lines(rproc))
+    assert on_c.ip not in lines
 
 
 @pytest.mark.parametrize("flag", ["--ext_ip_addr", "--ext_host"])  # dispy 4.15's name
