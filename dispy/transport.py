@@ -43,7 +43,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def __init__(self, conn: Connection, peer_hint: str = "", on_made=None, admit=None) -> None:
         self.conn = conn
         self._on_made = on_made
-        self._admit = admit  # admit(protocol): told of the peer before anything is sent
+        # admit(protocol) -> seconds: told of the peer before anything is sent; says how
+        # long to wait before the first frame
+        self._admit = admit
         self.peer_host = ""
         self.channel: Channel | None = None
         self.transport: asyncio.Transport | None = None
@@ -64,13 +66,18 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         if isinstance(peer, tuple):
             self.peer_host = peer[0]
-        if self._admit is not None:
-            self._admit(self)
+        delay = self._admit(self) if self._admit is not None else 0.0
         if self.conn.trusted:
             self.handshake.set_result(None)
             if self._on_made is not None:
                 self._on_made(self)
+        elif delay:  # an address that has been guessing the secret: answer it later
+            asyncio.get_running_loop().call_later(delay, self._hello)
         else:
+            self._hello()
+
+    def _hello(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
             self.conn.initiate()
             self._flush_conn()
 
@@ -347,6 +354,7 @@ async def serve(
     per_host: dict[str, collections.deque] = {}
     host_limit = max(4, max_unauth // 8)  # one address cannot take every slot
     failures = LogThrottle(logger, "connections dropped before authenticating")
+    guesses = GuessDelay()
 
     def evict(proto: ChannelProtocol, why: str) -> None:
         """Make room by dropping the oldest connection still authenticating: a
@@ -374,12 +382,13 @@ async def serve(
         loop.create_task(_await_handshake(proto))
         return proto
 
-    def admit(proto: ChannelProtocol) -> None:
+    def admit(proto: ChannelProtocol) -> float:
         q = per_host.setdefault(proto.peer_host, collections.deque())
         if len(q) >= host_limit:  # (q keeps host_limit - 1 >= 3 of them: it stays)
             evict(q[0], f"{proto.peer_host} has {host_limit} connections authenticating "
                   "(limit per address)")  # fmt: skip
         q.append(proto)
+        return guesses.delay(proto.peer_host)
 
     async def _await_handshake(proto: ChannelProtocol) -> None:
         try:
@@ -392,10 +401,13 @@ async def serve(
                 proto.transport.abort()
             return
         except Exception as exc:
+            if isinstance(exc, AuthenticationFailed):
+                guesses.failed(proto.peer_host)
             failures.note(logging.INFO, "connection from %s rejected: %s", proto.peer, exc)
             return
         finally:
             forget(proto)
+        guesses.succeeded(proto.peer_host)
         _tune(proto.transport.get_extra_info("socket"))
         on_channel(Channel(proto))
 
@@ -407,6 +419,45 @@ async def serve(
         reuse_address=True,
         ssl_handshake_timeout=timeout if ssl is not None else None,
     )
+
+
+class GuessDelay:
+    """Slows down guessing the secret online: after FREE failed handshakes from
+    one address within WINDOW seconds, each new connection from it waits before
+    the server speaks, twice as long after each further failure, up to MAX_S
+    (below the handshake deadline).  With the per-address cap on connections
+    authenticating, one address then gets about one guess a second, not
+    thousands.  A handshake that succeeds clears its address."""
+
+    FREE = 3
+    FIRST_S = 0.05
+    MAX_S = 4.0
+    WINDOW = 600.0
+    MAX_ADDRESSES = 4096
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._failed: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+
+    def _count(self, host: str) -> int:
+        n, last = self._failed.get(host, (0, 0.0))
+        if n and self._clock() - last > self.WINDOW:
+            del self._failed[host]
+            return 0
+        return n
+
+    def delay(self, host: str) -> float:
+        n = self._count(host) - self.FREE
+        return 0.0 if n < 0 else min(self.MAX_S, self.FIRST_S * 2**n)
+
+    def failed(self, host: str) -> None:
+        self._failed[host] = (self._count(host) + 1, self._clock())
+        self._failed.move_to_end(host)
+        while len(self._failed) > self.MAX_ADDRESSES:
+            self._failed.popitem(last=False)
+
+    def succeeded(self, host: str) -> None:
+        self._failed.pop(host, None)
 
 
 class LogThrottle:

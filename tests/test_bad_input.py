@@ -27,7 +27,7 @@ import time
 import pytest
 
 import dispy
-from dispy import _loop, transport
+from dispy import _loop, config, transport
 from dispy.errors import AuthenticationFailed, ConnectionClosed
 from dispy.protocol import (
     Connection,
@@ -354,6 +354,49 @@ def test_empty_secret_against_node_with_secret(node):
             client_handshake(sock, Connection("client", derive_key("")))
         assert_closed_by_node(sock)
     assert_node_serves(node)
+
+
+def test_guessing_the_secret_online_is_slowed_down(daemon):
+    """After 3 failed handshakes from one address, each new connection from it
+    waits before the daemon speaks: 0.05 s, then twice as long after each further
+    failure (#18 finding 4: 3,195 guesses/s, none slowed, before).  Lower bounds
+    only: a slow machine cannot make this fail."""
+    key = derive_key("a wrong guess")
+    took = []
+    for _ in range(8):
+        start = time.monotonic()
+        with connect(daemon) as sock:
+            with pytest.raises(AuthenticationFailed):
+                client_handshake(sock, Connection("client", key))
+        took.append(time.monotonic() - start)
+    waits = [0.05 * 2**i for i in range(5)]  # the 4th to 8th guesses
+    for t, w in zip(took[3:], waits, strict=True):
+        assert t >= w * 0.9, f"guess took {t:.3f} s, expected a wait of {w} s: {took}"
+    assert_node_serves(daemon)  # the right secret gets in (and clears the address)
+
+
+def test_guess_delay_rules():
+    now = [0.0]
+    g = transport.GuessDelay(clock=lambda: now[0])
+    for _ in range(2):
+        g.failed("10.0.0.1")
+    assert g.delay("10.0.0.1") == 0.0  # three guesses are free
+    for expected in (0.05, 0.1, 0.2):
+        g.failed("10.0.0.1")
+        assert g.delay("10.0.0.1") == pytest.approx(expected)
+    assert g.delay("10.0.0.2") == 0.0
+    for _ in range(20):
+        g.failed("10.0.0.1")
+    assert g.delay("10.0.0.1") == g.MAX_S < config.HANDSHAKE_TIMEOUT
+    now[0] += g.WINDOW + 1  # quiet for the window: forgotten
+    assert g.delay("10.0.0.1") == 0.0
+    for _ in range(5):
+        g.failed("10.0.0.1")
+    g.succeeded("10.0.0.1")
+    assert g.delay("10.0.0.1") == 0.0
+    for i in range(g.MAX_ADDRESSES + 10):  # bounded memory
+        g.failed(f"h{i}")
+    assert len(g._failed) == g.MAX_ADDRESSES
 
 
 # -- 5. the invariant: nothing from an unauthenticated peer is unpickled ----------------------
