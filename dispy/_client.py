@@ -41,8 +41,11 @@ import weakref
 import cloudpickle
 
 from . import _loop, config, discovery, serialize, transport
-from ._data import NodeData, check_name
+from ._data import NodeData, check_name, data_path
 from ._data import _local as data_local
+from ._data import client_shm_folder as data_client_shm_folder
+from ._data import host_id as data_host_id
+from ._data import write as data_write
 from ._finder import NodeFinder
 from ._job import ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
 from ._link import MISSED_PULSES, LinkBase
@@ -82,6 +85,9 @@ logger = logging.getLogger("dispy")
 DEFAULT_PULSE_INTERVAL = 2.0
 #: Most bytes of job arguments put in one JOBS frame.
 BATCH_BYTES = 8 << 20
+#: put() data for a node on this host, of this user, is written once to shared
+#: memory and handed over by name (tests turn it off to test sending the bytes)
+HAND_OVER_DATA = True
 _END_EVENT = {
     jobstate.Finished: jobstate.FINISH,
     jobstate.Terminated: jobstate.FAIL,
@@ -166,6 +172,7 @@ class _NodeLink(LinkBase):
         self.key = (host, port)
         self.node = DispyNode(host, port)
         self.node_cpus = 0  # the CPUs the node says it has
+        self.same_host = False  # put() data is handed over by file name
         self._init_link(logger)
         self.failure: str | None = None  # permanent failure, if any
         self._acks: list[int] = []
@@ -260,6 +267,8 @@ class _NodeLink(LinkBase):
         self.node.platform = info.get("platform", "")
         self.node.avail_info = _avail(info.get("avail"))
         self.node.update_time = time.time()
+        host = info.get("host")  # on this host, as this user: put() data can go by file name
+        self.same_host = HAND_OVER_DATA and isinstance(host, str) and host == data_host_id()
         if self.alloc is not None:
             cpus = self.alloc.allocate(
                 engine.cluster, addr, self.node.name, cpus, self.node.avail_info, self.node.platform
@@ -355,9 +364,28 @@ class _NodeLink(LinkBase):
         await self._send_file(self.engine.cid, self.engine.package.name, rel, path, mode)
 
     async def put_data(self, name: str, version: int, segs) -> None:
-        """Place one cluster.put() object on the node; raises DispyError if refused."""
-        lens, flat = join_segments([segs])
+        """Place one cluster.put() object on the node; raises DispyError if refused.
+
+        A node on this host, run by this user, is handed the file the client
+        wrote once to shared memory (it links it: no bytes sent, no copy); if it
+        cannot take it, the bytes are sent."""
         tag = f"{name}:{version}"
+        if self.same_host:
+            handed = await self.engine.shm_file(name, version, segs)
+            if handed is not None:
+                path, size = handed
+                reply = await self._request(
+                    Kind.DATA,
+                    {"c": self.engine.cid, "n": name, "v": version, "f": path, "z": size, "t": tag},
+                    Kind.DATA_OK,
+                    tag=tag,
+                )
+                if reply.get("ok"):
+                    return
+                logger.info("node %s: put() data sent over the connection: %s",
+                            self.node.name, reply.get("r"))  # fmt: skip
+                self.same_host = False
+        lens, flat = join_segments([segs])
         reply = await self._request(
             Kind.DATA,
             {"c": self.engine.cid, "n": name, "v": version, "s": lens, "t": tag},
@@ -564,6 +592,8 @@ class _Engine:
         self.live: dict[int, DispyJob] = {}
         self.writes: dict[int, set] = {}  # files jobs sent, being written
         self.data: dict[str, tuple[int, list]] = {}  # cluster.put(): name -> (version, segments)
+        #: put() data written to shared memory for nodes on this host: name -> (version, task)
+        self.shm_files: dict[str, tuple[int, asyncio.Task]] = {}
         self.fatal: str | None = None
         self.pulse_interval = cluster._pulse_interval
         self.ssl = cluster._ssl
@@ -634,6 +664,40 @@ class _Engine:
         if added:
             self.fatal = None
         return added
+
+    async def shm_file(self, name: str, version: int, segs) -> tuple[str, int] | None:
+        """(path, size) of put() data written once to this process's shared-memory
+        folder, for nodes on this host to link; None if it cannot be written."""
+        have = self.shm_files.get(name)
+        if have is None or have[0] != version:
+            old = have[1] if have is not None else None
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._write_shm, name, version, segs, old)
+            )
+            self.shm_files[name] = (version, task)
+            have = (version, task)
+        return await asyncio.shield(have[1])
+
+    def _write_shm(self, name: str, version: int, segs, old) -> tuple[str, int] | None:
+        folder = data_client_shm_folder()
+        if folder is None:
+            return None
+        path = data_path(folder, f"{self.cid}-{name}", version)
+        try:
+            data_write(path, segs)
+            size = os.stat(path).st_size
+        except OSError as exc:  # full: nodes get the bytes
+            logger.info("put() data %r not written to shared memory: %s", name, exc)
+            return None
+        if old is not None and (written := _written(old)) is not None:
+            _unlink_quietly(written[0])  # nodes keep their own links to it
+        return path, size
+
+    def drop_shm_files(self) -> None:
+        for _version, task in self.shm_files.values():
+            if (written := _written(task)) is not None:
+                _unlink_quietly(written[0])
+        self.shm_files.clear()
 
     async def put(self, name: str, version: int, segs) -> list[str]:
         """Place data on every set-up node (nodes set up later get it then)."""
@@ -946,11 +1010,26 @@ class _Engine:
         if self.finder is not None:
             self.finder.close()
         await asyncio.gather(*(lk.close(terminate) for lk in self.links.values()))
+        self.drop_shm_files()
         for job in list(self.live.values()):
             event = jobstate.CANCEL if job.status == jobstate.Created else jobstate.ABANDON
             job.status = jobstate.next_status(job.status, event)
             job.exception = "the cluster was closed before the job ended"
             self._complete(job, None)
+
+
+def _written(task: asyncio.Task) -> tuple[str, int] | None:
+    """What a finished shared-memory write gave (None if unfinished or failed)."""
+    if not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 #: Seconds between redraws of a progress line.

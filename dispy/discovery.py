@@ -340,7 +340,9 @@ async def open_endpoint(
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
             except (OSError, AttributeError) as exc:  # not Linux, or not allowed
-                logger.info("%s: cannot listen on %s only (%s): filtering by address", name, device, exc)
+                logger.info(
+                    "%s: cannot listen on %s only (%s): filtering by address", name, device, exc
+                )
         sock.bind((host or "0.0.0.0", port))
         sock.setblocking(False)
     except OSError:

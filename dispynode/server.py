@@ -28,7 +28,6 @@ import platform
 import shutil
 import signal
 import socket
-import stat
 import time
 
 import psutil
@@ -252,12 +251,18 @@ class Session(SessionBase):
             raise ValueError(f"computation {cid} is not set up on this node")
         name = check_name(field(ctl, "n", str))
         version = field(ctl, "v", int)
-        segs = split_segments(payload, field(ctl, "s", list))
-        if len(payload) > self.node.max_file_size:
-            raise ValueError(f"data {name!r} exceeds this node's --max_file_size")
         folder = os.path.join(comp.dir, DATA_FOLDER)
         shm = self.node.shm_dir
-        await asyncio.to_thread(_store_data, folder, name, version, segs, shm, comp.cid)
+        if "f" in ctl:  # a client on this host wrote the file and names it: no bytes sent
+            path, size = field(ctl, "f", str), field(ctl, "z", int)
+            if size > self.node.max_file_size:
+                raise ValueError(f"data {name!r} exceeds this node's --max_file_size")
+            await asyncio.to_thread(_link_data, folder, name, version, path, size, shm, comp.cid)
+        else:
+            segs = split_segments(payload, field(ctl, "s", list))
+            if len(payload) > self.node.max_file_size:
+                raise ValueError(f"data {name!r} exceeds this node's --max_file_size")
+            await asyncio.to_thread(_store_data, folder, name, version, segs, shm, comp.cid)
         if not self.chan.is_closed:
             self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": True})
 
@@ -390,6 +395,43 @@ def _store_data(
                     os.unlink(leftover)
     if not stored:
         data.write(path, segs)
+    _drop_older(folder, name, version)
+
+
+def _link_data(
+    folder: str, name: str, version: int, handed: str, size: int, shm: str | None, cid: str
+) -> None:
+    """put() data that a client on this host wrote to shared memory and named:
+    a hard link to that file, no copy (checked through a descriptor, and the
+    link checked to be that very file).  ValueError when it cannot be: the
+    client then sends the bytes."""
+    if shm is None:
+        raise ValueError("this node has no shared-memory folder to link handed data into")
+    fd = data.open_handed_file(handed, size)
+    try:
+        checked = os.fstat(fd)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        target = data.data_path(shm, f"{cid}-{name}", version)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)  # a put() of this version again
+        try:
+            os.link(handed, target, follow_symlinks=False)
+        except OSError as exc:  # another file system (EXDEV)...
+            raise ValueError(f"handed data file {handed!r} cannot be linked here: {exc}") from None
+        linked = os.lstat(target)
+        if (linked.st_dev, linked.st_ino) != (checked.st_dev, checked.st_ino):
+            os.unlink(target)  # replaced between the check and the link
+            raise ValueError(f"handed data file {handed!r} changed while it was linked")
+    finally:
+        os.close(fd)
+    path = data.data_path(folder, name, version)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.symlink(target, path)
+    _drop_older(folder, name, version)
+
+
+def _drop_older(folder: str, name: str, version: int) -> None:
     for entry in os.listdir(folder):  # older versions: job processes keep their mappings
         stem, _, ver = entry.rpartition(".")
         if stem == name and ver.isdigit() and int(ver) < version:
@@ -403,34 +445,6 @@ def _remove_data(path: str) -> None:
             os.unlink(os.readlink(path))
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-#: Where put() data goes when it fits in memory (tmpfs): written 5x faster than
-#: to a disk's page cache, and mapped by job processes all the same.
-SHM_BASE = "/dev/shm"
-
-
-def shared_memory_folder() -> str | None:
-    """This node's private folder in shared memory (None if there is none to use);
-    folders left by this user's earlier nodes that are gone are removed."""
-    if not os.path.isdir(SHM_BASE) or not os.access(SHM_BASE, os.W_OK):
-        return None
-    prefix = f"dispy-node-{os.geteuid()}-"
-    for entry in os.listdir(SHM_BASE):
-        pid = entry[len(prefix) :]
-        if entry.startswith(prefix) and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            path = os.path.join(SHM_BASE, entry)
-            try:  # (another node starting now may be removing it too)
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
-                shutil.rmtree(path, ignore_errors=True)
-    try:
-        return private_dir(os.path.join(SHM_BASE, prefix + str(os.getpid())), "shared memory")
-    except (DispyError, OSError) as exc:
-        logger.warning("put() data goes to disk: %s", exc)
-        return None
 
 
 class NodeServer:
@@ -511,7 +525,7 @@ class NodeServer:
         except OSError as exc:
             raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
         try:
-            self.shm_dir = await asyncio.to_thread(shared_memory_folder)
+            self.shm_dir = await asyncio.to_thread(data.shared_memory_folder, "node")
         except OSError as exc:  # never a reason not to serve: put() data goes to disk
             logger.warning("put() data goes to disk: %s", exc)
         store = os.path.join(self.dest_path, STORE_FILE)
@@ -648,6 +662,8 @@ class NodeServer:
             "cpus": self.cpus,
             "platform": platform.platform(),
             "version": __version__,
+            # a client with the same id may name put() data files instead of sending them
+            "host": data.host_id() if self.shm_dir else None,
             "avail": self.avail_info(),
         }
 

@@ -155,8 +155,13 @@ def authenticated(node) -> tuple[socket.socket, Connection]:
         conn.send(Kind.INFO_REQ, {})
         sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
         [msg] = recv_messages(sock, conn)
-        assert msg.kind == Kind.INFO and msg.ctl["cpus"] == 2 or getattr(node, "kind", "") == (
-            "dispyscheduler"  # it counts the CPUs of the nodes it has found so far
+        assert (
+            msg.kind == Kind.INFO
+            and msg.ctl["cpus"] == 2
+            or getattr(node, "kind", "")
+            == (
+                "dispyscheduler"  # it counts the CPUs of the nodes it has found so far
+            )
         )
     except BaseException:
         sock.close()

@@ -238,7 +238,7 @@ def texts_in(entry: dict, segs: list) -> tuple[dict, list]:
         raise ProtocolError("a job's end names more texts than it has segments")
     entry = dict(entry)
     del entry["tx"]
-    for (name, is_text), seg in zip(moved.items(), segs):
+    for (name, is_text), seg in zip(moved.items(), segs[: len(moved)], strict=True):
         entry[name] = bytes(seg).decode("utf-8", "surrogatepass") if is_text else bytes(seg)
     return entry, segs[len(moved) :]
 

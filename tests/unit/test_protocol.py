@@ -35,6 +35,7 @@ from dispy.protocol import (
     HandshakeComplete,
     Kind,
     Message,
+    _framing,
     derive_key,
     field,
     join_segments,
@@ -42,7 +43,6 @@ from dispy.protocol import (
     split_segments,
     unpack_ctl,
 )
-from dispy.protocol import _framing
 from dispy.protocol._connection import NONCE_SIZE
 from dispy.protocol._framing import (
     ALIGN,

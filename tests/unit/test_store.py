@@ -244,7 +244,10 @@ def test_expire_deletes_old_results_and_computations(store_path):
         assert s.expire(now) == 0
         s.put("new", 1, {}, [b"z"])  # put at now + ~0
         s.flush(WAIT_S)
-        with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:  # age the first three rows
+        with (
+            contextlib.closing(sqlite3.connect(store_path)) as conn,
+            conn,
+        ):  # age the first three rows
             conn.execute("UPDATE results SET created = created - 1000 WHERE cid = 'old'")
             conn.execute("UPDATE computations SET updated = updated - 1000")
         conn.close()
