@@ -8,16 +8,11 @@
 See README.rst for the architecture (the route of a job) and the examples.
 """
 
+import importlib
 import logging
 
-from ._client import JobCluster
 from ._data import NodeData
-from ._executor import ClusterExecutor
-from ._invoker import invoker, proc_count
 from ._job import ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
-from ._local import LocalNode
-from ._recovery import recover_jobs
-from ._shared import SharedJobCluster
 from ._version import __version__
 from .errors import (
     AuthenticationFailed,
@@ -28,7 +23,39 @@ from .errors import (
     ProtocolError,
     SubmitError,
 )
-from .httpd import DispyHTTPServer
+
+#: Imported on first use, not with the package: the daemons' processes (a node's
+#: computation process above all) import dispy's modules but never the client,
+#: and its imports (asyncio, ssl, the monitor...) cost ~0.15 s at every start.
+_LAZY = {
+    "JobCluster": "._client",
+    "ClusterExecutor": "._executor",
+    "invoker": "._invoker",
+    "proc_count": "._invoker",
+    "LocalNode": "._local",
+    "recover_jobs": "._recovery",
+    "SharedJobCluster": "._shared",
+    "DispyHTTPServer": ".httpd",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):  # dispy.httpd and the other submodules, as before
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 class _UntilConfigured(logging.StreamHandler):

@@ -39,6 +39,7 @@ import uuid
 import weakref
 
 import cloudpickle
+import psutil
 
 from . import _loop, config, discovery, serialize, transport
 from ._data import NodeData, check_name, data_path
@@ -702,6 +703,10 @@ class _Engine:
     async def put(self, name: str, version: int, segs) -> list[str]:
         """Place data on every set-up node (nodes set up later get it then)."""
         self.data[name] = (version, segs)
+        if data_host_id() is not None and any(_on_this_host(lk.host) for lk in self.links.values()):
+            # a node here gets the file by name: write it now, while nodes set up
+            task = asyncio.get_running_loop().create_task(self.shm_file(name, version, segs))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
         # (links still setting up send engine.data themselves before they are ready)
         links = [lk for lk in self.links.values() if lk.ready and lk.chan is not None]
         results = await asyncio.gather(
@@ -1016,6 +1021,13 @@ class _Engine:
             job.status = jobstate.next_status(job.status, event)
             job.exception = "the cluster was closed before the job ended"
             self._complete(job, None)
+
+
+def _on_this_host(host: str) -> bool:
+    """Whether ``host`` (as given in nodes=) is a loopback address or one of this host's."""
+    if host == "localhost" or host.startswith("127."):
+        return True
+    return host in {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
 
 
 def _written(task: asyncio.Task) -> tuple[str, int] | None:

@@ -314,14 +314,18 @@ def _setup_failure(ctl_chan: BlockingChannel, text: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    import cloudpickle  # only needed here, not in the daemon
+
     ctl_sock = socket.socket(fileno=int(argv[1]))
     chan = BlockingChannel(ctl_sock)
-    msg = chan.recv()
+    try:  # (a spare started ahead waits here until a client's computation comes)
+        msg = chan.recv()
+    except ConnectionClosed:  # the daemon stopped before a computation came
+        return
     ctl = msg.ctl
     comp_dir = ctl["dir"]
     os.chdir(comp_dir)
     sys.path.insert(0, comp_dir)
-    import cloudpickle  # only needed here, not in the daemon
 
     # a fresh __main__ before unpickling: by-value code may refer to it
     sys.modules["__main__"] = types.ModuleType("__main__")

@@ -161,6 +161,25 @@ class Worker:
             pass
 
 
+def start_computation_process(cwd: str) -> tuple[subprocess.Popen, socket.socket]:
+    """A new computation process (``dispynode._computation``), and the daemon's end
+    of its control socket; it imports what it needs, then waits for its C_LOAD."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dispynode._computation", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
+
+
 class Computation:
     """A computation set up on this node for one client session."""
 
@@ -198,16 +217,8 @@ class Computation:
         bytes of pickled setup arguments (NodeAllocate.setup_args)."""
         if self.ready or self._proc is not None:
             raise ValueError(f"computation {self.cid} is already set up")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "dispynode._computation", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
+        spare = self.node.take_spare()
+        self._proc, ours = spare if spare is not None else start_computation_process(self.dir)
         self._ctl = await transport.open_local(ours)
         self._ctl.on_message = self._on_ctl
         self._ctl.on_close = self._on_ctl_close
@@ -331,6 +342,7 @@ class Computation:
         self.ready = False
         self.node.computations.pop(self.cid, None)
         self.node.closed_cids.append(self.cid)
+        self.node.start_spare()  # if it was the last one: ready for the next client
         error = ""
         if self._ctl is not None and not self._ctl.is_closed:
             if not terminate:

@@ -276,3 +276,42 @@ def test_long_outputs_arrive_whole(daemon):
         assert "v" * 2_500_000 in failing.exception and len(failing.stdout) == 5_000_000
         for j in many:
             assert j(timeout=120) == 4000 and j.stdout == "o\u00e9" * 2000
+
+
+def _computation_processes(daemon) -> set:
+    return {
+        p.pid
+        for p in daemon.children()
+        if any("dispynode._computation" in a for a in p.cmdline())
+    }
+
+
+def _wait_for(condition, timeout=30.0, what="condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)  # polling a process table: there is nothing to wait on
+    return value
+
+
+def test_a_computation_process_waits_ready_for_the_first_client(node_factory):
+    """A node with no computation keeps one computation process started ahead
+    (its interpreter and imports done), so a client's COMPUTE does not wait for
+    them; none is kept while a computation runs (no idle memory then); none
+    is left when the node stops (#16/#22 start-up)."""
+    import psutil
+
+    node = node_factory(cpus=1)
+    daemon = psutil.Process(node.proc.pid)
+    (spare,) = _wait_for(lambda: _computation_processes(daemon), what="a spare process")
+    with cluster_for(node, jobs.parent_pid) as cluster:
+        assert cluster.submit()(timeout=30) == spare  # the one started ahead
+        assert _computation_processes(daemon) == {spare}  # no new spare meanwhile
+    (again,) = _wait_for(
+        lambda: _computation_processes(daemon) - {spare}, what="a new spare process"
+    )
+    assert psutil.pid_exists(again)
+    node.stop()
+    assert not psutil.pid_exists(again) or psutil.Process(again).status() == "zombie"
