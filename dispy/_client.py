@@ -603,18 +603,25 @@ class _Engine:
         self.add_links(self.specs)
         if self.patterns:
             await self.discover(self.patterns, self.specs)
+        elif self.links:  # hear named nodes that start later
+            try:
+                await self.discover([], self.specs)
+            except OSError as exc:
+                logger.debug("not listening for node announcements: %s", exc)
         if not self.links and not self.patterns:
             self.fatal = "no nodes to use: give nodes=[...] names or addresses, or nodes='local'"
             logger.error("%s", self.fatal)
 
     async def discover(self, patterns, specs) -> None:
         """Look for nodes matching ``patterns``; ask the named hosts in ``specs`` too
-        (relays answer for their networks)."""
+        (relays answer for their networks).  With no patterns, only listen: a
+        named node that starts later announces itself, and its link connects then."""
         c = self.cluster
         if self.finder is None:
             self.finder = NodeFinder(
                 self.key,
                 self.discovered,
+                on_heard=self.heard,
                 ip_addrs=c._ip_addrs,
                 client_port=c._client_port,
                 ext_ip_addr=c._ext_ip_addr,
@@ -640,6 +647,12 @@ class _Engine:
                 return
         logger.info("discovered node %s:%s", ip, port)
         self.add_links([(ip, port, alloc)])
+
+    def heard(self, ip: str, port: int) -> None:
+        """A node announced itself: a link waiting to reconnect to it tries now."""
+        for link in self.links.values():
+            if link.port == port and ip in (link.host, link.node.ip_addr) and link.chan is None:
+                link.wake()
 
     def claim(self, nid, link: _NodeLink) -> bool:
         """A link learned its node's run id: False if another live link has that node."""

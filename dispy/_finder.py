@@ -37,6 +37,7 @@ class NodeFinder:
         key: bytes,
         on_node,
         *,
+        on_heard=None,
         ip_addrs: list[str],
         client_port: int = config.CLIENT_PORT,
         ext_ip_addr: str | None = None,
@@ -46,6 +47,7 @@ class NodeFinder:
         self.key = key
         self.multicast = multicast  # ipv4_udp_multicast: the group, not broadcast
         self.on_node = on_node
+        self.on_heard = on_heard  # on_heard(ip, port): any node announced itself
         self.ip_addrs = ip_addrs
         self.client_port = client_port
         self.ext_ip_addr = ext_ip_addr
@@ -135,6 +137,8 @@ class NodeFinder:
             raise ValueError("malformed announcement")
         if ip.startswith("127.") and not addr[0].startswith("127."):
             raise ValueError(f"a loopback address ({ip}) heard from {addr[0]}")
+        if self.on_heard is not None:
+            self.on_heard(ip, port)
         for pat, _, alloc in self.patterns:
             if discovery.matches(ip, [pat]):
                 self.on_node(ip, port, nid, alloc)

@@ -28,6 +28,9 @@ from .protocol import Kind
 
 #: Pulses a node may miss before it is cut off; also the liveness window.
 MISSED_PULSES = 5
+#: Longest wait between two attempts to connect to a node that does not answer;
+#: a node's announcement (it started) ends the wait at once.
+MAX_BACK_OFF = 10.0
 
 
 def read_chunk(path: str, offset: int, size: int) -> bytes:
@@ -43,6 +46,8 @@ class LinkBase:
     _log = logging.getLogger("dispy")
     #: errors after which reconnecting is pointless
     PERMANENT: tuple = (AuthenticationFailed, IncompatibleVersion)
+    #: seconds before the second attempt to connect (then doubled, up to MAX_BACK_OFF)
+    FIRST_BACK_OFF = 0.5
 
     def _init_link(self, log: logging.Logger) -> None:
         self._log = log
@@ -53,6 +58,7 @@ class LinkBase:
         self.suspect = False  # connection lost, within the liveness window: jobs wait
         self._grace: asyncio.TimerHandle | None = None
         self.last_heard = time.monotonic()
+        self._wake = asyncio.Event()  # set: try to connect now, not after the back-off
 
     def __repr__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -81,13 +87,13 @@ class LinkBase:
     async def run(self) -> None:
         """Connect, serve, and reconnect (with back-off) until closed or a permanent error.
         A connection that was in use is tried again at once."""
-        delay = 0.5
+        delay = self.FIRST_BACK_OFF
         warned = False
         while not self._closing:
             live = False
             try:
                 await self._session()
-                delay = 0.5
+                delay = self.FIRST_BACK_OFF
             except self.PERMANENT as exc:
                 self._permanent(exc)
                 return
@@ -117,8 +123,20 @@ class LinkBase:
                 return
             if live and self.suspect:
                 continue
-            await asyncio.sleep(min(delay, 0.5) if self.suspect else delay)  # back-off
-            delay = min(delay * 2, 10.0)
+            await self._back_off(min(delay, 0.5) if self.suspect else delay)
+            delay = min(delay * 2, MAX_BACK_OFF)
+
+    async def _back_off(self, seconds: float) -> None:
+        """Wait before connecting again: ``seconds``, or until ``wake()``."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def wake(self) -> None:
+        """The node announced itself (it started, or is free): connect now if waiting."""
+        self._wake.set()
 
     # -- one connection -------------------------------------------------------------------
     def _attach(self, chan) -> asyncio.Future:

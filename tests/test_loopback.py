@@ -315,3 +315,26 @@ def test_a_computation_process_waits_ready_for_the_first_client(node_factory):
     assert psutil.pid_exists(again)
     node.stop()
     assert not psutil.pid_exists(again) or psutil.Process(again).status() == "zombie"
+
+
+def test_a_named_node_that_starts_later_is_used_when_it_announces(node_factory, monkeypatch, caplog):
+    """#16: a client waiting for a named node connects when the node announces
+    itself at its start, not at its next retry (here set 60 s away)."""
+    import socket
+    import time
+
+    from dispy._link import LinkBase
+
+    monkeypatch.setattr(LinkBase, "FIRST_BACK_OFF", 60.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "a later node's secret"
+    with dispy.JobCluster(jobs.double, nodes=[f"127.0.0.1:{port}"], secret=secret) as cluster:
+        job = cluster.submit(21)
+        deadline = time.monotonic() + 30
+        while not any("retrying" in r.getMessage() for r in caplog.records):  # first try failed
+            assert time.monotonic() < deadline, "the client never tried the node"
+            time.sleep(0.02)
+        node_factory(cpus=1, secret=secret, discoverable=True, extra_args=["--node_port", str(port)])
+        assert job(timeout=20) == 42  # long before the 60 s retry
