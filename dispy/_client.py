@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import copy
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -1477,6 +1478,7 @@ class JobCluster:
         ordered: bool = True,
         star: bool = False,
         progress: bool | None = False,
+        chunksize: int = 1,
     ):
         """Run the computation on each item of ``iterable``, lazily: at most
         ``max_pending`` jobs are in flight at once (default 2 x the cluster's
@@ -1485,8 +1487,13 @@ class JobCluster:
         Yields results in input order (``ordered=False``: as jobs end).  Each
         item is one argument, or (``star=True``) a tuple of arguments.  A job
         that does not finish raises ``JobFailed`` (with ``.job``).  ``progress``:
-        as for ``wait``.
+        as for ``wait``.  ``chunksize=N`` (as in ``concurrent.futures``): each
+        job runs the computation on N items in turn and returns their results
+        together, for items too small to be worth a job each; a failing item
+        fails its whole chunk (the error says which item).
         """
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
         if progress is None:
             progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
         bar = _Progress(self) if progress else None
@@ -1500,6 +1507,13 @@ class JobCluster:
 
         def fill() -> None:
             while len(window) < max_pending:
+                if chunksize > 1:
+                    chunk = list(itertools.islice(items, chunksize))
+                    if not chunk:
+                        return
+                    calls = [tuple(item) for item in chunk] if star else [(i,) for i in chunk]
+                    window.append(self._submit(None, (calls,), {}, more_opts={"m": 1}))
+                    continue
                 try:
                     item = next(items)
                 except StopIteration:
@@ -1520,7 +1534,10 @@ class JobCluster:
             fill()
             if bar is not None:
                 bar.draw(final=not window)
-            yield job.future.result()
+            if chunksize > 1:
+                yield from job.future.result()
+            else:
+                yield job.future.result()
 
     def counts(self) -> dict:
         """Job counts: submitted, ended, failed (ended but not Finished), pending

@@ -78,6 +78,17 @@ class _Runner:
         except BaseException as exc:  # the user's code may raise anything, SystemExit too
             return jobstate.Terminated, None, _format_exc(exc)
 
+    def run_chunk(self, items):
+        """``cluster.map(..., chunksize=N)``: each item's argument tuple in turn; the
+        list of their results, or the first failure (which item, and why)."""
+        results = []
+        for i, item in enumerate(items):
+            status, result, exc_text = self.run(item, {})
+            if status != jobstate.Finished:
+                return status, None, f"item {i} of the chunk: {exc_text}"
+            results.append(result)
+        return jobstate.Finished, results, None
+
 
 class _JobContext:
     """The running job, for the ``dispy_*`` functions its code calls."""
@@ -200,7 +211,10 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
                 del msg
                 sys.stdout, sys.stderr = out, err
                 try:
-                    status, result, exc_text = runner.run(args, kwargs)
+                    if ctl.get("m"):
+                        status, result, exc_text = runner.run_chunk(args[0])
+                    else:
+                        status, result, exc_text = runner.run(args, kwargs)
                 finally:
                     sys.stdout, sys.stderr = real_out, real_err
                 del args, kwargs

@@ -70,7 +70,8 @@ class Worker:
         self.job = job
         job.worker = self
         lens, flat = join_segments([job.payload])
-        self.chan.send(Kind.W_JOB, {"j": job.jid, "s": lens}, flat)
+        ctl = {"j": job.jid, "s": lens, "m": 1} if job.chunk else {"j": job.jid, "s": lens}
+        self.chan.send(Kind.W_JOB, ctl, flat)
         job.payload = None
         if job.timeout:
             job.timer = asyncio.get_running_loop().call_later(job.timeout, self._time_out, job)

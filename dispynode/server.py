@@ -75,9 +75,12 @@ class NodeJob:
         "timer",
         "timed_out",
         "handed_back",
+        "chunk",
     )
 
-    def __init__(self, comp: Computation, jid: int, payload: list, timeout: float = 0) -> None:
+    def __init__(
+        self, comp: Computation, jid: int, payload: list, timeout: float = 0, chunk: bool = False
+    ) -> None:
         self.comp = comp
         self.jid = jid
         self.payload = payload
@@ -87,6 +90,7 @@ class NodeJob:
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.handed_back = ""  # why it is stopped and handed back (service hours ended)
+        self.chunk = chunk  # cluster.map(chunksize=): the job's argument is a list of items
 
 
 class Session(SessionBase):
@@ -161,9 +165,10 @@ class Session(SessionBase):
                 continue
             timeout = field(opts, "t", (int, float), default=0)
             files = field(opts, "f", list, default=[])
+            chunk = bool(field(opts, "m", int, default=0))
             if len(files) >= n:
                 raise ProtocolError("job has more files than segments")
-            job = NodeJob(comp, jid, part[len(files) :], timeout)
+            job = NodeJob(comp, jid, part[len(files) :], timeout, chunk)
             if files:
                 files_jobs.append((job, list(zip(files, part[: len(files)], strict=True))))
             else:

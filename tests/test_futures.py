@@ -94,6 +94,28 @@ def test_map_unordered_star_and_failures(node):
         list(cluster.map(["x"]))
 
 
+def test_map_in_chunks(node):
+    """#16: ``cluster.map(..., chunksize=N)``: N items per job, results in order
+    (or as chunks end), ``star`` tuples, a failing item failing its chunk with
+    which item it was, bad sizes refused."""
+    with cluster_for(node, jobs.double) as cluster:
+        assert list(cluster.map(range(2503), chunksize=100)) == [2 * i for i in range(2503)]
+        before = cluster.counts()["submitted"]
+        assert list(cluster.map(range(10), chunksize=4, max_pending=1)) == list(range(0, 20, 2))
+        assert cluster.counts()["submitted"] - before == 3  # 4 + 4 + 2 items
+        got = sorted(cluster.map(iter(range(50)), chunksize=7, ordered=False))
+        assert got == [2 * i for i in range(50)]
+        for bad in (0, -1, 2.5):
+            with pytest.raises(ValueError, match="chunksize"):
+                list(cluster.map([1], chunksize=bad))
+    with cluster_for(node, jobs.add) as cluster:
+        assert list(cluster.map([(1, 2), (3, 4), (5, 6)], star=True, chunksize=2)) == [3, 7, 11]
+    with cluster_for(node, jobs.fail) as cluster, pytest.raises(JobFailed) as info:
+        list(cluster.map(["x", "y", "z"], chunksize=3))
+    assert "item 0 of the chunk" in str(info.value.job.exception)
+    assert "ValueError: x" in info.value.job.exception
+
+
 def test_cluster_executor(node):
     with dispy.ClusterExecutor(nodes=[node.address], secret=node.secret) as ex:
         assert ex.submit(pow, 2, 10).result(30) == 1024
@@ -153,3 +175,17 @@ def test_no_progress_line_when_not_a_terminal(node, capsys):
         cluster.submit(1)
         assert cluster.wait(timeout=60)  # progress=None: stderr is not a TTY here
     assert "done" not in capsys.readouterr().err
+
+
+def test_map_in_chunks_through_either_daemon(daemon):
+    """The chunk option reaches the job process from a client, and through a
+    dispyscheduler."""
+    if daemon.kind == "dispynode":
+        cluster = dispy.JobCluster(jobs.double, nodes=[daemon.address], secret=daemon.secret)
+    else:
+        cluster = dispy.SharedJobCluster(
+            jobs.double, scheduler_node="127.0.0.1", scheduler_port=daemon.port,
+            secret=daemon.secret, recover_file=False,
+        )  # fmt: skip
+    with cluster:
+        assert list(cluster.map(range(1000), chunksize=64)) == [2 * i for i in range(1000)]
