@@ -64,7 +64,6 @@ from .errors import (
     ConnectionClosed,
     DispyError,
     IncompatibleVersion,
-    JobFailed,
     ProtocolError,
     SubmitError,
 )
@@ -923,15 +922,7 @@ class _Engine:
             self.recover.jobs_done((job._uid,))
         job._segs = None
         self.cluster._job_ended(job, node)  # counts first: job() returns after them
-        job._end.set()
-        if not job.future.done():  # a cancelled future is done already
-            if job.status == jobstate.Finished:
-                job.future.set_result(job.result)
-            else:
-                name = jobstate.NAMES.get(job.status, job.status)
-                job.future.set_exception(
-                    JobFailed(job, f"job {job.id!r} {name}: {job.exception or 'no reason given'}")
-                )
+        job._ended()
 
     def _abandon(self, job: DispyJob, reason: str) -> None:
         if job.status not in jobstate.TERMINAL:
@@ -1188,6 +1179,7 @@ class JobCluster:
         self._incoming: collections.deque = collections.deque()
         self._wake_scheduled = False
         self._done_cond = threading.Condition()
+        self._end_cond = threading.Condition()  # every job's end (DispyJob.finish) waits on it
         self._unfinished = 0
         self._submitted = self._ended = self._failed = 0
         self._data_versions: dict[str, int] = {}
