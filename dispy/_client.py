@@ -56,6 +56,7 @@ from ._paths import write_chunk
 from ._recover import RecoverFile
 from ._recovery import default_path as _default_recover_path
 from ._recovery import job_blob
+from ._tasks import spawn
 from .core import jobstate
 from .core.scheduler import Scheduler
 from .errors import (
@@ -718,8 +719,7 @@ class _Engine:
         self.data[name] = (version, segs)
         if data_host_id() is not None and any(_on_this_host(lk.host) for lk in self.links.values()):
             # a node here gets the file by name: write it now, while nodes set up
-            task = asyncio.get_running_loop().create_task(self.shm_file(name, version, segs))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            spawn(self.shm_file(name, version, segs), f"writing put() data {name!r}")
         # (links still setting up send engine.data themselves before they are ready)
         links = [lk for lk in self.links.values() if lk.ready and lk.chan is not None]
         results = await asyncio.gather(
@@ -911,7 +911,7 @@ class _Engine:
             await asyncio.wait(tasks)
             self._complete(job, node)
 
-        asyncio.get_running_loop().create_task(later())
+        spawn(later(), f"completing job {job.id!r} once its files are written")
 
     def _complete(self, job: DispyJob, node) -> None:
         """The job's one end: resolve its future, count it, queue its callbacks."""

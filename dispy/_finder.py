@@ -21,6 +21,7 @@ import asyncio
 import logging
 
 from . import config, discovery
+from ._tasks import spawn
 from .protocol._datagram import DatagramKind
 
 logger = logging.getLogger("dispy")
@@ -118,7 +119,7 @@ class NodeFinder:
                 targets = discovery.broadcast_targets([pat], self.ip_addrs)
                 self.reply.broadcast(DatagramKind.DISCOVER, body, port, targets)
         for host, port in probes:
-            asyncio.get_running_loop().create_task(self._probe(host, port, body))
+            spawn(self._probe(host, port, body), f"discovery request to {host}")
 
     async def _probe(self, host: str, port: int, body: dict) -> None:
         try:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from . import config
+from ._tasks import spawn
 from .errors import AuthenticationFailed, ConnectionClosed, DispyError, ProtocolError
 from .protocol import Connection, HandshakeComplete, Message
 
@@ -216,7 +217,7 @@ class Channel:
             transport.write(data)
         if self._queue:  # a large payload is next
             self._streaming = True
-            self._loop.create_task(self._stream_next())
+            spawn(self._stream_next(), f"streaming to {self.peer}", logger)
 
     async def _stream_next(self) -> None:
         try:
@@ -379,7 +380,7 @@ async def serve(
             evict(next(iter(waiting)), f"{max_unauth} connections authenticating (limit)")
         proto = ChannelProtocol(Connection("server", key, max_frame=max_frame), admit=admit)
         waiting[proto] = None
-        loop.create_task(_await_handshake(proto))
+        spawn(_await_handshake(proto), "a handshake", logger)
         return proto
 
     def admit(proto: ChannelProtocol) -> float:

@@ -38,6 +38,7 @@ from dispy import config, discovery, transport
 from dispy._data import check_name
 from dispy._paths import private_dir, safe_relpath
 from dispy._session import OPS, SessionBase
+from dispy._tasks import spawn
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import DispyError, ProtocolError
@@ -359,7 +360,7 @@ class Session(SessionBase):
             self._ops_task.cancel()
         if self._pulse_task is not None:
             self._pulse_task.cancel()
-        asyncio.get_running_loop().create_task(self._close_all())
+        spawn(self._close_all(), f"closing the computations of {self.peer}", logger)
 
     async def _close_all(self) -> None:
         """The connection ended without CLOSE: the client crashed, or the network

@@ -41,6 +41,7 @@ from dispy._finder import NodeFinder
 from dispy._link import MISSED_PULSES, LinkBase
 from dispy._paths import private_dir, safe_relpath, write_chunk
 from dispy._session import OPS, SessionBase
+from dispy._tasks import spawn
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.core.queues import ClusterQueue
@@ -924,7 +925,7 @@ class SchedulerServer:
         if comp.exclusive:  # it is ours now: others' jobs there finish, no new ones start
             self.owner[link.key] = comp.cid
         comp.setting_up.add(link.key)  # now: setup_done() answers the client's COMPUTE
-        asyncio.get_running_loop().create_task(link.setup(comp))
+        spawn(link.setup(comp), f"setting up {comp.name} on {link.key}", logger)
 
     def setup_everywhere(self, comp: Comp) -> None:
         for link in list(self.links.values()):
@@ -1176,7 +1177,7 @@ class SchedulerServer:
             elif job._node in self.links:
                 self.links[job._node].ack(comp.cid, cjid)
         if later:
-            asyncio.get_running_loop().create_task(self._ack_when_written(comp.cid, later))
+            spawn(self._ack_when_written(comp.cid, later), "acknowledging written results", logger)
 
     async def _ack_when_written(self, cid: str, acks: list) -> None:
         # with the writer's next batch: a commit per client ACK would undo the batching
