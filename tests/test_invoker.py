@@ -95,6 +95,17 @@ def test_a_failing_task_is_named(node_factory):
         assert "no score for user 3" in str(e.value)
 
 
+def test_a_failing_task_in_a_chunk_is_named(node_factory):
+    node = node_factory(cpus=1, secret="inv")
+    with dispy.invoker({"x": 1}, jobs.model_fails, nodes=[node.address], secret="inv") as inv:
+        results = inv.map(range(-8, 40), chunksize=8)
+        assert [next(results) for _ in range(8)] == list(range(-8, 0))
+        with pytest.raises(dispy.JobFailed, match=r"invoker task 11 \(arguments 3\) failed") as e:
+            next(results)  # the chunk 0..7 failed at its item 3
+        assert "no score for user 3" in str(e.value) and "of the chunk" not in str(e.value)
+        assert list(inv.map(range(5, 400), chunksize=4)) == list(range(5, 400))
+
+
 def test_a_model_that_cannot_be_pickled_fails_at_invoker():
     lock = threading.Lock()  # not picklable
     with pytest.raises(TypeError, match="invoker\\(\\): the model cannot be sent to the nodes"):
