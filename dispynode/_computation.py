@@ -37,10 +37,10 @@ import types
 
 from dispy import _data as dispy_data
 from dispy import serialize
+from dispy._channel import BlockingChannel
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
 from dispy.protocol import Kind, join_segments, split_segments, texts_out
-from dispy.transport import BlockingChannel
 
 
 def _format_exc(exc: BaseException, skip: int = 1) -> str:

@@ -223,3 +223,10 @@ def print_lots(n):
 def parent_pid(x=None):
     """The job process's parent: the node's computation process."""
     return os.getppid()
+
+
+def modules_loaded(names):
+    """Which of ``names`` the job process has imported."""
+    import sys
+
+    return [n for n in names if n in sys.modules]

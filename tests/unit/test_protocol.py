@@ -1298,7 +1298,13 @@ def test_unauthenticated_connection_buffers_little_until_the_handshake():
         client.receive(buf)
     for buf in client.take_output():
         server.receive(buf)
-    assert server.authenticated and len(server.decoder._buf) == STAGING_SIZE
+    assert server.authenticated and len(server.decoder._buf) == _framing.AUTH_STAGING_SIZE
+    # a small frame larger than that grows it to STAGING_SIZE, and arrives
+    for buf in server.take_output():
+        client.receive(buf)
+    client.send(Kind.JOBS, {"s": [100_000]}, [b"j" * 100_000])
+    (msg,) = feed(server, wire(client.take_output()), chunks=(7000,))
+    assert bytes(msg.payload) == b"j" * 100_000 and len(server.decoder._buf) == STAGING_SIZE
 
 
 # -- a large frame's buffer grows as its bytes arrive (#18 finding 6) ---------------------

@@ -1,0 +1,61 @@
+"""The trusted local channel for plain blocking code: a node's computation and
+job processes talk to their daemon through it.  Apart from ``transport`` so that
+those processes (every job process of a node is a fork of one) import no asyncio.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+
+from .errors import ConnectionClosed
+from .protocol import Connection, Message
+
+
+class BlockingChannel:
+    """The trusted local channel for plain blocking code (job processes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn = Connection("client", None, trusted=True)
+        self._events: collections.deque = collections.deque()
+
+    def send(self, kind: int, ctl: dict, payload=()) -> None:
+        self.conn.send(kind, ctl, payload)
+        # (an empty buffer, such as an empty file's payload, is left out: sendmsg
+        # of nothing but empty buffers sends 0 bytes, and this loop never ended)
+        bufs = [m for m in (memoryview(b).cast("B") for b in self.conn.take_output()) if m.nbytes]
+        while bufs:
+            n = self.sock.sendmsg(bufs[:512])
+            while n:
+                if n >= bufs[0].nbytes:
+                    n -= bufs[0].nbytes
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+
+    def recv(self) -> Message:
+        """The next message; raises ConnectionClosed at end of stream."""
+        while not self._events:
+            buf = self.conn.get_buffer()
+            n = self.sock.recv_into(buf)
+            del buf  # a view left alive would stop a large frame's buffer growing in place
+            if n == 0:
+                raise ConnectionClosed("local channel closed")
+            self._events.extend(self.conn.buffer_updated(n))
+        return self._events.popleft()
+
+    def recv_available(self) -> list:
+        """One read from the socket; the messages it completed (maybe none)."""
+        buf = self.conn.get_buffer()
+        n = self.sock.recv_into(buf)
+        del buf
+        if n == 0:
+            raise ConnectionClosed("local channel closed")
+        events = list(self._events) + self.conn.buffer_updated(n)
+        self._events.clear()
+        return events
+
+    def close(self) -> None:
+        self.sock.close()
