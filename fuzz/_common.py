@@ -26,12 +26,30 @@ Input layout of ``fuzz_datagram.py``: up to 8 records, each
 ``now offset u8 | length u16 | datagram``, decoded in turn by one
 ``DatagramDecoder`` (a cache of 4 nonces) at ``NOW + (offset - 128) / 2``
 seconds; a short last record takes what is left.
+
+Input layout of ``fuzz_node_handlers.py`` and ``fuzz_scheduler_handlers.py``:
+up to MAX_MESSAGES records, each ::
+
+    kind u8 | ctl_len u16 | ctl (msgpack) | payload_len u16 | payload
+
+(big-endian lengths; a length past the end takes what is left).  The kind
+byte ``b`` is ``SESSION_KINDS[b % 16]`` below 0xF0 (the ten kinds a client
+sends a node, then five it never sends: INFO, RESULTS, ERROR, W_RESULT and
+31), else ``b`` itself (an unknown kind).
+
+Input layout of ``fuzz_http.py``: the bytes a browser would send on one
+connection (request line, headers, body), as they are.
+
+Input layout of ``fuzz_config.py``: the content of a ``--config`` file, as it is.
 """
 
 from __future__ import annotations
 
+import copy
 import hmac
+import json
 import os
+import re
 import struct
 import sys
 
@@ -383,3 +401,454 @@ def datagram_seeds() -> list[bytes]:
         b"",
     ]
     return seeds
+
+
+# -- client sessions (node_handlers, scheduler_handlers) ------------------------------
+#: The kinds of the kind byte's low 4 bits: what a client sends a node, then kinds a
+#: client never sends (a node's replies, a job process's, one not defined).
+SESSION_KINDS = (
+    Kind.INFO_REQ,
+    Kind.COMPUTE,
+    Kind.FILE,
+    Kind.JOBS,
+    Kind.ACK,
+    Kind.CANCEL,
+    Kind.CLOSE,
+    Kind.PING,
+    Kind.DATA,
+    Kind.RESUME,
+    Kind.INFO,
+    Kind.RESULTS,
+    Kind.ERROR,
+    Kind.W_RESULT,
+    31,
+    Kind.INFO_REQ,  # (16 slots: the most common request twice)
+)
+MAX_MESSAGES = 24
+_U16 = struct.Struct("!H")
+
+
+def session_kind(byte: int) -> int:
+    return int(SESSION_KINDS[byte % 16]) if byte < 0xF0 else byte
+
+
+def session_input(messages) -> bytes:
+    """``messages``: (kind, control map or raw bytes, payload bytes) triples."""
+    out = b""
+    for kind, ctl, payload in messages:
+        byte = SESSION_KINDS.index(kind) if kind in SESSION_KINDS else kind
+        raw = ctl if isinstance(ctl, bytes) else pack_ctl(ctl)
+        out += bytes([byte]) + _U16.pack(len(raw)) + raw + _U16.pack(len(payload)) + payload
+    return out
+
+
+def parse_session_input(data: bytes):
+    """Yield (kind, control bytes, payload bytes) from a fuzz input (see the module doc)."""
+    pos, end = 0, len(data)
+    for _ in range(MAX_MESSAGES):
+        if pos >= end:
+            return
+        kind = session_kind(data[pos])
+        pos += 1
+        n = _U16.unpack_from(data, pos)[0] if end - pos >= 2 else 0
+        pos += 2
+        ctl = data[pos : pos + n]
+        pos += n
+        n = _U16.unpack_from(data, pos)[0] if end - pos >= 2 else 0
+        pos += 2
+        payload = data[pos : pos + n]
+        pos += n
+        yield kind, ctl, payload
+
+
+#: The handler targets' node (and scheduler) limit on a file's size.
+MAX_FILE_SIZE = 4096
+CID = "c0ffee42"
+
+
+def _jobs(cid: str, entries, segs) -> tuple:
+    lens = [len(s) for s in segs]
+    return (Kind.JOBS, {"c": cid, "j": entries, "s": lens}, b"".join(segs))
+
+
+def session_seeds(scheduler: bool = False) -> list[bytes]:
+    """Valid requests of every kind, alone and in the orders a client sends them, and
+    some that must be refused."""
+    c = CID
+    file1 = (Kind.FILE, {"c": c, "n": "compute", "p": "data/in.txt", "m": 0o640}, b"a" * 100)
+    file2 = (Kind.FILE, {"c": c, "n": "compute", "p": "data/in.txt", "o": 100}, b"b" * 60)
+    compute = (Kind.COMPUTE, {"c": c, "n": "compute", "sa": 5}, b"\x80\x05specN.args.")
+    if scheduler:
+        compute = (
+            Kind.COMPUTE,
+            {"c": c, "n": "compute", "sa": 5, "x": False, "r": True, "np": ["127.0.0.*", "n1"]},
+            b"\x80\x05specN.args.",
+        )
+    jobs = _jobs(c, [[1, 1], [2, 2, {"t": 5}], [3, 2, {"f": [["dep.txt", 0o644]]}]],
+                 [b"N.", b"ab", b"cd", b"dep", b"ef"])  # fmt: skip
+    pinned = _jobs(c, [[4, 1, {"n": "127.0.0.2"}], [5, 1, {"n": "nowhere:1"}]], [b"N.", b"N."])
+    padded = (Kind.JOBS, {"c": c, "j": [[6, 2]], "s": [4, -60, 3]}, b"abcd" + bytes(60) + b"efg")
+    ack = (Kind.ACK, {"c": c, "j": [1, 2, 3]}, b"")
+    cancel = (Kind.CANCEL, {"c": c, "j": [2, 3, 99]}, b"")
+    data = (Kind.DATA, {"c": c, "n": "table", "v": 1, "s": [4, 3], "t": 7}, b"\x80\x05N.xyz")
+    close = (Kind.CLOSE, {"c": c, "t": False}, b"")
+    close_t = (Kind.CLOSE, {"c": c, "t": True}, b"")
+    resume = (Kind.RESUME, {"c": c}, b"")
+    info = (Kind.INFO_REQ, {}, b"")
+    info_pulse = (Kind.INFO_REQ, {"pulse": 5.0}, b"")
+    ping = (Kind.PING, {"t": 1.5}, b"")
+    sessions = [
+        [info],
+        [info_pulse, ping],
+        [ping],
+        [file1],
+        [file1, file2, compute, jobs, ack, close],
+        [compute, jobs, cancel, ack, data, close_t],
+        [compute, data, pinned, padded, resume, close],
+        [jobs, ack, jobs, cancel],
+        [resume],
+        [file1, resume, close],
+        [compute, compute, close, resume],
+        [info, file1, file2, compute, jobs, data, ack, cancel, resume, ping, close],
+        # refused: too big, leaving the folder, bad ids, bad segment lengths
+        [(Kind.FILE, {"c": c, "p": "big.bin"}, bytes(MAX_FILE_SIZE + 1))],
+        [(Kind.FILE, {"c": c, "p": "x", "o": MAX_FILE_SIZE}, b"z")],
+        [(Kind.FILE, {"c": c, "p": "../outside.txt"}, b"x")],
+        [(Kind.FILE, {"c": c, "p": "/tmp/outside.txt"}, b"x")],
+        [(Kind.FILE, {"c": c, "p": "sub/../../x"}, b"x")],
+        [(Kind.FILE, {"c": "not/alnum", "p": "x"}, b"x")],
+        [(Kind.COMPUTE, {"c": "x" * 65, "n": "n"}, b"")],
+        [(Kind.COMPUTE, {"c": c, "n": "compute", "sa": 99}, b"short")],
+        [(Kind.JOBS, {"c": c, "j": [[1, 1]], "s": [5]}, b"abc")],
+        [(Kind.JOBS, {"c": c, "j": [[1, 0]], "s": []}, b"")],
+        [(Kind.JOBS, {"c": c, "j": [[1, 1, []]], "s": [1]}, b"x")],
+        [(Kind.DATA, {"c": c, "n": ".hidden", "v": 1, "s": [1]}, b"x")],
+        [(Kind.ACK, {"c": c, "j": []}, b""), (Kind.CANCEL, {"c": "other", "j": [1]}, b"")],
+        [(Kind.INFO_REQ, {"pulse": -1}, b""), (Kind.INFO_REQ, {"pulse": True}, b"")],
+        # kinds a client never sends, and a control part that is not a map
+        [(Kind.INFO, {}, b""), ping],
+        [(Kind.RESULTS, {"r": [], "s": []}, b"")],
+        [(0xF7, {}, b"")],
+        [(Kind.PING, b"\x92\x01\x02", b"")],
+    ]
+    return [session_input(s) for s in sessions]
+
+
+def node_seeds() -> list[bytes]:
+    return session_seeds(scheduler=False)
+
+
+def scheduler_seeds() -> list[bytes]:
+    return session_seeds(scheduler=True)
+
+
+# -- the HTTP monitor ---------------------------------------------------------------
+#: The token of the monitor that fuzz_http.py builds, and its port (the cookie's name).
+HTTP_TOKEN = "fuzz-Token_0123456789.abc~XYZ"
+HTTP_PORT = 8181
+HTTP_COOKIE = f"dispy_token_{HTTP_PORT}"
+
+
+def _request(line: str, headers=(), body: bytes = b"", eol: bytes = b"\r\n") -> bytes:
+    head = [line, *(f"{k}: {v}" for k, v in headers)]
+    if body and not any(k.lower() == "content-length" for k, _ in headers):
+        head.append(f"Content-Length: {len(body)}")
+    return eol.join(h.encode("latin-1") for h in head) + eol + eol + body
+
+
+def http_seeds() -> list[bytes]:
+    t = HTTP_TOKEN
+    cookie = ("Cookie", f"other=1; {HTTP_COOKIE}={t}")
+    bearer = ("Authorization", f"Bearer {t}")
+    xtoken = ("X-Dispy-Token", t)
+    host = ("Host", "127.0.0.1:8181")
+    json_ = ("Content-Type", "application/json")
+    seeds = [
+        _request("GET / HTTP/1.1", [host]),
+        _request(f"GET /?token={t} HTTP/1.1", [host]),
+        _request(f"GET /?token={t}x&token=a HTTP/1.1", [host]),
+        _request("GET /?token= HTTP/1.0"),
+        _request("GET / HTTP/1.1", [host, cookie]),
+        _request("GET / HTTP/1.1", [host, bearer, ("Connection", "keep-alive")]),
+        _request("GET /api/status HTTP/1.1", [host, bearer]),
+        _request("GET /api/status HTTP/1.1", [host, cookie]),
+        _request("GET /api/status HTTP/1.1", [host]),
+        _request("GET /api/status?token=" + t + " HTTP/1.1", [host]),
+        _request("GET /api/status HTTP/1.1", [host, ("Cookie", f"{HTTP_COOKIE}=wrong")]),
+        _request("GET /api/status HTTP/1.1", [host, ("Authorization", "Basic abc")]),
+        _request("GET /static/monitor.js HTTP/1.1", [host, cookie]),
+        _request("GET /static/monitor.css HTTP/1.1", [host, bearer]),
+        _request("GET /static/../httpd.py HTTP/1.1", [host, bearer]),
+        _request("GET /static/%2e%2e%2fhttpd.py HTTP/1.1", [host, bearer]),
+        _request("GET /static/index.html HTTP/1.1", [host, bearer]),
+        _request("GET /elsewhere HTTP/1.1", [host, bearer]),
+        _request("GET //api/status HTTP/1.1", [host, bearer]),
+        _request("POST /api/cancel HTTP/1.1", [host, bearer, json_], b'{"uid": 1}'),
+        _request("POST /api/cancel HTTP/1.1", [host, cookie, xtoken, json_], b'{"uid": 3}'),
+        _request("POST /api/cancel HTTP/1.1", [host, cookie, json_], b'{"uid": 1}'),
+        _request("POST /api/cancel HTTP/1.1", [host, json_], b'{"uid": 1}'),
+        _request("POST /api/cancel HTTP/1.1", [host, bearer], b'{"uid": true}'),
+        _request("POST /api/cancel HTTP/1.1", [host, bearer], b'{"uid": 123456789}'),
+        _request(
+            "POST /api/node HTTP/1.1",
+            [host, bearer],
+            b'{"node": "127.0.0.2:51348", "action": "deallocate"}',
+        ),
+        _request(
+            "POST /api/node HTTP/1.1", [host, bearer], b'{"node": "node-a", "action": "close"}'
+        ),
+        _request("POST /api/node HTTP/1.1", [host, bearer], b'{"node": "x", "action": "y"}'),
+        _request("POST /api/node HTTP/1.1", [host, bearer], b"[1, 2]"),
+        _request("POST /api/node HTTP/1.1", [host, bearer], b"\xff\xfe"),
+        _request("POST /api/nothing HTTP/1.1", [host, bearer], b"{}"),
+        _request("POST /api/cancel HTTP/1.1", [host, bearer]),
+        _request("POST /api/cancel HTTP/1.1", [host, bearer, ("Content-Length", "-1")]),
+        _request("POST /api/cancel HTTP/1.1", [host, bearer, ("Content-Length", "99999")]),
+        _request("POST /api/cancel HTTP/1.1", [host, bearer, ("Content-Length", "4")], b"{}"),
+        _request("HEAD / HTTP/1.1", [host, bearer]),
+        _request("PUT /api/cancel HTTP/1.1", [host, bearer]),
+        _request("GET / HTTP/2.0", [host]),
+        _request("GET / HTTP/1.1 extra", [host]),
+        _request("GET / FOO/1.1", [host]),
+        _request("GET /", []),
+        _request("GET / HTTP/1.1", [host, ("X-Long", "a" * 3000)]),
+        _request("GET / HTTP/1.1", [host, bearer], eol=b"\n"),
+        b"GET\r\n\r\n",
+        b"\r\n",
+        b"",
+    ]
+    return seeds
+
+
+# -- --config files -----------------------------------------------------------------
+CONFIG_SEEDS = [
+    # dispynode
+    'cpus = 4\nnode_port = 51348\nname = "node-1"\nip_addr = ["127.0.0.1", "::1"]\n'
+    'zombie_interval = 60.0\ndest_path = "/tmp/dispy"\nsecret_file = "/etc/dispy.key"\n'
+    "max_file_size = 1048576\nserve = -1\ndaemon = true\nno_discovery = false\n"
+    'service_start = "08:00"\nservice_stop = "18:30"\nhandshake_timeout = 10.0\n',
+    'certfile = "node.pem"\nkeyfile = "node.key"\ncafile = "ca.pem"\nclient_port = 51347\n'
+    'scheduler_host = "sched.example"\nipv4_udp_multicast = true\nmax_unauth = 128\n',
+    # dispyscheduler
+    'nodes = ["127.0.0.2", "10.0.0.*"]\nport = 51349\nnode_port = 51348\n'
+    'node_secret_file = "/etc/n.key"\ncluster_secret_file = "/etc/c.key"\n'
+    "pulse_interval = 2.0\nping_interval = 30.0\nhttpd = true\nhttpd_port = 8181\n"
+    'httpd_host = "127.0.0.1"\nfair_cluster_scheduler = true\ndest_path = "/tmp/s"\n',
+    # refused: secrets, unknown or unsaved options, wrong types, a table
+    'secret = "hunter2"\n',
+    'node_secret = "hunter2"\n',
+    'cluster_secret = "x"\nadmin_secret = "y"\n',
+    'config = "other.toml"\n',
+    'policy = "fair"\n',
+    "msg_timeout = 5\n",
+    "no_such_option = 1\n",
+    'cpus = "4"\n',
+    "zombie_interval = 5\n",
+    "cpus = 4.5\n",
+    "port = 1e3\n",
+    "[node]\ncpus = 1\n",
+    "cpus = 2\ncpus = 3\n",
+    'ip_addr = "127.0.0.1"\n',
+    'name = { first = "a", second = [1, 2.5, true] }\n',
+    "dest_path = 1979-05-27T07:32:00Z\n",
+    'name = """multi\nline"""\nsecret_file = \'C:\\keys\\k\'\n',
+    "cpus = 0x10\nmax_file_size = 1_000_000\n",
+    "# only a comment\n",
+    "",
+    "cpus = \n",
+    'name = "caf\u00e9 \\u00e9"\n',
+]
+
+
+def config_seeds() -> list[bytes]:
+    # and a file that is not UTF-8
+    return [s.encode() for s in CONFIG_SEEDS] + [b'name = "caf\xe9"\n']
+
+
+# -- a mutator that knows the session layout ------------------------------------------
+#: The control fields the handlers read, and values worth trying in them.
+CTL_KEYS = ("c", "n", "p", "o", "m", "sa", "j", "s", "t", "v", "f", "z", "x", "r", "np", "pulse")
+ODD_VALUES = (
+    None, True, False, 0, -1, 1, 2, 7, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 0.5,
+    float("nan"), float("inf"), -0.0, "", CID, "other1", "x" * 65, "a/b", "../x", "/tmp/x",
+    ".", "a\x00b", b"", b"\x00\x01", [], {}, [0], [1, 1], [[1, 1]], [[1, 1, {}]],
+    [[2, 1, {"t": 1}]], [[3, 2, {"f": [["f.txt", 420]]}]], [[1]], [{}], {"t": 1}, {"m": 1},
+    msgpack.ExtType(1, b"x"),
+)  # fmt: skip
+
+
+def _containers(value, out: list) -> list:
+    """The maps and lists in ``value`` (itself included), depth first."""
+    if isinstance(value, dict | list):
+        out.append(value)
+        for v in value.values() if isinstance(value, dict) else value:
+            _containers(v, out)
+    return out
+
+
+def _mutate_message(rng, msgs: list) -> None:
+    msg = msgs[rng.randrange(len(msgs))]
+    op = rng.randrange(9)
+    if not isinstance(msg[1], dict):  # not a map (or not msgpack): start one
+        msg[1] = {}
+        op = 1
+    places = _containers(msg[1], [])
+    if op == 0 and msg[1]:  # drop a field
+        del msg[1][rng.choice(list(msg[1]))]
+    elif op == 1:  # set a field the handlers read
+        msg[1][rng.choice(CTL_KEYS)] = _odd(rng)
+    elif op == 2:  # replace a value anywhere (a job entry's id, a length, an option...)
+        place = rng.choice(places)
+        if place:
+            key = rng.choice(list(place)) if isinstance(place, dict) else rng.randrange(len(place))
+            place[key] = _odd(rng)
+    elif op == 3:  # a list grows or shrinks (jobs, lengths, ids)
+        lists = [p for p in places if isinstance(p, list)]
+        if lists:
+            lst = rng.choice(lists)
+            if lst and rng.random() < 0.5:
+                lst.append(lst[rng.randrange(len(lst))])
+            elif lst:
+                del lst[rng.randrange(len(lst))]
+            else:
+                lst.append(_odd(rng))
+    elif op == 4:  # another payload, and segment lengths that add up (or not)
+        n = rng.choice((0, 1, 2, 3, 60, 100, MAX_FILE_SIZE - 1, MAX_FILE_SIZE + 1))
+        msg[2] = bytes(rng.getrandbits(8) for _ in range(min(n, 64))) + bytes(max(0, n - 64))
+        cuts = sorted(rng.randrange(n + 1) for _ in range(rng.randrange(4)))
+        lens = [b - a for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+        if rng.random() < 0.3 and lens:
+            lens[rng.randrange(len(lens))] += rng.choice((-1, 1, -64))
+        msg[1]["s"] = lens
+    elif op == 5:  # a message again, or one less
+        i = rng.randrange(len(msgs))
+        if rng.random() < 0.5 and len(msgs) < MAX_MESSAGES:
+            msgs.insert(rng.randrange(len(msgs) + 1), [msgs[i][0], _copy(msgs[i][1]), msgs[i][2]])
+        elif len(msgs) > 1:
+            del msgs[i]
+    elif op == 6:  # two messages change places
+        i, j = rng.randrange(len(msgs)), rng.randrange(len(msgs))
+        msgs[i], msgs[j] = msgs[j], msgs[i]
+    elif op == 7:  # another kind, the same fields
+        msg[0] = rng.choice(SESSION_KINDS) if rng.random() < 0.9 else 0xF0 + rng.randrange(16)
+    else:  # a field of another message (its cid, its job list...)
+        src = msgs[rng.randrange(len(msgs))][1]
+        if isinstance(src, dict) and src:
+            key = rng.choice(list(src))
+            msg[1][key] = _copy(src[key])
+
+
+def _odd(rng):
+    return copy.deepcopy(rng.choice(ODD_VALUES))  # (the lists and maps get changed later)
+
+
+def _copy(value):
+    return copy.deepcopy(value)
+
+
+def session_mutator(data: bytes, max_size: int, seed: int, byte_mutate) -> bytes:
+    """Half of the time libFuzzer's own mutation of the bytes (``byte_mutate``);
+    otherwise one to three changes of the messages' structure: a field dropped, set
+    or given an odd value, a list grown or shrunk, a payload and its segment
+    lengths, a message repeated, dropped, moved or given another kind.  The
+    control parts stay msgpack, so what the handlers see past ``unpack_ctl`` is
+    explored, not only msgpack's errors."""
+    import random
+
+    rng = random.Random(seed)
+    if rng.random() < 0.5:
+        return byte_mutate(data, max_size)
+    msgs = []
+    for kind, raw, payload in parse_session_input(data):
+        try:
+            ctl = msgpack.unpackb(raw, raw=False, strict_map_key=False) if raw else {}
+        except Exception:  # (msgpack raises several types)
+            ctl = raw  # kept as it is
+        msgs.append([kind, ctl, payload])
+    if not msgs:
+        msgs = [[Kind.PING, {}, b""]]
+    try:
+        for _ in range(1 + rng.randrange(3)):
+            _mutate_message(rng, msgs)
+        out = session_input(msgs)
+    except (TypeError, ValueError, OverflowError, RecursionError):  # not encodable, too deep
+        return byte_mutate(data, max_size)
+    return out if len(out) <= max_size else byte_mutate(data, max_size)
+
+
+# -- a mutator that knows TOML (config) ----------------------------------------------
+CONFIG_ODD_VALUES = (
+    True, False, 0, 1, -1, 4, 2**63 - 1, -(2**63), 0.0, 5.5, float("nan"), float("inf"),
+    "", "x", "127.0.0.1", "/tmp/k", "08:00", [], ["a"], [1, "a"], [[]], {}, {"a": 1},
+)  # fmt: skip
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def toml_value(value) -> str:
+    """``value`` in TOML (the types tomllib reads)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)  # (nan, inf and -inf are TOML too)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: the same escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return value.isoformat()  # datetime, date, time
+
+
+def _key_variant(rng, key: str) -> str:
+    op = rng.randrange(6)
+    if op == 0:
+        return key.replace("_", "-") if "_" in key else key.replace("-", "_")
+    if op == 1:
+        return key.upper() if key.islower() else key.lower()
+    if op == 2:
+        return key + rng.choice(("_file", "s", "_", "x"))
+    if op == 3:
+        return key[: -rng.randrange(1, 3)] or key
+    if op == 4:
+        return rng.choice(("node_", "cluster_", "admin_", "")) + key
+    return key.replace(rng.choice(key), "", 1) if key else key
+
+
+def config_mutator(data: bytes, max_size: int, seed: int, byte_mutate, options) -> bytes:
+    """Half of the time libFuzzer's own mutation of the bytes; otherwise, if the file
+    is TOML, one to three changes of its options (``options``: the parsers' option
+    names): one set to an odd value, dropped, renamed (dashes, case, suffixes,
+    prefixes), or given another's value; written back as TOML."""
+    import random
+    import tomllib
+
+    rng = random.Random(seed)
+    if rng.random() < 0.5:
+        return byte_mutate(data, max_size)
+    try:
+        doc = tomllib.loads(data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+        return byte_mutate(data, max_size)
+    for _ in range(1 + rng.randrange(3)):
+        op = rng.randrange(5)
+        keys = list(doc)
+        if op == 0 or not keys:
+            doc[rng.choice(options)] = copy.deepcopy(rng.choice(CONFIG_ODD_VALUES))
+        elif op == 1:
+            del doc[rng.choice(keys)]
+        elif op == 2:
+            key = rng.choice(keys)
+            doc[_key_variant(rng, key)] = doc.pop(key)
+        elif op == 3:
+            doc[rng.choice(keys)] = copy.deepcopy(doc[rng.choice(keys)])
+        else:
+            doc[rng.choice(keys)] = copy.deepcopy(rng.choice(CONFIG_ODD_VALUES))
+    try:
+        out = "".join(f"{_toml_key(k)} = {toml_value(v)}\n" for k, v in doc.items()).encode()
+    except (TypeError, ValueError, RecursionError):
+        return byte_mutate(data, max_size)
+    return out if len(out) <= max_size else byte_mutate(data, max_size)
