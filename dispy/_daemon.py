@@ -45,18 +45,41 @@ def load_config(p: argparse.ArgumentParser, path: str, not_saved: set) -> dict:
     try:
         with open(path, "rb") as f:
             cfg = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         p.error(f"cannot read --config {path}: {exc}")
+    except RecursionError:  # (found by fuzzing: brackets nested a thousand deep)
+        p.error(f"cannot read --config {path}: nested too deeply")
     known = {a.dest: a for a in p._actions}
     for key, value in cfg.items():
         if key not in known or key in not_saved:
             p.error(f"--config {path}: unknown option {key!r}")
         if "secret" in key and not key.endswith("_file"):
             p.error(f"--config {path}: put the secret in a --secret_file, not here")
-        want = known[key].type
-        if want is not None and not isinstance(value, want):
-            p.error(f"--config {path}: {key} must be a {want.__name__}")
+        cfg[key] = _config_value(p, path, key, value, known[key])
     return cfg
+
+
+def _config_value(p: argparse.ArgumentParser, path: str, key: str, value, action):
+    """A config file's value for ``action``, checked as its command-line form is."""
+    want = action.type
+    many = isinstance(action, argparse._AppendAction)  # repeatable: a list in the file
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if type(value) is not bool:
+            p.error(f"--config {path}: {key} must be true or false")
+        return value
+    values = value if many else [value]
+    if many and not isinstance(value, list):
+        p.error(f'--config {path}: {key} must be a list, e.g. {key} = ["..."]')
+    out = []
+    for v in values:
+        if want is float and type(v) is int:
+            v = float(v)  # 5 for 5.0
+        if type(v) is bool and want is not bool:
+            p.error(f"--config {path}: {key} must be a {(want or str).__name__}, not true/false")
+        if not isinstance(v, want or str):
+            p.error(f"--config {path}: {key} must be a {(want or str).__name__}")
+        out.append(v)
+    return out if many else out[0]
 
 
 def save_config(args: argparse.Namespace, path: str, prog: str, not_saved: set) -> None:

@@ -126,9 +126,7 @@ class ClusterInvoker:
                 sent.append(a)
                 yield (self.handle, *a)
 
-        results = self.cluster.map(
-            jobs(), star=True, max_pending=max_pending, chunksize=chunksize
-        )
+        results = self.cluster.map(jobs(), star=True, max_pending=max_pending, chunksize=chunksize)
         for i in itertools.count():
             try:
                 result = next(results)

@@ -236,6 +236,18 @@ def read_transaction(path: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
 
 
 # -- the writer -----------------------------------------------------------------------
+#: Errors of a write's data, not of the disk: retrying cannot help (``_salvage``).
+NEVER_WRITABLE = (
+    OverflowError,
+    TypeError,
+    ValueError,
+    sqlite3.InterfaceError,
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+)
+
+
 class _BatchWriter:
     """One SQLite connection and the thread that commits queued operations in batches.
 
@@ -459,6 +471,8 @@ class _BatchWriter:
                 ops = [op for op in batch if op is not _CANCELLED]
                 if batch:
                     failure = self._commit(ops)
+                    if isinstance(failure, NEVER_WRITABLE):
+                        failure, ops = self._salvage(ops)
                     with self._cond:
                         if failure is None:
                             self._committed = target
@@ -508,6 +522,25 @@ class _BatchWriter:
                 self._conn.close()
             except sqlite3.Error:
                 pass
+
+    def _salvage(self, ops: list) -> tuple[BaseException | None, list]:
+        """A batch failed on its data, not on the disk (a job id SQLite cannot store,
+        say): retrying it would fail for ever, and every later write with it.  Commit
+        its writes one by one and drop, logged, those that can never be written.
+        Returns (a failure of the disk, if one came, and the writes from there on)."""
+        for i, op in enumerate(ops):
+            failure = self._commit([op])
+            if failure is None:
+                continue
+            if not isinstance(failure, NEVER_WRITABLE):
+                return failure, ops[i:]
+            self._log.error(
+                "%s: a write that can never succeed was dropped (%s: %s)",
+                self._what, type(failure).__name__, failure,
+            )  # fmt: skip
+            with self._cond:
+                self._stats["dropped"] = self._stats.get("dropped", 0) + 1
+        return None, []
 
     def _commit(self, ops: list) -> BaseException | None:
         """Apply ``ops`` in one transaction; the exception if it failed (rolled back)."""

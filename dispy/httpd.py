@@ -133,6 +133,15 @@ def _node_address(node: DispyNode) -> str:
     return f"{node.ip_addr}:{node.port}"
 
 
+def _split(target: str) -> urllib.parse.SplitResult:
+    """A request's target as a URL; one ``urlsplit`` refuses (``GET \\0//a]``: "Invalid
+    IPv6 URL") is taken as a path that matches nothing (an answer of 401 or 404)."""
+    try:
+        return urllib.parse.urlsplit(target)
+    except ValueError:
+        return urllib.parse.SplitResult("", "", "/?", "", "")
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -202,7 +211,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         logger.debug("monitor %s: %s", self.client_address[0], format % args)
 
     def log_request(self, code="-", size="-") -> None:
-        path = urllib.parse.urlsplit(self.path).path
+        # (a request the standard library refused has no path yet)
+        path = _split(getattr(self, "path", "")).path
         logger.debug("monitor %s: %s %s %s", self.client_address[0], self.command, path, code)
 
     def _send(self, code: int, body: bytes, ctype: str, headers=()) -> None:
@@ -254,7 +264,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- GET ------------------------------------------------------------------------
     def do_GET(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
+        url = _split(self.path)
         path = url.path
         if path == "/":
             query = urllib.parse.parse_qs(url.query)
@@ -337,7 +347,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             self._json(400, {"ok": False, "error": "the body must be a JSON object"})
             return
-        path = urllib.parse.urlsplit(self.path).path
+        path = _split(self.path).path
         monitor = self.server.monitor
         if path == "/api/cancel":
             uid = body.get("uid")

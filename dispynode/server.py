@@ -42,7 +42,15 @@ from dispy._tasks import spawn
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import DispyError, ProtocolError
-from dispy.protocol import Kind, derive_key, field, join_segments, split_segments
+from dispy.protocol import (
+    Kind,
+    derive_key,
+    field,
+    job_id,
+    job_ids,
+    join_segments,
+    split_segments,
+)
 from dispy.protocol._datagram import DatagramKind
 
 from . import service as service_hours
@@ -97,6 +105,10 @@ class NodeJob:
 class Session(SessionBase):
     """One authenticated client connection and the computations it set up."""
 
+    #: a file that cannot be written (a path under a file, a name too long...) is
+    #: refused with the reason, as the scheduler does
+    REFUSED = (ProtocolError, ValueError, OSError)
+
     def __init__(self, node: NodeServer, chan: transport.Channel) -> None:
         self.node = node
         self.comps: dict[str, Computation] = {}
@@ -115,7 +127,7 @@ class Session(SessionBase):
         if kind == Kind.JOBS:
             self._jobs(ctl, msg.payload)
         elif kind == Kind.ACK:
-            self.node.ack(field(ctl, "c", str), field(ctl, "j", list))
+            self.node.ack(field(ctl, "c", str), job_ids(ctl))
         elif kind == Kind.INFO_REQ:
             pulse = field(ctl, "pulse", (int, float), default=0)
             if pulse:
@@ -130,7 +142,7 @@ class Session(SessionBase):
         elif kind == Kind.CANCEL:
             comp = self.comps.get(field(ctl, "c", str))
             if comp is not None:
-                for jid in field(ctl, "j", list):
+                for jid in job_ids(ctl):
                     self.node.cancel(comp, jid)
         elif kind == Kind.PING:
             self.chan.send(Kind.PONG, {})
@@ -152,9 +164,9 @@ class Session(SessionBase):
         for entry in field(ctl, "j", list):
             if not (isinstance(entry, list) and len(entry) in (2, 3)):
                 raise ProtocolError("job entry must be [job id, segment count, (options)]")
-            jid, n = entry[0], entry[1]
+            jid, n = job_id(entry[0]), entry[1]
             opts = entry[2] if len(entry) == 3 else {}
-            if not isinstance(jid, int) or not isinstance(n, int) or n < 1 or pos + n > len(segs):
+            if not isinstance(n, int) or n < 1 or pos + n > len(segs):
                 raise ProtocolError("bad job entry")
             if not isinstance(opts, dict):
                 raise ProtocolError("job options must be a map")
@@ -200,6 +212,8 @@ class Session(SessionBase):
         comp = self._comp_for_files(cid, field(ctl, "n", str, default="computation"))
         rel = safe_relpath(field(ctl, "p", str))
         offset = field(ctl, "o", int, default=0)
+        if offset < 0:
+            raise ProtocolError(f"file {rel!r}: negative offset {offset}")
         mode = field(ctl, "m", int, default=0o644) & 0o777
         size = offset + len(payload)
         if size > self.node.max_file_size:

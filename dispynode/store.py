@@ -327,6 +327,9 @@ class ResultStore:
 
     def _apply_run(self, conn: sqlite3.Connection, kind: str, ops: list) -> None:
         if kind == _PUT:
+            # a later put of a key in the same run replaces an earlier one (a job id
+            # sent twice in one JOBS frame made two puts: UNIQUE failed on chunks)
+            ops = list({(op[1], op[2]): op for op in ops}.values())
             # a put replaces: drop the parts of an earlier result with the same key
             conn.executemany(
                 "DELETE FROM chunks WHERE cid = ? AND jid = ?", [(op[1], op[2]) for op in ops]

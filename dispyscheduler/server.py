@@ -56,6 +56,8 @@ from dispy.protocol import (
     JOBS_PER_FRAME,
     Kind,
     field,
+    job_id,
+    job_ids,
     join_segments,
     result_entries,
     split_segments,
@@ -178,13 +180,13 @@ class ClientSession(SessionBase):
             cid = field(ctl, "c", str)
             comp = self.comps.get(cid)
             if comp is not None:
-                server.client_acks(comp, field(ctl, "j", list))
+                server.client_acks(comp, job_ids(ctl))
             elif cid in server.retired:
-                server.retired_acks(cid, field(ctl, "j", list))
+                server.retired_acks(cid, job_ids(ctl))
         elif kind == Kind.CANCEL:
             comp = self.comps.get(field(ctl, "c", str))
             if comp is not None:
-                for cjid in field(ctl, "j", list):
+                for cjid in job_ids(ctl):
                     server.cancel(comp, cjid)
         elif kind == Kind.INFO_REQ:
             pulse = field(ctl, "pulse", (int, float), default=0)
@@ -217,6 +219,8 @@ class ClientSession(SessionBase):
         comp = self._comp(field(ctl, "c", str), field(ctl, "n", str, default="computation"))
         rel = safe_relpath(field(ctl, "p", str))
         offset = field(ctl, "o", int, default=0)
+        if offset < 0:
+            raise ProtocolError(f"file {rel!r}: negative offset {offset}")
         mode = field(ctl, "m", int, default=0o644) & 0o777
         if offset + len(payload) > self.server.max_file_size:
             raise ValueError(f"file {rel!r} exceeds the scheduler's limit (--max_file_size)")
@@ -1038,7 +1042,7 @@ class SchedulerServer:
         for entry in field(ctl, "j", list):
             if not (isinstance(entry, list) and len(entry) in (2, 3)):
                 raise ProtocolError("job entry must be [job id, segment count, (options)]")
-            cjid, n = entry[0], entry[1]
+            cjid, n = job_id(entry[0]), entry[1]
             opts = entry[2] if len(entry) == 3 else None
             if not isinstance(cjid, int) or not isinstance(n, int) or n < 1 or pos + n > len(segs):
                 raise ProtocolError("bad job entry")

@@ -608,6 +608,25 @@ def test_unknown_ids_are_ignored(node):
     assert_node_serves(node)
 
 
+def test_files_that_cannot_be_written_are_refused_with_the_reason(node, caplog):
+    """Found by fuzzing (#18): a negative offset, or a path under a file, failed
+    the node's request with a traceback ("request failed"); each is refused with
+    its reason now, and the session goes on."""
+    sock, conn = authenticated(node)
+    with sock:
+        conn.send(Kind.FILE, {"c": "fz1", "n": "x", "p": "a", "o": -1}, [b"data"])
+        conn.send(Kind.FILE, {"c": "fz1", "n": "x", "p": "f", "o": 0}, [b"a file"])
+        conn.send(Kind.FILE, {"c": "fz1", "n": "x", "p": "f/under", "o": 0}, [b"data"])
+        conn.send(Kind.PING, {})
+        sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
+        msgs = recv_messages(sock, conn, 3)
+        errors = [m.ctl["r"] for m in msgs if m.kind == Kind.ERROR]
+        assert len(errors) == 2 and "negative offset" in errors[0], errors
+        assert any(m.kind == Kind.PONG for m in msgs)
+    assert not any("failed" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert_node_serves(node)
+
+
 def test_authenticated_peer_that_vanishes_mid_frame(node):
     sock, conn = authenticated(node)
     with sock:

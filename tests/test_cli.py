@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import dispy
 
 from . import jobs
@@ -174,3 +176,36 @@ def test_dispyscheduler_takes_dispy_4_15_options(tmp_path):
     cfg.write_text('node_secret = "x"\n')
     proc = _installed("dispyscheduler", "--config", str(cfg))
     assert proc.returncode == 2 and "secret" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"cpus = \xff\xfe\n", "cannot read"),  # not UTF-8
+        (b"x = " + b"[" * 1200 + b"]" * 1200 + b"\n", "cannot read"),  # nested too deeply
+        (b"cpus = true\n", "cpus must be a int, not true/false"),
+        (b'ip_addr = "10.0.0.1"\n', "ip_addr must be a list"),
+        (b"ip_addr = [1]\n", "ip_addr must be a str"),
+        (b'daemon = "yes"\n', "daemon must be true or false"),
+    ],
+)
+def test_bad_config_files_are_refused_with_a_reason(tmp_path, capsys, content, why):
+    """Found by fuzzing the config reader (#18): these crashed it or were taken
+    (cpus = true as 1, a string of addresses as a list of its letters)."""
+    from dispynode.main import parse_args
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(cfg)])
+    assert exit_info.value.code == 2
+    assert why in capsys.readouterr().err
+
+
+def test_config_takes_an_integer_for_a_float_option(tmp_path):
+    from dispynode.main import parse_args
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('zombie_interval = 5\nip_addr = ["127.0.0.1"]\n')
+    args = parse_args(["--config", str(cfg)])
+    assert args.zombie_interval == 5.0 and args.ip_addr == ["127.0.0.1"]

@@ -131,6 +131,34 @@ def test_requires_token(server):
     assert fetch(url + "/api/cancel", "POST", {"uid": 1})[0] == 401
 
 
+def _raw(server, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize(
+    "request_line, status",
+    [
+        (b"GET / HTTP/2.0", b"505"),  # refused by the standard library: no path yet
+        (b"GARBAGE", b"400"),
+        (b"GET \0//a] HTTP/1.1", b"401"),  # urlsplit refuses it: "Invalid IPv6 URL"
+        (b"POST \0//a] HTTP/1.1", b"401"),
+    ],
+)
+def test_odd_requests_get_an_answer(server, request_line, status):
+    """Found by fuzzing (#18): these crashed the handler (no answer, a traceback
+    per request); each gets its answer now, and the monitor serves on."""
+    answer = _raw(server, request_line + b"\r\nHost: x\r\n\r\n")
+    # (a request the standard library refuses is answered as HTTP/0.9: a body only)
+    code = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/") else answer
+    assert status in code, answer[:200]
+    assert fetch(base(server) + "/api/status", headers=bearer(server))[0] == 200
+
+
 def test_token_url_sets_cookie_and_page_has_token(server):
     code, headers, _ = fetch(server.url)
     assert code == 303 and headers["Location"] == "/"

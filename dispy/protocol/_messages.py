@@ -143,6 +143,23 @@ def field(ctl: dict, name: str, types, *, default=...):
     return value
 
 
+#: Job ids are counters: what SQLite stores as an integer (a larger one made a
+#: daemon's state file refuse every later write; found by fuzzing).
+MAX_JOB_ID = (1 << 63) - 1
+
+
+def job_id(value) -> int:
+    """``value`` as a job id (an int from 0 to MAX_JOB_ID), else ProtocolError."""
+    if type(value) is not int or not 0 <= value <= MAX_JOB_ID:
+        raise ProtocolError(f"job id {value!r:.40} is not an integer from 0 to 2**63-1")
+    return value
+
+
+def job_ids(ctl: dict, name: str = "j") -> list[int]:
+    """The list of job ids in field ``name`` (each checked)."""
+    return [job_id(v) for v in field(ctl, name, list)]
+
+
 def _tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 

@@ -1424,3 +1424,15 @@ def test_control_part_budget_of_containers():
     assert len(unpack_ctl(ok)["r"]) == MAX_CONTAINERS - 2
     with pytest.raises(ProtocolError, match="maps and arrays"):
         unpack_ctl(pack_ctl({"r": [[] for _ in range(MAX_CONTAINERS - 1)]}))
+
+
+def test_job_ids_are_checked():
+    """Found by fuzzing (#18): a job id SQLite cannot store (2**63), or one that is
+    not a number, broke the daemons' stores; refused as protocol errors."""
+    from dispy.protocol import job_id, job_ids
+
+    assert job_id(0) == 0 and job_id((1 << 63) - 1) == (1 << 63) - 1
+    assert job_ids({"j": [1, 2, 3]}) == [1, 2, 3]
+    for bad in (-1, 1 << 63, True, 1.0, "1", [1], {"a": 1}, None):
+        with pytest.raises(ProtocolError, match="job id"):
+            job_ids({"j": [1, bad]})

@@ -427,3 +427,29 @@ def test_a_dead_writer_thread_is_reported(store, caplog):
     assert any("writer thread failed" in r.getMessage() for r in caplog.records)
     with pytest.raises(StoreError, match="writer thread .* stopped on an error"):
         store.put("c", 2, {}, [b"y"])
+
+
+# -- writes that can never succeed (found by fuzzing, #18) --------------------------------
+def test_two_puts_of_one_job_in_one_batch_keep_the_last(store_path):
+    """A job id sent twice in one JOBS frame made two puts in one batch: the chunks'
+    UNIQUE constraint failed and the store retried that batch for ever."""
+    with ResultStore(store_path) as s:
+        s._writer._delay = 10.0  # both puts in one batch
+        s.put("c", 1, info(1), [b"first"])
+        s.put("c", 1, info(1), [b"second"])
+        assert s.flush(WAIT_S)
+        assert s.pending("c") == [(1, info(1), [b"second"])]
+
+
+def test_a_write_sqlite_cannot_store_is_dropped_not_retried_for_ever(store_path, caplog):
+    """A job id of 2**63 cannot be stored: its write is dropped (logged) and the
+    writes around it, before and after, are kept (they were retried for ever)."""
+    with ResultStore(store_path) as s, caplog.at_level(logging.ERROR):
+        s.put("c", 1, info(1), [b"ok"])
+        s.put("c", 1 << 63, info(2), [b"too big"])
+        assert s.flush(WAIT_S)
+        s.put("c", 3, info(3), [b"later"])
+        assert s.flush(WAIT_S)
+        assert [jid for jid, _, _ in s.pending("c")] == [1, 3]
+        assert s._writer.stats["dropped"] == 1
+    assert any("can never succeed" in r.getMessage() for r in caplog.records)
