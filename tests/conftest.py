@@ -137,6 +137,19 @@ _PROCESS_THREADS = ("dispy-loop", "asyncio_", "netns-")
 
 
 @pytest.fixture(autouse=True)
+def _recover_files_in_the_tests_folder(monkeypatch, tmp_path):
+    """A cluster's default recover file (``_dispy_<time>_<id>`` in the current
+    folder, as dispy's) goes to the test's own folder, not the checkout: the
+    3.11 and 3.13 suites share the checkout in CI, and one's files vanishing
+    under the other's copy of it once failed a run."""
+    from dispy import _client
+
+    monkeypatch.setattr(
+        _client, "_default_recover_path", lambda cid: str(tmp_path / f"_dispy_{cid[:8]}")
+    )
+
+
+@pytest.fixture(autouse=True)
 def _no_leaked_threads():
     """A test leaves no thread of its own running (every fixture's teardown has run
     by then: this one is set up first, so it is torn down last)."""
