@@ -355,6 +355,48 @@ async def drain_tasks(limit: float = SETTLE_LIMIT) -> None:
         await asyncio.sleep(0)
 
 
+async def run_session(owner, session_cls, replies, data: bytes, known, what: str) -> None:
+    """Feed one input's messages (``_common.parse_session_input``) to a new
+    ``session_cls(owner, channel)`` on a ``FakeChannel``, as the transport would:
+    control parts decoded first, a ``DispyError`` (or a ``known`` finding) closing
+    the connection; the loop settled after each message; the session closed at
+    the end.  ``what`` names the owner in a finding."""
+    import _common as C
+
+    from dispy.errors import ConnectionClosed, DispyError, ProtocolError
+    from dispy.protocol import Message, pack_ctl, unpack_ctl
+
+    chan = FakeChannel(replies, pack_ctl, ConnectionClosed)
+    session = session_cls(owner, chan)
+    owner.sessions.add(session)  # as the daemon's _on_client does
+    why = None
+    for kind, raw, payload in C.parse_session_input(data):
+        try:
+            ctl = unpack_ctl(raw)
+        except ProtocolError as exc:  # the connection fails before a session sees it
+            why = exc
+            break
+        try:
+            session.on_message(Message(kind, ctl, memoryview(payload)))
+        except DispyError as exc:  # the transport closes the connection
+            why = exc
+            break
+        except Exception as exc:
+            if not known.match(exc):
+                raise
+            why = ProtocolError(f"message {kind} could not be handled")  # as the transport
+            break
+        await settle(session)
+        if chan.is_closed:
+            break
+    await settle(session)
+    chan.close()
+    session.on_close(why)
+    await drain_tasks()
+    if session in owner.sessions:
+        raise Finding(f"the session is still registered with the {what} after its close")
+
+
 class SqliteFile:
     """A daemon's SQLite file (the node's result store, the scheduler's state), opened
     once for the process and shared by the inputs.  ``check()`` after each input: what

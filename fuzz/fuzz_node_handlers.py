@@ -65,8 +65,7 @@ with atheris.instrument_imports(include=["dispy", "dispynode"]):
     import _common as C
     import _harness as H
 
-    from dispy.errors import ConnectionClosed, DispyError, ProtocolError
-    from dispy.protocol import Kind, Message, pack_ctl, unpack_ctl
+    from dispy.protocol import Kind
     from dispynode.server import STORE_FILE, Computation, NodeServer, Session
     from dispynode.store import ResultStore, StoreError
 
@@ -114,43 +113,11 @@ asyncio.set_event_loop(LOOP)
 LOOP_ERRORS = H.LoopErrors(LOOP)
 
 
-async def run_session(node: NodeServer, data: bytes) -> None:
-    chan = H.FakeChannel(REPLIES, pack_ctl, ConnectionClosed)
-    session = Session(node, chan)
-    node.sessions.add(session)  # as NodeServer._on_client does
-    why = None
-    for kind, raw, payload in C.parse_session_input(data):
-        try:
-            ctl = unpack_ctl(raw)
-        except ProtocolError as exc:  # the connection fails before a session sees it
-            why = exc
-            break
-        try:
-            session.on_message(Message(kind, ctl, memoryview(payload)))
-        except DispyError as exc:  # the transport closes the connection
-            why = exc
-            break
-        except Exception as exc:
-            if not KNOWN.match(exc):
-                raise
-            why = ProtocolError(f"message {kind} could not be handled")  # as the transport
-            break
-        await H.settle(session)
-        if chan.is_closed:
-            break
-    await H.settle(session)
-    chan.close()
-    session.on_close(why)
-    await H.drain_tasks()
-    if session in node.sessions:
-        raise H.Finding("the session is still registered with the node after its close")
-
-
 def test_one_input(data: bytes) -> None:
     node = NodeServer(**NODE_ARGS)
     node.store = STORE.file
     try:
-        LOOP.run_until_complete(run_session(node, data))
+        LOOP.run_until_complete(H.run_session(node, Session, REPLIES, data, KNOWN, "node"))
     finally:
         H.clear_folder(DEST, keep=STORE_FILES)
     GUARD.check()

@@ -64,8 +64,7 @@ with atheris.instrument_imports(include=["dispy", "dispyscheduler"]):
     import _common as C
     import _harness as H
 
-    from dispy.errors import ConnectionClosed, DispyError, ProtocolError
-    from dispy.protocol import Kind, Message, derive_key, pack_ctl, unpack_ctl
+    from dispy.protocol import Kind, derive_key
     from dispyscheduler.server import STATE_FILE, ClientSession, SchedulerServer
     from dispyscheduler.state import SchedulerState, StateError
 
@@ -100,43 +99,13 @@ asyncio.set_event_loop(LOOP)
 LOOP_ERRORS = H.LoopErrors(LOOP)
 
 
-async def run_session(server: SchedulerServer, data: bytes) -> None:
-    chan = H.FakeChannel(REPLIES, pack_ctl, ConnectionClosed)
-    session = ClientSession(server, chan)
-    server.sessions.add(session)  # as SchedulerServer._on_client does
-    why = None
-    for kind, raw, payload in C.parse_session_input(data):
-        try:
-            ctl = unpack_ctl(raw)
-        except ProtocolError as exc:  # the connection fails before a session sees it
-            why = exc
-            break
-        try:
-            session.on_message(Message(kind, ctl, memoryview(payload)))
-        except DispyError as exc:  # the transport closes the connection
-            why = exc
-            break
-        except Exception as exc:
-            if not KNOWN.match(exc):
-                raise
-            why = ProtocolError(f"message {kind} could not be handled")  # as the transport
-            break
-        await H.settle(session)
-        if chan.is_closed:
-            break
-    await H.settle(session)
-    chan.close()
-    session.on_close(why)
-    await H.drain_tasks()
-    if session in server.sessions:
-        raise H.Finding("the session is still registered with the server after its close")
-
-
 def test_one_input(data: bytes) -> None:
     server = SchedulerServer(**SERVER_ARGS)
     server.state = STATE.file
     try:
-        LOOP.run_until_complete(run_session(server, data))
+        LOOP.run_until_complete(
+            H.run_session(server, ClientSession, REPLIES, data, KNOWN, "server")
+        )
     finally:
         for cid in list(server.comps) + list(server.retired):
             server.state.drop_comp(cid)

@@ -58,52 +58,52 @@ def node_factory():
 
 class Daemon:
     """What a client program talks to, for tests that attack both: a dispynode,
-    or a dispyscheduler in front of one.  ``serves()`` checks that a real
+    or a dispyscheduler in front of one.  ``cluster(computation)`` is a client of
+    it (a JobCluster, or a SharedJobCluster); ``serves()`` checks that a real
     client still gets a result through it."""
 
-    def __init__(self, kind, ip_addr, port, secret, dest_path, serves, pid):
+    def __init__(self, kind, ip_addr, port, secret, dest_path, pid):
         self.kind, self.ip_addr, self.port, self.secret = kind, ip_addr, port, secret
         self.pid = pid  # the daemon's process
         self.dest_path = dest_path
         self.address = f"{ip_addr}:{port}"
-        self.serves = serves
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.address}>"
+
+    def cluster(self, computation, **kw):
+        if self.kind == "dispynode":
+            return dispy.JobCluster(computation, nodes=[self.address], secret=self.secret, **kw)
+        return dispy.SharedJobCluster(
+            computation, scheduler_node=self.ip_addr, scheduler_port=self.port,
+            secret=self.secret, recover_file=False, **kw,
+        )  # fmt: skip
+
+    def serves(self) -> None:
+        from . import jobs
+
+        with self.cluster(jobs.double) as c:
+            assert c.submit(21)(timeout=30) == 42
 
 
 @pytest.fixture(params=["dispynode", "dispyscheduler"])
 def daemon(request, node_factory, tmp_path):
     """A dispynode (2 CPUs), or a dispyscheduler (installed console script) in
     front of one: the client-facing side of each daemon."""
-    from . import jobs
     from .test_shared import CLUSTER_SECRET, NODE_SECRET, Scheduler
 
     if request.param == "dispynode":
         node = node_factory(cpus=2)
-
-        def serves():
-            with dispy.JobCluster(jobs.double, nodes=[node.address], secret=node.secret) as c:
-                assert c.submit(21)(timeout=30) == 42
-
         yield Daemon(
-            "dispynode", node.ip_addr, node.port, node.secret, node.dest_path, serves, node.proc.pid
+            "dispynode", node.ip_addr, node.port, node.secret, node.dest_path, node.proc.pid
         )
         return
     node = node_factory(cpus=2, secret=NODE_SECRET)
     sched = Scheduler([node], tmp_path)
-
-    def serves():
-        with dispy.SharedJobCluster(
-            jobs.double, scheduler_node="127.0.0.1", scheduler_port=sched.port,
-            secret=CLUSTER_SECRET, recover_file=False,
-        ) as c:  # fmt: skip
-            assert c.submit(21)(timeout=30) == 42
-
     try:
         yield Daemon(
             "dispyscheduler", "127.0.0.1", sched.port, CLUSTER_SECRET, str(tmp_path / "sched"),
-            serves, sched.proc.pid,
+            sched.proc.pid,
         )  # fmt: skip
     finally:
         sched.stop()

@@ -180,13 +180,7 @@ def test_no_progress_line_when_not_a_terminal(node, capsys):
 def test_map_in_chunks_through_either_daemon(daemon):
     """The chunk option reaches the job process from a client, and through a
     dispyscheduler."""
-    if daemon.kind == "dispynode":
-        cluster = dispy.JobCluster(jobs.double, nodes=[daemon.address], secret=daemon.secret)
-    else:
-        cluster = dispy.SharedJobCluster(
-            jobs.double, scheduler_node="127.0.0.1", scheduler_port=daemon.port,
-            secret=daemon.secret, recover_file=False,
-        )  # fmt: skip
+    cluster = daemon.cluster(jobs.double)
     with cluster:
         assert list(cluster.map(range(1000), chunksize=64)) == [2 * i for i in range(1000)]
 

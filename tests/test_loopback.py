@@ -258,13 +258,7 @@ def test_long_outputs_arrive_whole(daemon):
     whose outputs add up to more than a control part may hold, reach the client
     whole, from a node and through a scheduler (#18 finding 6: they travel as
     payload segments; the control part's limit is 2 MiB)."""
-    if daemon.kind == "dispynode":
-        cluster = dispy.JobCluster(jobs.print_lots, nodes=[daemon.address], secret=daemon.secret)
-    else:
-        cluster = dispy.SharedJobCluster(
-            jobs.print_lots, scheduler_node="127.0.0.1", scheduler_port=daemon.port,
-            secret=daemon.secret, recover_file=False,
-        )  # fmt: skip
+    cluster = daemon.cluster(jobs.print_lots)
     big = 24 << 20
     with cluster:
         many = [cluster.submit(4000) for _ in range(600)]
@@ -280,9 +274,7 @@ def test_long_outputs_arrive_whole(daemon):
 
 def _computation_processes(daemon) -> set:
     return {
-        p.pid
-        for p in daemon.children()
-        if any("dispynode._computation" in a for a in p.cmdline())
+        p.pid for p in daemon.children() if any("dispynode._computation" in a for a in p.cmdline())
     }
 
 
@@ -317,7 +309,9 @@ def test_a_computation_process_waits_ready_for_the_first_client(node_factory):
     assert not psutil.pid_exists(again) or psutil.Process(again).status() == "zombie"
 
 
-def test_a_named_node_that_starts_later_is_used_when_it_announces(node_factory, monkeypatch, caplog):
+def test_a_named_node_that_starts_later_is_used_when_it_announces(
+    node_factory, monkeypatch, caplog
+):
     """#16: a client waiting for a named node connects when the node announces
     itself at its start, not at its next retry (here set 60 s away)."""
     import socket
@@ -336,7 +330,9 @@ def test_a_named_node_that_starts_later_is_used_when_it_announces(node_factory, 
         while not any("retrying" in r.getMessage() for r in caplog.records):  # first try failed
             assert time.monotonic() < deadline, "the client never tried the node"
             time.sleep(0.02)
-        node_factory(cpus=1, secret=secret, discoverable=True, extra_args=["--node_port", str(port)])
+        node_factory(
+            cpus=1, secret=secret, discoverable=True, extra_args=["--node_port", str(port)]
+        )
         assert job(timeout=20) == 42  # long before the 60 s retry
 
 
