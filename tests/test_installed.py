@@ -226,10 +226,13 @@ def test_in_memory_processing_with_setup(hosts):
     out = hosts.run_seed("node_setup.py")
     data = (SEEDS / "node_setup.py").read_bytes()
     rows = re.findall(r"^(\d+): (\w+) : ([0-9a-f]+)$", out, re.M)
-    # the shake_* digests need a length: those jobs fail and are not printed
-    assert len(rows) >= 8, out
+    # the shake_* digests need a length: those jobs fail and are not printed.  Job n
+    # uses list(algorithms_guaranteed)[n % 14], a set's order, which each node's
+    # computation process draws from its own hash seed: up to 2 shakes among the
+    # first 10 on each of the 2 nodes (8 rows were expected: flaky, 7 seen once)
+    assert len(rows) >= 10 - 2 * 2, out
     for _, alg, digest in rows:
-        assert hashlib.new(alg, data).hexdigest() == digest
+        assert not alg.startswith("shake") and hashlib.new(alg, data).hexdigest() == digest
 
 
 @pytest.mark.netns
