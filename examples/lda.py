@@ -43,9 +43,11 @@ def main():
     parser.add_argument('--save-topics', help='write the topics (K x terms, rows sum to 1) here (.npy)')
     parser.add_argument('--terms-by-docs', action='store_true',
                         help='the files have a row per term (default: a row per document)')
-    parser.add_argument('--chunksize', type=int, help='documents per job (default 2000)')
-    parser.add_argument('--update-every', type=int,
-                        help='chunks per M-step (default: one per CPU); 0: batch, one per pass')
+    parser.add_argument('--chunksize', type=int,
+                        help='documents per chunk (default 2000); each M-step\'s chunks are '
+                             'cut into a job per CPU')
+    parser.add_argument('--update-every', type=int, default=1,
+                        help='chunks per M-step (default 1, as gensim); 0: batch, one per pass')
     parser.add_argument('--alpha', type=float, help='symmetric document-topic prior (default 1/K)')
     parser.add_argument('--eta', type=float, help='symmetric topic-term prior (default 1/K)')
     parser.add_argument('--decay', type=float, default=0.5, help='kappa of the learning rate rho = (offset + pass + chunks merged)^-kappa')
