@@ -21,6 +21,7 @@ import scipy.sparse as sp  # noqa: E402
 from scipy.special import logsumexp  # noqa: E402
 
 import dispy  # noqa: E402
+from dispy import workloads  # noqa: E402
 from dispy.workloads import (  # noqa: E402
     ClusterRunner,
     SerialRunner,
@@ -168,6 +169,44 @@ def test_lsi_distributed_equals_one_node(two_nodes, cluster, lsi_corpus, use_put
         args = lsi.lsi(lsi_corpus, 10, ClusterRunner(cluster, use_put=False), **kw)
         assert both.bytes_sent < args.bytes_sent
         assert sum(both.pass_bytes[1:]) < sum(args.pass_bytes[1:])
+
+
+def test_node_sum_files(tmp_path, monkeypatch):
+    """A node's part of a sum: parts added under a lock, taken once with the list
+    of what was added, then gone; a part of another shape is refused."""
+    monkeypatch.chdir(tmp_path)  # a job's working folder: its computation's on the node
+    parts = [np.full((3, 2), float(i)) for i in range(4)]
+    for i in (2, 0, 3):
+        assert workloads.node_sum_add(np.asarray, "k1", i, parts[i]) == (3, 2)
+    total, added = workloads.node_sum_take("k1")
+    assert added == [2, 0, 3] and total.tolist() == [5.0] * 6
+    assert workloads.node_sum_take("k1") == (None, [])
+    assert os.listdir(tmp_path) == []
+    workloads.node_sum_add(np.asarray, "k2", 0, parts[0])
+    with pytest.raises(ValueError, match="holds 48 bytes"):
+        workloads.node_sum_add(np.asarray, "k2", 1, np.zeros(3))
+    with pytest.raises(ValueError, match="sum key"):
+        workloads.node_sum_add(np.asarray, "../k", 0, parts[0])
+
+
+def test_runner_sum_merges_on_each_node(cluster, two_nodes):
+    """Twelve parts on two nodes: each node sends one array (two take jobs), the
+    sum is the ordered one up to rounding, and the nodes keep no sum files."""
+    runner = ClusterRunner(cluster)
+    assert runner.merge
+    args = [((50_000,), (i + 1) / 7.0) for i in range(12)]
+    want = workloads.ordered_sum(np.full(*a) for a in args)
+    before = cluster.stats()["nodes"]
+    got = runner.sum(np.full, args)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    after = cluster.stats()["nodes"]
+    received = sum(after[n]["bytes_received"] - before[n]["bytes_received"] for n in after)
+    assert received < 3 * want.nbytes, received  # 2 node sums, not 12 parts (400 KB each)
+    for node in two_nodes:
+        left = [f for _, _, fs in os.walk(node.dest_path) for f in fs if ".dispy-sum-" in f]
+        assert left == []
+    plain = ClusterRunner(cluster, merge=False)
+    np.testing.assert_allclose(plain.sum(np.full, args), want, rtol=1e-12)
 
 
 def test_runner_falls_back_without_put():

@@ -21,8 +21,10 @@ a workload.  A ``Runner`` hides where the steps run:
 * ``SerialRunner()``: the same functions in this process, one after the
   other: the serial reference the distributed runs are checked against.
 
-Every sum over chunks is taken in chunk order, so a run's result does not
-depend on how many nodes or CPUs computed it.
+Sums of arrays over chunks (``runner.sum``) are added up on the node that
+computed the parts, so a node sends one array per sum, whatever its number
+of chunks; the order of the additions is the order the parts end, so a
+run's result depends on how many nodes or CPUs computed it only by rounding.
 
 Requires scipy (``pip install 'dispy[workloads]'``) on the client and nodes.
 """
@@ -30,6 +32,10 @@ Requires scipy (``pip install 'dispy[workloads]'``) on the client and nodes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
+import mmap
+import os
 import time
 import uuid
 
@@ -43,6 +49,8 @@ __all__ = [
     "WorkloadError",
     "call",
     "local_cluster",
+    "node_sum_add",
+    "node_sum_take",
     "preload",
 ]
 
@@ -58,14 +66,116 @@ def call(func, *args, **kwargs):
     return func(*args, **kwargs)
 
 
+def one_blas_thread(func):
+    """Decorator of the client's side of a workload: its dense linear algebra
+    (a QR, an M-step) runs on one BLAS thread.  OpenBLAS threads spin for a
+    while after each call; with a node on the same machine they took its
+    CPUs from the jobs of the next pass (LSI on 2 CPUs: 1.5 s instead of
+    0.8 s, the client's QR 8x slower).  Without threadpoolctl installed,
+    nothing changes."""
+
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return func(*args, **kwargs)
+        with threadpool_limits(1, user_api="blas"):
+            return func(*args, **kwargs)
+
+    return run
+
+
 def preload() -> None:
     """Setup function for a workload cluster (``JobCluster(call, setup=preload)``):
     import numpy, scipy and the workload modules once per node, before the job
-    processes are forked, so no job pays for the imports."""
+    processes are forked, so no job pays for the imports; and one BLAS thread
+    per job process (a node runs a job per CPU: BLAS threads on top of that
+    oversubscribe the CPUs, which made dense products 4x slower on 2 CPUs),
+    as Dask's workers do, when threadpoolctl is installed."""
     import scipy.sparse  # noqa: F401
     import scipy.special  # noqa: F401
 
     from . import lda, lsi  # noqa: F401
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1, user_api="blas")
+
+
+# -- sums merged on the nodes ---------------------------------------------------------
+
+
+def _sum_paths(key: str) -> tuple[str, str]:
+    """Where this node's part of the sum ``key`` accumulates: in the computation's
+    folder on the node (the job processes' working folder; the node removes it
+    with the computation), beside the list of the parts added."""
+    if not key or not all(c.isalnum() or c in "-_" for c in key):
+        raise ValueError(f"sum key {key!r}: use letters, digits, '-' and '_'")
+    base = os.path.join(os.getcwd(), f".dispy-sum-{key}")
+    return base, base + ".ids"
+
+
+def node_sum_add(func, key: str, index: int, *args) -> tuple:
+    """Job: ``func(*args)`` (an array) added into this node's sum ``key`` (float64),
+    with ``index`` recorded as added.  Returns the array's shape; the node's sum
+    comes back with one ``node_sum_take`` job per node (``ClusterRunner.sum``)."""
+    value = np.asarray(func(*args), dtype=np.float64)
+    path, ids = _sum_paths(key)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the node's other job processes add too
+        size = os.fstat(fd).st_size
+        if size == 0:
+            os.ftruncate(fd, max(value.nbytes, 8))
+        elif size != max(value.nbytes, 8):
+            raise ValueError(f"node sum {key!r} holds {size} bytes, this part {value.nbytes}")
+        if value.size:
+            with mmap.mmap(fd, value.nbytes) as mm:
+                total = np.frombuffer(mm, dtype=np.float64)
+                total += value.ravel()
+                del total
+        with open(ids, "a") as f:
+            f.write(f"{int(index)}\n")
+    finally:
+        os.close(fd)  # (releases the lock)
+    return value.shape
+
+
+def node_sum_take(key: str):
+    """Job: this node's sum ``key`` and the indexes added into it, as
+    ``(flat float64 array, [index, ...])``, and remove it from the node;
+    ``(None, [])`` if nothing was added here."""
+    path, ids = _sum_paths(key)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None, []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        total = np.empty(os.fstat(fd).st_size // 8, dtype=np.float64)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            f.readinto(memoryview(total).cast("B"))
+        with open(ids) as f:
+            added = [int(line) for line in f if line.strip()]
+        os.unlink(path)
+        os.unlink(ids)
+    finally:
+        os.close(fd)
+    return total, added
+
+
+def ordered_sum(results):
+    """The sum of arrays, taken in the order given (a float64 copy of the first)."""
+    total = None
+    for r in results:
+        if total is None:
+            total = np.array(r, dtype=np.float64, copy=True)
+        else:
+            total += r
+    return total
 
 
 class Inline:
@@ -174,6 +284,10 @@ class SerialRunner:
         for args in arglists:
             yield func(*args)
 
+    def sum(self, func, arglists):
+        """The sum of the arrays ``func(*args)``, in order."""
+        return ordered_sum(self.map(func, arglists))
+
     def bytes_sent(self) -> int:
         return 0
 
@@ -186,13 +300,27 @@ class ClusterRunner:
     (default: if the cluster has it); False sends it in job arguments.
     """
 
-    def __init__(self, cluster, use_put: bool | None = None, job_timeout: float | None = None):
+    def __init__(
+        self,
+        cluster,
+        use_put: bool | None = None,
+        job_timeout: float | None = None,
+        merge: bool | None = None,
+    ):
         self.cluster = cluster
         has_put = hasattr(cluster, "put")
         self.use_put = has_put if use_put is None else bool(use_put and has_put)
         self.placement = "put" if self.use_put else "arguments"
         self.job_timeout = job_timeout
         self._prefix = "wl-" + uuid.uuid4().hex[:8]
+        self._sums = 0
+        # sums merged on each node need jobs pinned to the node that ran a part:
+        # a JobCluster's own links (through dispyscheduler a job's node is not known)
+        from dispy._client import JobCluster
+        from dispy._shared import SharedJobCluster
+
+        can = isinstance(cluster, JobCluster) and not isinstance(cluster, SharedJobCluster)
+        self.merge = can if merge is None else bool(merge and can)
 
     @property
     def cpus(self) -> int:
@@ -228,9 +356,9 @@ class ClusterRunner:
             return [ChunkRef(whole, lo, hi) for lo, hi in bounds]
         return [_InlineChunk(corpus_arrays(matrix, lo, hi)) for lo, hi in bounds]
 
-    def map(self, func, arglists):
-        """Submit ``func(*args)`` for every args; yield the results in order."""
-        jobs = [self.cluster.submit(func, *args) for args in arglists]
+    def _results(self, func, jobs):
+        """Wait for ``jobs`` in order and yield their results; WorkloadError if one
+        failed (the others are cancelled)."""
         try:
             for job in jobs:
                 job.future.exception(self.job_timeout)  # waits; TimeoutError if too long
@@ -244,6 +372,52 @@ class ClusterRunner:
             for job in jobs:
                 if not job.future.done():
                     self.cluster.cancel(job)
+
+    def map(self, func, arglists):
+        """Submit ``func(*args)`` for every args; yield the results in order."""
+        jobs = [self.cluster.submit(func, *args) for args in arglists]
+        yield from self._results(func, jobs)
+
+    def sum(self, func, arglists):
+        """The sum of the arrays ``func(*args)`` over ``arglists``.
+
+        With ``merge`` (a JobCluster's default) the parts are added up on the
+        node that computed them (``node_sum_add``) and each node sends its sum
+        once (``node_sum_take``): a node running n parts sends one array, not
+        n.  The order of additions on a node is the order the parts end, so
+        the sum is equal to the ordered one up to rounding.  Parts a node's
+        sum lacks (a node lost in between) are computed again and sent as
+        they are."""
+        arglists = [tuple(args) for args in arglists]
+        if not self.merge or not arglists:
+            return ordered_sum(self.map(func, arglists))
+        self._sums += 1
+        key = f"{self._prefix}-{self._sums}"
+        jobs = [
+            self.cluster.submit(node_sum_add, func, key, i, *args)
+            for i, args in enumerate(arglists)
+        ]
+        shapes = list(self._results(func, jobs))
+        nodes = sorted({job._node for job in jobs if job._node is not None})
+        takes = [self.cluster.submit_node(f"{host}:{port}", node_sum_take, key)
+                 for host, port in nodes]  # fmt: skip
+        total, seen = None, []
+        for flat, added in self._results(node_sum_take, [t for t in takes if t is not None]):
+            if flat is None or not added:
+                continue
+            flat = flat.reshape(shapes[added[0]])
+            if total is None:
+                total = flat
+            else:
+                total += flat
+            seen.extend(added)
+        if sorted(seen) != list(range(len(arglists))):
+            if len(seen) != len(set(seen)):  # a part in two nodes' sums: start again, plainly
+                return ordered_sum(self.map(func, arglists))
+            missing = sorted(set(range(len(arglists))) - set(seen))
+            for part in self.map(func, [arglists[i] for i in missing]):
+                total = np.array(part, dtype=np.float64) if total is None else total + part
+        return total
 
     def bytes_sent(self) -> int:
         """Bytes this client sent to the cluster's nodes so far."""

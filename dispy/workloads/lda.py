@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln, psi
 
-from . import SerialRunner
+from . import SerialRunner, one_blas_thread
 from .corpus import chunk_bounds
 
 #: Seed stream for the held-out E-step (the training passes use 0, 1, 2, ...).
@@ -170,6 +170,7 @@ class LdaResult:
         return float(score)
 
 
+@one_blas_thread
 def lda(
     corpus,
     k: int,
