@@ -1,33 +1,41 @@
-"""The LSI and LDA workloads on one local node with 1 and 2 CPUs; prints ONE
-JSON object to stdout.
+"""The LSI and LDA workloads beside gensim's, on one local node with 1 and 2
+CPUs; prints ONE JSON object to stdout.
 
-    python benchmarks/workloads.py                       # 100,000 docs x 20,000 terms
-    python benchmarks/workloads.py --docs 20000 --terms 5000
+    pip install -e '.[bench]'                            # gensim, Pyro4, scipy
+    python benchmarks/workloads.py                       # 20,000 x 5,000 and 100,000 x 20,000
+    python benchmarks/workloads.py --sizes 20000x5000
     python benchmarks/workloads.py --quick               # smoke run, seconds
     python benchmarks/workloads.py --only lsi --cpus 2
 
-The corpus is drawn by LDA's generative process (``synthetic_corpus``,
-seeded; 20 planted topics, ~100 words per document).  For each CPU count a
-``dispy.LocalNode(cpus=N)`` on 127.0.0.1 is started (and stopped, by PID);
+For each size a corpus is drawn by LDA's generative process
+(``synthetic_corpus``, seeded; 20 planted topics, ~100 words per document),
+plus 1,000 held-out documents (fewer with ``--quick``).  For each CPU count
+a ``dispy.LocalNode(cpus=N)`` on 127.0.0.1 is started (and stopped, by PID);
 a run's ``wall_seconds`` covers placing the corpus on the node and every
-pass, not the node's start (``node_start_seconds``).  Per run: documents per
-second (``documents / wall_seconds``; ``document_passes_per_second`` counts
-each pass), bytes the client sent in total, for the corpus, and per pass.
+pass, not the node's start (``node_start_seconds``).  gensim's serial
+``LsiModel``/``LdaModel`` run on the same corpus with the same parameters in
+the same process, so each size prints both side by side: seconds,
+``gensim_seconds_over_ours`` (per CPU count), and quality.
 
 LSI: k=100, oversampling 100, 2 power iterations (gensim's defaults) = 4
-passes.  LDA: k=20, online VB, chunks of 2,000 documents, one M-step per 2
-chunks in every run (so the 1- and 2-CPU runs compute the same thing), and
-the held-out per-word bound of 1% more documents.  With gensim installed,
-its serial ``LsiModel``/``LdaModel`` run on the same corpus with the same
-parameters (``gensim``; ``ratio`` = gensim's seconds / ours); without it that
-part says so.
+passes; quality: the largest relative difference of our singular values
+from gensim's.  LDA: k=20, online VB with gensim's defaults (chunks of 2,000
+documents, an M-step per chunk; each M-step's E-step cut into a job per
+CPU), ``--lda-passes`` passes (default 2); quality: the held-out per-word
+bound (gensim's ``log_perplexity``; higher is better) and its relative
+distance from gensim's.  ``recovery``: K=8 planted topics on two corpora of
+5,000 x 1,000, 10 passes, the mean cosine of the matched topics over
+``--recovery-seeds`` seeds, ours (each update cut in two, as on 2 CPUs; run
+serially, which computes the same) and gensim's.
 
 The machine may be shared: ``cpu_busy_percent_before`` is the whole
 machine's CPU use in the second before each run, and
 ``local_pool_speedup_2`` what two processes of a ``ProcessPoolExecutor`` get
 for two of the workload's own jobs right after the runs (the ceiling for
 ``speedup``; 2 vCPUs may be one core's two hyperthreads, and sparse products
-are bound by memory bandwidth).  Logs go to stderr.
+are bound by memory bandwidth).  ``benchmarks/workloads_hosts.py`` runs the
+same across two network-namespace hosts against gensim's distributed mode.
+Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -52,8 +60,6 @@ import dispy
 from dispy.workloads import SerialRunner, corpus, lda, local_cluster, lsi
 
 log = logging.getLogger("bench.workloads")
-
-FULL_DOCS, FULL_TERMS = 100_000, 20_000
 
 
 def _busy() -> float:
@@ -104,7 +110,7 @@ def _pool_ceiling(kind: str, matrix, chunksize: int, args) -> float:
     return seq / par
 
 
-def _run_lsi(matrix, cpus: int, args) -> dict:
+def _run_lsi(matrix, cpus: int, args, chunksize: int) -> dict:
     busy = _busy()
     t0 = time.perf_counter()
     with local_cluster(local_cpus=cpus) as runner:
@@ -115,7 +121,7 @@ def _run_lsi(matrix, cpus: int, args) -> dict:
             runner,
             oversample=args.oversample,
             power_iters=args.power_iters,
-            chunksize=args.lsi_chunksize,
+            chunksize=chunksize,
             seed=args.seed,
             log=log.info,
         )
@@ -184,11 +190,10 @@ def _run_lda(train, heldout, cpus: int, args) -> dict:
 
 
 def _gensim(train, heldout, args, which) -> dict:
-    try:
-        import gensim
-        from gensim.matutils import Sparse2Corpus
-    except ImportError:
-        return {"skipped": "gensim is not installed (optional: pip install gensim)"}
+    """gensim's serial LsiModel / LdaModel on the same corpus, same parameters."""
+    import gensim
+    from gensim.matutils import Sparse2Corpus
+
     out: dict = {"version": gensim.__version__}
     bow = Sparse2Corpus(train, documents_columns=False)
     try:
@@ -198,7 +203,7 @@ def _gensim(train, heldout, args, which) -> dict:
             m = gensim.models.LsiModel(
                 bow,
                 num_topics=args.lsi_topics,
-                chunksize=args.lsi_chunksize or 20_000,
+                chunksize=20_000,  # gensim's default
                 onepass=False,
                 power_iters=args.power_iters,
                 extra_samples=args.oversample,
@@ -209,6 +214,7 @@ def _gensim(train, heldout, args, which) -> dict:
                 "documents_per_second": train.shape[0] / s,
                 "singular_values_top5": [float(x) for x in m.projection.s[:5]],
                 "cpu_busy_percent_before": busy,
+                "_s": np.asarray(m.projection.s[: args.lsi_topics]),
             }
         if "lda" in which:
             busy = _busy()
@@ -238,24 +244,159 @@ def _gensim(train, heldout, args, which) -> dict:
     return out
 
 
+def _recovery(args) -> dict:
+    """Planted-topic recovery: K=8 on two corpora, 10 passes, over seeds."""
+    import gensim
+    from gensim.matutils import Sparse2Corpus
+
+    out: dict = {"topics": 8, "passes": 10, "documents": 5000, "terms": 1000, "corpora": []}
+    for cseed in (0, 1):
+        drawn = corpus.synthetic_corpus(5000, 1000, 8, doc_length=100.0, seed=cseed)
+        ours, theirs = [], []
+        for seed in range(args.recovery_seeds):
+            m = lda.lda(drawn.matrix, 8, passes=10, seed=seed, split=2)
+            ours.append(float(lda.match_topics(m.topics, drawn.topics)[1].mean()))
+            g = gensim.models.LdaModel(
+                Sparse2Corpus(drawn.matrix, documents_columns=False),
+                num_topics=8, passes=10, eval_every=None, random_state=seed,
+            )  # fmt: skip
+            lam = g.state.get_lambda()
+            theirs.append(
+                float(lda.match_topics(lam / lam.sum(1, keepdims=True), drawn.topics)[1].mean())
+            )
+            log.info(
+                "recovery corpus %d seed %d: ours %.4f gensim %.4f",
+                cseed,
+                seed,
+                ours[-1],
+                theirs[-1],
+            )
+        out["corpora"].append({
+            "corpus_seed": cseed,
+            "ours_mean_cosine": ours,
+            "gensim_mean_cosine": theirs,
+            "ours_median": float(np.median(ours)),
+            "gensim_median": float(np.median(theirs)),
+        })  # fmt: skip
+    return out
+
+
+def _speedup(res: dict, runs: dict, kind: str, train, chunksize: int, args) -> None:
+    ok = [r for r in runs.values() if isinstance(r, dict)]
+    if len(ok) >= 2:
+        res["speedup"] = ok[0]["wall_seconds"] / ok[-1]["wall_seconds"]
+        res["local_pool_speedup_2"] = _pool_ceiling(kind, train, chunksize, args)
+    res.update({f"cpus_{k}": v for k, v in runs.items()})
+
+
+def run_size(docs: int, terms: int, args, cpu_counts: list, which: set) -> tuple[dict, int]:
+    out: dict = {}
+    heldout_docs = 1000 if not args.quick else 200
+    t0 = time.perf_counter()
+    drawn = corpus.synthetic_corpus(
+        docs + heldout_docs, terms, 20, doc_length=args.doc_length, seed=args.seed
+    )
+    train, heldout = drawn.matrix[:docs], drawn.matrix[docs:]
+    out["corpus"] = {
+        "documents": docs,
+        "terms": terms,
+        "nonzeros": int(train.nnz),
+        "words": float(train.sum()),
+        "heldout_documents": heldout_docs,
+        "planted_topics": 20,
+        "mean_doc_length": args.doc_length,
+        "generate_seconds": time.perf_counter() - t0,
+    }
+    status = 0
+    n = max(cpu_counts)
+    lsi_chunksize = args.lsi_chunksize or -(-docs // (n * max(2, -(-docs // (n * 20_000)))))
+    gensim_out = (
+        {"skipped": "--no-gensim"} if args.no_gensim else _gensim(train, heldout, args, which)
+    )
+    if "lsi" in which:
+        runs = {}
+        try:
+            for c in cpu_counts:
+                log.warning("%dx%d: LSI k=%d on %d CPU(s)", docs, terms, args.lsi_topics, c)
+                runs[c] = _run_lsi(train, c, args, lsi_chunksize)
+        except Exception:
+            status = 1
+            runs["error"] = traceback.format_exc()
+        res = {
+            "topics": args.lsi_topics,
+            "oversample": args.oversample,
+            "power_iters": args.power_iters,
+            "chunksize": lsi_chunksize,
+        }
+        ok = [r for r in runs.values() if isinstance(r, dict)]
+        if len(ok) >= 2:
+            res["max_rel_diff_singular_values_between_cpu_counts"] = float(
+                np.max(np.abs(ok[0]["_s"] - ok[-1]["_s"]) / ok[0]["_s"])
+            )
+        g = gensim_out.get("lsi")
+        if g is not None and ok:
+            gs = g.pop("_s")
+            k = min(len(gs), len(ok[-1]["_s"]))
+            res["max_rel_diff_singular_values_vs_gensim"] = float(
+                np.max(np.abs(ok[-1]["_s"][:k] - gs[:k]) / gs[:k])
+            )
+            for r in ok:
+                r["gensim_seconds_over_ours"] = g["wall_seconds"] / r["wall_seconds"]
+        for r in ok:
+            r.pop("_s")
+        _speedup(res, runs, "lsi", train, lsi_chunksize, args)
+        out["lsi"] = res
+    if "lda" in which:
+        runs = {}
+        try:
+            for c in cpu_counts:
+                log.warning("%dx%d: LDA k=%d on %d CPU(s)", docs, terms, args.lda_topics, c)
+                runs[c] = _run_lda(train, heldout, c, args)
+        except Exception:
+            status = 1
+            runs["error"] = traceback.format_exc()
+        res = {
+            "topics": args.lda_topics,
+            "passes": args.lda_passes,
+            "chunksize": args.lda_chunksize,
+            "update_every": args.update_every,
+        }
+        g = gensim_out.get("lda")
+        for r in runs.values():
+            if isinstance(r, dict) and g is not None:
+                r["gensim_seconds_over_ours"] = g["wall_seconds"] / r["wall_seconds"]
+                theirs = g["heldout_log_perplexity"]
+                # bounds are negative: > 0 when ours is the better (higher) one
+                r["heldout_bound_better_than_gensim_by"] = (
+                    r["heldout_log_perplexity"] - theirs
+                ) / abs(theirs)
+        _speedup(res, runs, "lda", train, args.lda_chunksize // max(cpu_counts), args)
+        out["lda"] = res
+    out["gensim"] = gensim_out
+    return out, status
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=FULL_DOCS)
-    p.add_argument("--terms", type=int, default=FULL_TERMS)
+    p.add_argument("--sizes", default="20000x5000,100000x20000",
+                   help="corpora as DOCSxTERMS, comma separated")  # fmt: skip
+    p.add_argument("--docs", type=int, help="one corpus of this many documents (with --terms)")
+    p.add_argument("--terms", type=int)
     p.add_argument("--quick", action="store_true", help="5,000 x 2,000, small k: a smoke run")
     p.add_argument("--only", default="lsi,lda", help="lsi, lda or both (comma separated)")
     p.add_argument("--cpus", default="1,2", help="node CPU counts to run (comma separated)")
     p.add_argument("--lsi-topics", type=int, default=100)
     p.add_argument("--oversample", type=int, default=100)
     p.add_argument("--power-iters", type=int, default=2)
-    p.add_argument("--lsi-chunksize", type=int, help="default: chunks for the largest CPU count")
+    p.add_argument("--lsi-chunksize", type=int, help="default: 2 or more chunks per CPU")
     p.add_argument("--lda-topics", type=int, default=20)
-    p.add_argument("--lda-passes", type=int, default=1)
+    p.add_argument("--lda-passes", type=int, default=2)
     p.add_argument("--lda-chunksize", type=int, default=2000)
-    p.add_argument("--update-every", type=int, help="chunks per M-step (default: largest --cpus)")
+    p.add_argument("--update-every", type=int, default=1, help="chunks per M-step (gensim's 1)")
     p.add_argument("--doc-length", type=float, default=100.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-gensim", action="store_true", help="skip gensim even if installed")
+    p.add_argument("--recovery-seeds", type=int, default=3, help="0: skip the recovery part")
+    p.add_argument("--no-gensim", action="store_true", help="skip gensim")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
     logging.basicConfig(
@@ -263,19 +404,22 @@ def main() -> int:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(message)s",
     )
+    if args.docs or args.terms:
+        sizes = [(args.docs or 20_000, args.terms or 5_000)]
+    else:
+        sizes = [tuple(int(x) for x in sz.lower().split("x")) for sz in args.sizes.split(",")]
     if args.quick:
-        args.docs, args.terms = min(args.docs, 5000), min(args.terms, 2000)
+        sizes = [(5000, 2000)]
         args.lsi_topics, args.oversample = min(args.lsi_topics, 20), min(args.oversample, 20)
         args.lda_chunksize = min(args.lda_chunksize, 500)
+        args.recovery_seeds = min(args.recovery_seeds, 1)
+    if not args.no_gensim:
+        try:
+            import gensim  # noqa: F401
+        except ImportError:
+            p.error("gensim is not installed: pip install -e '.[bench]' (or --no-gensim)")
     which = {w.strip() for w in args.only.split(",") if w.strip()}
     cpu_counts = [int(c) for c in args.cpus.split(",") if c.strip()]
-    if args.update_every is None:
-        args.update_every = max(cpu_counts)
-    if args.lsi_chunksize is None:  # the same chunks in every run: results comparable
-        n = max(cpu_counts)
-        chunks = n * max(2, -(-args.docs // (n * 20_000)))
-        args.lsi_chunksize = -(-args.docs // chunks)
-
     out: dict = {
         "benchmark": "workloads",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -288,87 +432,12 @@ def main() -> int:
             "dispy": dispy.__version__,
         },
     }
-    size_note = (
-        "the issue's size (100,000 x 20,000)"
-        if (args.docs, args.terms) == (FULL_DOCS, FULL_TERMS)
-        else "smaller than the issue's 100,000 x 20,000 (--docs/--terms or --quick)"
-    )
-    heldout_docs = max(10, args.docs // 100)
-    t0 = time.perf_counter()
-    drawn = corpus.synthetic_corpus(
-        args.docs + heldout_docs, args.terms, 20, doc_length=args.doc_length, seed=args.seed
-    )
-    train, heldout = drawn.matrix[: args.docs], drawn.matrix[args.docs :]
-    out["corpus"] = {
-        "documents": args.docs,
-        "terms": args.terms,
-        "nonzeros": int(train.nnz),
-        "words": float(train.sum()),
-        "heldout_documents": heldout_docs,
-        "planted_topics": 20,
-        "mean_doc_length": args.doc_length,
-        "generate_seconds": time.perf_counter() - t0,
-        "size": size_note,
-    }
     status = 0
-    if "lsi" in which:
-        runs = {}
-        try:
-            for c in cpu_counts:
-                log.warning("LSI k=%d on %d CPU(s)", args.lsi_topics, c)
-                runs[c] = _run_lsi(train, c, args)
-        except Exception:
-            status = 1
-            runs["error"] = traceback.format_exc()
-        res = {
-            "topics": args.lsi_topics,
-            "oversample": args.oversample,
-            "power_iters": args.power_iters,
-            "chunksize": args.lsi_chunksize,
-        }
-        ok = [r for r in runs.values() if isinstance(r, dict)]
-        if len(ok) >= 2:
-            res["speedup"] = ok[0]["wall_seconds"] / ok[-1]["wall_seconds"]
-            res["local_pool_speedup_2"] = _pool_ceiling("lsi", train, args.lsi_chunksize, args)
-            res["max_rel_diff_singular_values"] = float(
-                np.max(np.abs(ok[0]["_s"] - ok[-1]["_s"]) / ok[0]["_s"])
-            )
-        for r in ok:
-            r.pop("_s")
-        res.update({f"cpus_{k}": v for k, v in runs.items()})
-        out["lsi"] = res
-    if "lda" in which:
-        runs = {}
-        try:
-            for c in cpu_counts:
-                log.warning("LDA k=%d on %d CPU(s)", args.lda_topics, c)
-                runs[c] = _run_lda(train, heldout, c, args)
-        except Exception:
-            status = 1
-            runs["error"] = traceback.format_exc()
-        res = {
-            "topics": args.lda_topics,
-            "passes": args.lda_passes,
-            "chunksize": args.lda_chunksize,
-            "update_every": args.update_every,
-        }
-        ok = [r for r in runs.values() if isinstance(r, dict)]
-        if len(ok) >= 2:
-            res["speedup"] = ok[0]["wall_seconds"] / ok[-1]["wall_seconds"]
-            res["local_pool_speedup_2"] = _pool_ceiling("lda", train, args.lda_chunksize, args)
-        res.update({f"cpus_{k}": v for k, v in runs.items()})
-        out["lda"] = res
-    if args.no_gensim:
-        out["gensim"] = {"skipped": "--no-gensim"}
-    else:
-        out["gensim"] = _gensim(train, heldout, args, which)
-        for w in ("lsi", "lda"):
-            g = out["gensim"].get(w)
-            ours = out.get(w, {})
-            best = [v for k, v in ours.items() if k.startswith("cpus_") and isinstance(v, dict)]
-            if g and best:
-                fastest = min(r["wall_seconds"] for r in best)
-                ours["gensim_seconds_over_ours"] = g["wall_seconds"] / fastest
+    for docs, terms in sizes:
+        out[f"{docs}x{terms}"], st = run_size(docs, terms, args, cpu_counts, which)
+        status = status or st
+    if args.recovery_seeds > 0 and not args.no_gensim and "lda" in which:
+        out["recovery"] = _recovery(args)
     json.dump(out, sys.stdout, indent=1)
     print()
     return status
