@@ -1090,7 +1090,11 @@ class JobCluster:
     ``secret`` must match the nodes' secret; without one, ``$DISPY_SECRET``,
     ``$DISPY_SECRET_FILE`` or the per-user key file is used (see
     ``dispy.keys``), as dispynode does.  ``insecure=True`` talks to nodes
-    started with ``--insecure`` (no authentication).
+    started with ``--insecure`` (no authentication).  ``poll_interval``
+    (dispy's seconds between polls of the nodes for results) is accepted and
+    checked, and needs nothing more: nodes send results as jobs end, and a
+    node that falls silent is noticed by its missing pulses
+    (``pulse_interval``).
 
     Raises ``ComputationError`` if the computation or a dependency cannot be
     sent (a missing file, say), with the reason.
@@ -1158,6 +1162,15 @@ class JobCluster:
         self._client_port = port or config.CLIENT_PORT
         self._ping_interval = float(ping_interval) if ping_interval else None
         self._multicast = bool(ipv4_udp_multicast)
+        if poll_interval is not None and (
+            isinstance(poll_interval, bool)
+            or not isinstance(poll_interval, int | float)
+            or not poll_interval > 0
+        ):
+            raise ValueError("poll_interval must be None or a positive number of seconds")
+        # (dispy polled nodes for results every poll_interval s; here nodes send them
+        # as jobs end and a silent node is noticed by its missing pulses, so there is
+        # nothing to poll: the argument is checked and needs no other effect)
         specs, patterns, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
         self._local: LocalNode | None = None
         if want_local and not specs and not patterns and not secret and not insecure:

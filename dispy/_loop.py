@@ -35,17 +35,3 @@ def get_loop() -> asyncio.AbstractEventLoop:
 
 def run(coro) -> concurrent.futures.Future:
     return asyncio.run_coroutine_threadsafe(coro, get_loop())
-
-
-def call(fn, *args) -> None:
-    get_loop().call_soon_threadsafe(fn, *args)
-
-
-def in_loop_thread() -> bool:
-    loop = _loop
-    if loop is None:
-        return False
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False

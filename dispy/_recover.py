@@ -2,11 +2,11 @@
 
 A ``JobCluster`` records its computation (``meta``: id, name, derived key,
 node addresses...) and every submitted job that has not finished (its
-pickled id and arguments, and the node it was sent to).  After the client
+pickled id and arguments, and the node it was sent to, in one blob).  After the client
 crashes, ``dispy.recover_jobs(recover_file)`` opens the file in a new
 process, contacts the nodes and collects the results they kept.
 
-Writes never block the caller: ``add_jobs``, ``job_sent``, ``jobs_done`` and
+Writes never block the caller: ``add_jobs``, ``jobs_done`` and
 ``set_meta`` queue them, and one writer thread commits everything queued in
 one transaction (``dispy._sqlite._BatchWriter``).  A job finished before its
 row was written is never written.  ``flush()`` waits for the commits.
@@ -20,7 +20,8 @@ others may read or write.
 
 Layout (``PRAGMA application_id`` = ``APP_ID``, ``PRAGMA user_version`` =
 ``SCHEMA_VERSION``): ``meta(key, value)`` with msgpack'ed values and
-``jobs(uid, blob, node)``.
+``jobs(uid, blob, node)``; ``node`` is no longer written (the node travels
+in the blob) and stays for the files written before.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ _SCHEMA = (
 WRITE_DELAY = 0.1
 
 # kinds of queued operations (the first item of each operation tuple)
-_ADD, _SENT, _DONE, _META = "add", "sent", "done", "meta"
+_ADD, _DONE, _META = "add", "done", "meta"
 
 
 class RecoverFileError(StorageError):
@@ -241,10 +242,6 @@ class RecoverFile:
             items.append(((_ADD, int(uid), blob), int(uid)))
         self._writer.submit_many(items, check=True)
 
-    def job_sent(self, uid: int, node: str) -> None:
-        """Queue: job ``uid`` was sent to ``node``."""
-        self._writer.submit((_SENT, node, uid))
-
     def jobs_done(self, uids: Iterable[int]) -> None:
         """Queue deleting finished jobs; jobs still queued are never written."""
         missed = self._writer.cancel([int(u) for u in uids])
@@ -259,14 +256,12 @@ class RecoverFile:
         return self._writer.flush(timeout)
 
     # -- reads (blocking) -----------------------------------------------------------------
-    def unfinished(self) -> list[tuple[int, bytes, str | None]]:
-        """Committed jobs not done, as ``(uid, blob, node)`` by uid (node None: not sent)."""
+    def unfinished(self) -> list[tuple[int, bytes]]:
+        """Committed jobs not done, as ``(uid, blob)`` by uid."""
         try:
             return _sqlite.read_transaction(
                 self.path,
-                lambda conn: conn.execute(
-                    "SELECT uid, blob, node FROM jobs ORDER BY uid"
-                ).fetchall(),
+                lambda conn: conn.execute("SELECT uid, blob FROM jobs ORDER BY uid").fetchall(),
             )
         except sqlite3.Error as exc:
             raise RecoverFileError(f"cannot read recover file {self.path}: {exc}") from exc
@@ -303,10 +298,6 @@ class RecoverFile:
                     conn.executemany(
                         "INSERT OR REPLACE INTO jobs (uid, blob, node) VALUES (?, ?, NULL)",
                         [row for row in (_resolve(uid, blob) for _k, uid, blob in run) if row],
-                    )
-                elif kind == _SENT:
-                    conn.executemany(
-                        "UPDATE jobs SET node = ? WHERE uid = ?", [op[1:] for op in run]
                     )
                 elif kind == _DONE:
                     conn.executemany(

@@ -126,7 +126,7 @@ def recover_jobs(
         meta = rf.meta
         rows = rf.unfinished()
         by_node: dict[str, dict[int, DispyJob]] = {}
-        for uid, blob, _ in rows:
+        for uid, blob in rows:
             job, node = _job_from_blob(uid, blob)
             by_node.setdefault(node, {})[uid] = job
         # every node the cluster used: it may hold jobs sent too shortly before

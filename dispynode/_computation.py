@@ -5,7 +5,7 @@
     dispynode (asyncio)                     computation process (``main`` below)
       |-- control socket pair -------------->  C_LOAD: unpickle the computation,
       |   (C_LOAD, C_FORK, C_CLEANUP)            run setup once (its globals live here)
-      |<-- C_READY, C_FORKED, C_EXITED ------    C_FORK: fork job processes, which
+      |<-- C_READY, C_EXITED ----------------    C_FORK: fork job processes, which
       |                                          inherit setup's globals (copy-on-write)
       |                                               |
       |<== unix socket per job process ==============/  W_HELLO (token), then
@@ -395,7 +395,6 @@ def _serve(chan: BlockingChannel, ctl: dict, spec, comp_dir: str) -> None:
                 os._exit(0)
             for msg in events:
                 if msg.kind == Kind.C_FORK:
-                    pids = []
                     for _ in range(msg.ctl["n"]):
                         pid = os.fork()
                         if pid == 0:
@@ -406,9 +405,7 @@ def _serve(chan: BlockingChannel, ctl: dict, spec, comp_dir: str) -> None:
                             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                             chan.sock.close()
                             _job_process(addr, token, cid, spec, comp_dir, ctl)
-                        children.add(pid)
-                        pids.append(pid)
-                    chan.send(Kind.C_FORKED, {"p": pids})
+                        children.add(pid)  # (each says who it is in its W_HELLO)
                 elif msg.kind == Kind.C_CLEANUP:
                     _stop(children, msg.ctl.get("grace", 3.0), rfd)
                     text = None

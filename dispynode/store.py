@@ -1,13 +1,13 @@
 """The node's durable result store: computed results stay on disk until the client acks them.
 
-The node (an asyncio program) calls ``put``/``ack``/``save_computation``/
-``drop_computation`` on its event loop: they only queue the write.  The
+The node (an asyncio program) calls ``put`` and ``ack`` on its event loop:
+they only queue the write.  The
 store's writer thread (``dispy._sqlite._BatchWriter``) commits everything
 queued in one transaction, so ~10,000 tiny results a second cost a few
 commits, not 10,000.  A result acknowledged before the writer took it is
 never written.
 
-Reads (``pending``, ``pending_cids``, ``computations``) block: run them in a
+Reads (``pending``, ``pending_cids``) block: run them in a
 worker thread (``asyncio.to_thread``).  Each opens its own connection and
 reads one consistent snapshot of what is *committed*: call ``flush()``
 first for the puts and acks queued so far to show.
@@ -31,7 +31,9 @@ Layout (schema version ``SCHEMA_VERSION`` in ``PRAGMA user_version``;
   limit).  Segments are bound as blobs straight from the caller's buffers:
   no concatenation, and a one-part segment reads back as one ``bytes``
   without slicing.
-* ``computations(cid, updated, meta)``.
+
+Stores written before 2026-12 also hold an unused ``computations`` table;
+it is left alone.
 
 Copies: ``put`` keeps references to the caller's buffers (the caller must
 not modify them until the result is flushed or acked; the node does not).
@@ -61,7 +63,7 @@ logger = logging.getLogger("dispynode")
 APP_ID = 0x64735253
 #: ``PRAGMA user_version`` of the layout written by this module.
 SCHEMA_VERSION = 1
-#: Default retention of unacked results and computation records: 7 days.
+#: Default retention of unacked results: 7 days.
 DEFAULT_RETENTION_S = 7 * 86400.0
 
 _SCHEMA = (
@@ -73,12 +75,10 @@ _SCHEMA = (
         cid TEXT NOT NULL, jid INTEGER NOT NULL, seg INTEGER NOT NULL, part INTEGER NOT NULL,
         data BLOB NOT NULL,
         PRIMARY KEY (cid, jid, seg, part))""",
-    """CREATE TABLE computations (
-        cid TEXT PRIMARY KEY, updated REAL NOT NULL, meta BLOB NOT NULL) WITHOUT ROWID""",
 )
 
 # kinds of queued operations (the first item of each operation tuple)
-_PUT, _ACK, _SAVE, _DROP = "put", "ack", "save", "drop"
+_PUT, _ACK = "put", "ack"
 
 #: Seconds a result waits in memory before it is written: most are acknowledged
 #: by a connected client within a millisecond, and then never touch the disk.
@@ -110,10 +110,9 @@ def _byte_view(seg: memoryview) -> memoryview:
 
 
 class ResultStore:
-    """Results kept on disk until acknowledged, and the computations they belong to.
+    """Results kept on disk until acknowledged.
 
-    ``put``, ``ack``, ``save_computation`` and ``drop_computation`` never
-    block (call them from the event loop); the other methods block.  All
+    ``put`` and ``ack`` never block (call them from the event loop); the other methods block.  All
     methods are thread safe.  Use as a context manager or call ``close()``.
     """
 
@@ -125,8 +124,7 @@ class ResultStore:
         """Open the store at ``path`` (created if missing; its folder must exist).
 
         ``retention``: seconds after which ``expire()`` deletes an unacked
-        result (counted from its ``put``) or a computation record (from its
-        last ``save_computation``).  Raises ``StoreError`` if the file is not
+        result (counted from its ``put``).  Raises ``StoreError`` if the file is not
         a result store, is damaged, or cannot be created or read.
         """
         if not retention > 0:
@@ -150,7 +148,7 @@ class ResultStore:
         """The writer's connection to a checked (or new) store at ``path``."""
         return _sqlite.open_checked(
             path, app_id=APP_ID, version=SCHEMA_VERSION, statements=_SCHEMA,
-            tables=("results", "chunks", "computations"), what="dispynode result store",
+            tables=("results", "chunks"), what="dispynode result store",
             program="dispynode", hint=_clean_hint(path), error_cls=StoreError,
         )  # fmt: skip
 
@@ -184,15 +182,6 @@ class ResultStore:
         missed = self._writer.cancel([(cid, j) for j in jids])
         if missed:  # those may be on disk already
             self._writer.submit((_ACK, cid, [j for _, j in missed]))
-
-    def save_computation(self, cid: str, meta: dict) -> None:
-        """Queue saving (or replacing) the record of computation ``cid``; ``meta`` must be msgpack-able."""
-        packed = _sqlite.pack(meta, f"metadata of computation {cid}")
-        self._writer.submit((_SAVE, cid, time.time(), packed))
-
-    def drop_computation(self, cid: str) -> None:
-        """Queue deleting the record of computation ``cid``; its unacked results stay."""
-        self._writer.submit((_DROP, cid))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued before this call is committed; False on timeout.
@@ -244,15 +233,6 @@ class ResultStore:
             lambda conn: dict(conn.execute("SELECT cid, count(*) FROM results GROUP BY cid"))
         )
 
-    def computations(self) -> dict[str, dict]:
-        """Committed computation records: cid -> meta."""
-        return self._read(
-            lambda conn: {
-                cid: _sqlite.unpack(meta)
-                for cid, meta in conn.execute("SELECT cid, meta FROM computations")
-            }
-        )
-
     def _read(self, fn):
         try:
             return _sqlite.read_transaction(self.path, fn)
@@ -264,7 +244,7 @@ class ResultStore:
 
     # -- maintenance ----------------------------------------------------------------------
     def expire(self, now: float | None = None) -> int:
-        """Delete results put, and computation records saved, more than ``retention`` s
+        """Delete results put more than ``retention`` s
         before ``now`` (default: the current time); return how many were deleted.
 
         Runs in the writer thread after what is queued; blocks until done.
@@ -277,16 +257,14 @@ class ResultStore:
                 "(SELECT cid, jid FROM results WHERE created < ?)",
                 (cutoff,),
             )
-            n = conn.execute("DELETE FROM results WHERE created < ?", (cutoff,)).rowcount
-            n += conn.execute("DELETE FROM computations WHERE updated < ?", (cutoff,)).rowcount
-            return n
+            return conn.execute("DELETE FROM results WHERE created < ?", (cutoff,)).rowcount
 
         try:
             count = self._writer.run(delete)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot expire old results in {self.path}: {exc}") from exc
         if count:
-            logger.info("result store %s: expired %d results and computations", self.path, count)
+            logger.info("result store %s: expired %d results", self.path, count)
         return count
 
     @property
@@ -347,13 +325,6 @@ class ResultStore:
             keys = [(cid, jid) for _k, cid, jids in ops for jid in jids]
             conn.executemany("DELETE FROM results WHERE cid = ? AND jid = ?", keys)
             conn.executemany("DELETE FROM chunks WHERE cid = ? AND jid = ?", keys)
-        elif kind == _SAVE:
-            conn.executemany(
-                "INSERT OR REPLACE INTO computations (cid, updated, meta) VALUES (?, ?, ?)",
-                [op[1:] for op in ops],
-            )
-        elif kind == _DROP:
-            conn.executemany("DELETE FROM computations WHERE cid = ?", [op[1:] for op in ops])
         else:  # pragma: no cover - a bug in this module
             raise AssertionError(f"unknown store operation {kind!r}")
 

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 import dispy
 from dispy import DispyJob, DispyNode
 
@@ -356,6 +358,14 @@ def test_documented_methods_and_parameters_exist():
             have = inspect.signature(fn).parameters
             missing += [f"{cls.__name__}.{name}({p}=)" for p in params if p not in have]
     assert missing == []
+
+
+def test_poll_interval_is_checked():
+    """dispy's poll_interval has nothing to poll here (results are pushed) but a
+    wrong value is still refused, before anything starts."""
+    for bad in ("10", 0, -1.0, True):
+        with pytest.raises(ValueError, match="poll_interval must be None or a positive"):
+            dispy.JobCluster(print, nodes=["127.0.0.1"], poll_interval=bad)
 
 
 def test_documented_constants_and_attributes():

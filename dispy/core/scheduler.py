@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Iterable
 
 from . import jobstate
 
@@ -320,7 +319,3 @@ class Scheduler:
         for job in jobs:
             job.status = jobstate.next_status(job.status, jobstate.ABANDON)
         return jobs
-
-    def running_jobs(self) -> Iterable:
-        for node in self.nodes.values():
-            yield from node.running.values()

@@ -48,8 +48,7 @@ class Kind(IntEnum):
     # node daemon <-> its computation process and job processes (local socket pairs)
     C_LOAD = 48  # daemon: load this computation and run setup
     C_READY = 49  # computation process: setup done (or failed)
-    C_FORK = 50  # daemon: fork one job process per passed socket
-    C_FORKED = 51  # computation process: pids of the new job processes
+    C_FORK = 50  # daemon: fork n more job processes
     C_EXITED = 52  # computation process: a job process ended, with its status
     C_CLEANUP = 53  # daemon: run cleanup and exit
     W_JOB = 56  # daemon -> job process: run this job

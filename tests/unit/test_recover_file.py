@@ -149,18 +149,10 @@ def test_not_a_recover_file_is_refused(path, tmp_path):
 def test_jobs_round_trip(path):
     with RecoverFile.create(path, META) as rf:
         rf.add_jobs([(uid, b"args %d" % uid) for uid in range(1, 6)])
-        rf.job_sent(2, "10.0.0.5:51348")
-        rf.job_sent(3, "10.0.0.6:51348")
         rf.jobs_done([1, 3])
         rf.add_jobs([(6, bytearray(b"ba")), (7, memoryview(b"mv"))])
         assert rf.flush(WAIT_S)
-        expected = [
-            (2, b"args 2", "10.0.0.5:51348"),
-            (4, b"args 4", None),
-            (5, b"args 5", None),
-            (6, b"ba", None),
-            (7, b"mv", None),
-        ]
+        expected = [(2, b"args 2"), (4, b"args 4"), (5, b"args 5"), (6, b"ba"), (7, b"mv")]
         assert rf.unfinished() == expected
     with RecoverFile.open(path) as rf:
         assert rf.unfinished() == expected
@@ -173,12 +165,11 @@ def test_job_done_before_it_is_written_is_never_written(path):
     with RecoverFile.create(path, META) as rf:
         with rf._writer._cond:  # the writer cannot take a batch until released
             rf.add_jobs([(1, b"a" * 1000), (2, b"b")])
-            rf.job_sent(1, "n1")
             rf.jobs_done([1])
         assert rf.flush(WAIT_S)
         st = rf.stats
         assert st["cancelled"] == 1 and st["commits"] == 1
-        assert rf.unfinished() == [(2, b"b", None)]
+        assert rf.unfinished() == [(2, b"b")]
 
 
 def test_blob_must_be_bytes_like(path):
@@ -208,7 +199,7 @@ def test_unfinished_jobs_survive_kill_9(path):
     assert proc.stdout.strip() == "flushed"
     with RecoverFile.open(path) as rf:
         assert rf.meta == {"cid": "c1", "key": b"k" * 32, "nodes": ["n1"]}
-        assert rf.unfinished() == [(uid, b"job %d" % uid, None) for uid in range(1, 100, 2)]
+        assert rf.unfinished() == [(uid, b"job %d" % uid) for uid in range(1, 100, 2)]
 
 
 # -- closing ------------------------------------------------------------------------------
@@ -220,7 +211,7 @@ def test_close_remove_and_idempotent(path):
     with pytest.raises(RecoverFileError, match="closed"):
         rf.add_jobs([(2, b"y")])
     rf = RecoverFile.open(path)
-    assert rf.unfinished() == [(1, b"x", None)]  # close committed the queued add
+    assert rf.unfinished() == [(1, b"x")]  # close committed the queued add
     rf.close(remove=True)
     assert not any(os.path.exists(f) for f in _sqlite.db_files(path))
 
@@ -244,4 +235,4 @@ def test_failing_writes_are_raised_then_retried(path, monkeypatch):
             rf.add_jobs([(2, b"b")])
         full[0] = False
         assert rf.flush(WAIT_S)
-        assert rf.unfinished() == [(1, b"a", None)]
+        assert rf.unfinished() == [(1, b"a")]

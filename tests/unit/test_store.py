@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from dispy import _sqlite
-from dispynode.store import APP_ID, SCHEMA_VERSION, ResultStore, StoreError
+from dispynode.store import APP_ID, DEFAULT_RETENTION_S, SCHEMA_VERSION, ResultStore, StoreError
 
 MB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,21 +104,26 @@ def test_a_later_put_replaces_the_result(store):
     conn.close()
 
 
-def test_reopen_keeps_results_and_computations(store_path):
+def test_reopen_keeps_results(store_path):
     with ResultStore(store_path) as s:
         s.put("c1", 1, info(1), [b"a" * 100])
-        s.save_computation("c1", {"client": ["10.0.0.1", 51347], "name": "compute", "t": 1.5})
-        s.save_computation("c2", {"name": "other"})
-        s.drop_computation("c2")
     with ResultStore(store_path) as s:
         assert s.pending("c1") == [(1, info(1), [b"a" * 100])]
-        assert s.computations() == {
-            "c1": {"client": ["10.0.0.1", 51347], "name": "compute", "t": 1.5}
-        }
-        s.drop_computation("c1")  # the record goes, its unacked results stay
-        s.flush(WAIT_S)
-        assert s.computations() == {}
         assert s.pending_cids() == {"c1": 1}
+
+
+def test_store_with_the_old_computations_table_opens(store_path):
+    """Stores written before the unused computations table was dropped still open."""
+    with ResultStore(store_path) as s:
+        s.put("c1", 1, info(1), [b"a"])
+    with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE computations (cid TEXT PRIMARY KEY, updated REAL NOT NULL, "
+            "meta BLOB NOT NULL) WITHOUT ROWID"
+        )
+    with ResultStore(store_path) as s:
+        assert s.pending("c1") == [(1, info(1), [b"a"])]
+        assert s.expire(now=time.time() + 10 * DEFAULT_RETENTION_S) == 1
 
 
 # -- batching and cancelling --------------------------------------------------------------
@@ -149,7 +154,6 @@ def test_everything_queued_at_once_is_one_commit(store):
         for jid in range(1000):
             store.put("c", jid, info(jid), [b"p" * 100])
         store.ack("c", range(0, 1000, 2))
-        store.save_computation("c", {"name": "x"})
     assert store.flush(WAIT_S)
     st = store.stats
     assert st["commits"] == 1
@@ -213,7 +217,6 @@ def test_flushed_results_survive_kill_9(store_path):
         s = ResultStore({store_path!r})
         for jid in range(100):
             s.put("c", jid, {{"jid": jid}}, [b"r" * jid, bytes([jid])])
-        s.save_computation("c", {{"name": "crashed"}})
         assert s.flush(10)
         print("flushed", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -230,15 +233,13 @@ def test_flushed_results_survive_kill_9(store_path):
         assert [(jid, inf, segs) for jid, inf, segs in got] == [
             (jid, {"jid": jid}, [b"r" * jid, bytes([jid])]) for jid in range(100)
         ]
-        assert s.computations() == {"c": {"name": "crashed"}}
 
 
 # -- expiry -------------------------------------------------------------------------------
-def test_expire_deletes_old_results_and_computations(store_path):
+def test_expire_deletes_old_results(store_path):
     with ResultStore(store_path, retention=100.0) as s:
         s.put("old", 1, {}, [b"x" * 10])
         s.put("old", 2, {}, [b"y"])
-        s.save_computation("old", {"name": "old"})
         s.flush(WAIT_S)
         now = time.time()
         assert s.expire(now) == 0
@@ -247,13 +248,11 @@ def test_expire_deletes_old_results_and_computations(store_path):
         with (
             contextlib.closing(sqlite3.connect(store_path)) as conn,
             conn,
-        ):  # age the first three rows
+        ):  # age the first two rows
             conn.execute("UPDATE results SET created = created - 1000 WHERE cid = 'old'")
-            conn.execute("UPDATE computations SET updated = updated - 1000")
         conn.close()
-        assert s.expire(now) == 3
+        assert s.expire(now) == 2
         assert s.pending_cids() == {"new": 1}
-        assert s.computations() == {}
         assert s.expire(now + 1000) == 1
         assert s.pending_cids() == {}
         with contextlib.closing(sqlite3.connect(store_path)) as conn, conn:
@@ -352,8 +351,6 @@ def test_bad_arguments_say_what_is_wrong(store):
         store.put("c", 1, {"f": object()}, [])
     with pytest.raises(TypeError, match="must be bytes-like"):
         store.put("c", 1, {}, ["text"])
-    with pytest.raises(TypeError, match="metadata of computation c"):
-        store.save_computation("c", {"f": {1, 2}})
     store.flush(WAIT_S)
     assert store.pending_cids() == {}
 
