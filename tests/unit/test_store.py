@@ -24,7 +24,14 @@ import numpy as np
 import pytest
 
 from dispy import _sqlite
-from dispynode.store import APP_ID, DEFAULT_RETENTION_S, SCHEMA_VERSION, ResultStore, StoreError
+from dispynode.store import (
+    APP_ID,
+    DEFAULT_RETENTION_S,
+    FILE_ABOVE,
+    SCHEMA_VERSION,
+    ResultStore,
+    StoreError,
+)
 
 MB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,8 +68,8 @@ def test_put_pending_ack_round_trip(store):
     assert [jid for jid, _, _ in got] == [1, 2, 3]
     jid, inf, segs = got[0]
     assert inf == info(1)
-    assert segs == [b"head", big]
-    assert all(type(s) is bytes for s in segs)
+    assert [bytes(s) for s in segs] == [b"head", big]
+    assert type(segs[0]) is bytes  # a blob; the 50 MB segment is its file, mapped
     assert got[1][1] == {"k": b"\x00\xff", 3: [1, 2.5, None, True]}
     assert np.array_equal(np.frombuffer(got[1][2][0], dtype="f8").reshape(10, 100), arr)
     assert got[2][2] == []
@@ -208,6 +215,67 @@ def test_reads_run_concurrently_with_writes(store):
     assert store.pending_cids() == {"c": 3000}
 
 
+# -- large segments in files -------------------------------------------------------------
+def _files(store_path) -> list[str]:
+    return sorted(os.listdir(store_path + ".files"))
+
+
+def test_large_segments_go_to_files_not_sqlite(store_path):
+    big = np.arange(FILE_ABOVE // 8 + 1000, dtype=np.float64)  # just over FILE_ABOVE
+    with ResultStore(store_path) as s:
+        s.put("c", 1, info(1), [b"head", big, b"tail"])
+        s.put("c", 2, info(2), [b"small"])
+        assert s.flush(WAIT_S)
+        assert len(_files(store_path)) == 1
+        with contextlib.closing(sqlite3.connect(store_path)) as conn:
+            sizes = conn.execute("SELECT max(length(data)) FROM chunks").fetchone()[0]
+        assert sizes < 100  # the big segment is not a blob: its row names its file
+        got = s.pending("c")
+        assert [(j, i) for j, i, _ in got] == [(1, info(1)), (2, info(2))]
+        head, middle, tail = got[0][2]
+        assert (bytes(head), bytes(tail)) == (b"head", b"tail")
+        assert np.array_equal(np.frombuffer(middle, dtype=np.float64), big)
+        # a put of the same job replaces the file's content
+        s.put("c", 1, info(1), [big[::-1].copy()])
+        assert s.flush(WAIT_S)
+        assert len(_files(store_path)) == 1
+    with ResultStore(store_path) as s:  # and it survives a reopen
+        (seg,) = s.pending("c")[0][2]
+        assert np.array_equal(np.frombuffer(seg, dtype=np.float64), big[::-1])
+        del seg
+        s.ack("c", [1])
+        assert s.flush(WAIT_S)
+        assert _files(store_path) == [] and s.pending_cids() == {"c": 1}
+        s.put("old", 1, {}, [big])
+        assert s.flush(WAIT_S) and len(_files(store_path)) == 1
+        assert s.expire(time.time() + 10 * DEFAULT_RETENTION_S) == 2
+        assert _files(store_path) == []
+    ResultStore.remove(store_path)
+    assert not os.path.exists(store_path + ".files")
+
+
+def test_segment_files_no_row_names_are_removed_at_open(store_path):
+    with ResultStore(store_path) as s:
+        s.put("c", 1, {}, [bytes(FILE_ABOVE + 1)])
+    stray = os.path.join(store_path + ".files", "0" * 32)  # a crash before its commit
+    with open(stray, "wb") as f:
+        f.write(b"x")
+    with ResultStore(store_path) as s:
+        assert len(_files(store_path)) == 1 and not os.path.exists(stray)
+        assert len(s.pending("c")[0][2][0]) == FILE_ABOVE + 1
+
+
+def test_a_missing_segment_file_skips_that_result(store_path, caplog):
+    with ResultStore(store_path) as s:
+        s.put("c", 1, {}, [bytes(FILE_ABOVE + 1)])
+        s.put("c", 2, {}, [b"ok"])
+        assert s.flush(WAIT_S)
+        os.unlink(os.path.join(store_path + ".files", _files(store_path)[0]))
+        with caplog.at_level(logging.ERROR, logger="dispynode"):
+            assert [j for j, _, _ in s.pending("c")] == [2]
+        assert "has 0 of its 1 segments" in caplog.text
+
+
 # -- durability ---------------------------------------------------------------------------
 def test_flushed_results_survive_kill_9(store_path):
     code = textwrap.dedent(
@@ -217,6 +285,7 @@ def test_flushed_results_survive_kill_9(store_path):
         s = ResultStore({store_path!r})
         for jid in range(100):
             s.put("c", jid, {{"jid": jid}}, [b"r" * jid, bytes([jid])])
+        s.put("c", 100, {{"jid": 100}}, [b"B" * ({FILE_ABOVE} + 1)])  # in a file
         assert s.flush(10)
         print("flushed", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -230,6 +299,9 @@ def test_flushed_results_survive_kill_9(store_path):
     assert os.path.exists(store_path + "-wal")  # not closed: the commits are in the WAL
     with ResultStore(store_path) as s:
         got = s.pending("c")
+        jid, inf, (big,) = got.pop()
+        assert (jid, inf, bytes(big)) == (100, {"jid": 100}, b"B" * (FILE_ABOVE + 1))
+        del big
         assert [(jid, inf, segs) for jid, inf, segs in got] == [
             (jid, {"jid": jid}, [b"r" * jid, bytes([jid])]) for jid in range(100)
         ]
