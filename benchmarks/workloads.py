@@ -18,8 +18,9 @@ the same process, so each size prints both side by side: seconds,
 ``gensim_seconds_over_ours`` (per CPU count), and quality.
 
 LSI: k=100, oversampling 100, 2 power iterations (gensim's defaults) = 4
-passes; quality: the largest relative difference of our singular values
-from gensim's.  LDA: k=20, online VB with gensim's defaults (chunks of 2,000
+passes; quality: the relative errors of ours and gensim's singular values
+against the exact ones (``scipy.sparse.linalg.svds``; ``--no-exact`` skips
+it), and their largest relative difference from each other.  LDA: k=20, online VB with gensim's defaults (chunks of 2,000
 documents, an M-step per chunk; each M-step's E-step cut into a job per
 CPU), ``--lda-passes`` passes (default 2); quality: the held-out per-word
 bound (gensim's ``log_perplexity``; higher is better) and its relative
@@ -281,6 +282,16 @@ def _recovery(args) -> dict:
     return out
 
 
+def _rel_errors(s, exact) -> dict:
+    k = min(len(s), len(exact))
+    rel = np.abs(np.asarray(s[:k]) - exact[:k]) / exact[:k]
+    return {
+        "max": float(rel.max()),
+        "top10_max": float(rel[:10].max()),
+        "median": float(np.median(rel)),
+    }
+
+
 def _speedup(res: dict, runs: dict, kind: str, train, chunksize: int, args) -> None:
     ok = [r for r in runs.values() if isinstance(r, dict)]
     if len(ok) >= 2:
@@ -333,6 +344,17 @@ def run_size(docs: int, terms: int, args, cpu_counts: list, which: set) -> tuple
             res["max_rel_diff_singular_values_between_cpu_counts"] = float(
                 np.max(np.abs(ok[0]["_s"] - ok[-1]["_s"]) / ok[0]["_s"])
             )
+        if ok and not args.no_exact:  # the true singular values (ARPACK), for both
+            from scipy.sparse.linalg import svds
+
+            t1 = time.perf_counter()
+            exact = np.sort(svds(train, k=args.lsi_topics, return_singular_vectors=False))[::-1]
+            res["exact_svds_seconds"] = time.perf_counter() - t1
+            res["singular_values_rel_error_vs_exact"] = _rel_errors(ok[-1]["_s"], exact)
+            if "lsi" in gensim_out:
+                gensim_out["lsi"]["singular_values_rel_error_vs_exact"] = _rel_errors(
+                    gensim_out["lsi"]["_s"], exact
+                )
         g = gensim_out.get("lsi")
         if g is not None and ok:
             gs = g.pop("_s")
@@ -397,6 +419,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recovery-seeds", type=int, default=3, help="0: skip the recovery part")
     p.add_argument("--no-gensim", action="store_true", help="skip gensim")
+    p.add_argument("--no-exact", action="store_true", help="skip the exact SVD (svds) reference")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
     logging.basicConfig(
