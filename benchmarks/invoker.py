@@ -108,10 +108,10 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 import _bench_jobs, dispy
-import dispy._client
+import dispy.engine.link
 # the namespaces stand for separate machines: the model goes over the network, as
 # it would there, not by file name through the /dev/shm these namespaces share
-dispy._client.HAND_OVER_DATA = False
+dispy.engine.link.HAND_OVER_DATA = False
 n_items, k, n_tasks = map(int, sys.argv[2:5])
 hosts = sys.argv[5:]
 rng = np.random.default_rng(7)

@@ -99,13 +99,13 @@ CLIENT = r"""
 import json, logging, os, sys, time, traceback
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 cfg = json.loads(sys.argv[1])
-import dispy, dispy._client, dispy.workloads as wl
+import dispy, dispy.engine.link, dispy.workloads as wl
 from dispy.workloads import corpus, lda, lsi
 import gensim
 from gensim.matutils import Sparse2Corpus
 # separate machines in spirit: data goes over the network, not through the /dev/shm
 # these namespaces share
-dispy._client.HAND_OVER_DATA = False
+dispy.engine.link.HAND_OVER_DATA = False
 docs, terms, held = cfg["docs"], cfg["terms"], cfg["heldout"]
 drawn = corpus.synthetic_corpus(docs + held, terms, 20, doc_length=100.0, seed=cfg["seed"])
 train, heldout = drawn.matrix[:docs], drawn.matrix[docs:]

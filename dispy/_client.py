@@ -1,4 +1,4 @@
-"""``JobCluster``: the client face, and the engine behind it.
+"""``JobCluster``: the client's face; its engine is ``dispy.engine``.
 
 The route of a job::
 
@@ -7,16 +7,17 @@ The route of a job::
     submit(*args)
       pickle args (protocol 5,
       out-of-band buffers)
-      DispyJob -> _incoming ----wake--> _Engine.wake -> Scheduler.submit
-                                        Scheduler.assign -> _NodeLink.send_jobs
+      DispyJob -> _incoming ----wake--> JobCluster._wake -> Engine.take
+                                        Scheduler.submit, Scheduler.assign
+                                        Engine.dispatch -> NodeLink.send_jobs
                                           JOBS frame (batched) ------------> Session -> job process
-                                        _NodeLink.on_message(RESULTS) <------ RESULTS (batched)
-                                          unpickle result, Scheduler.ended
-                                          job.future.set_result  -> ACK -----> result dropped
+                                        NodeLink.on_message(RESULTS) <------- RESULTS (batched)
+                                          Engine.results: unpickle, end the job
+                                          job.future resolved  -> ACK -------> result dropped
     job() / wait() <---------------------  (callbacks run on the cluster's callback thread)
 
 Everything a node does for the cluster goes over one long-lived,
-authenticated connection per node (``_NodeLink``).
+authenticated connection per node (``dispy.engine.link.NodeLink``).
 """
 
 from __future__ import annotations
@@ -26,76 +27,38 @@ import atexit
 import collections
 import concurrent.futures
 import copy
-import functools
 import itertools
 import logging
 import os
 import queue
-import socket
-import ssl
 import sys
 import threading
 import time
 import uuid
 import weakref
+from typing import TYPE_CHECKING
 
-import cloudpickle
-import psutil
-
-from . import _loop, config, discovery, serialize, transport
-from ._data import NodeData, check_name, data_path
+from . import _loop, config, serialize
+from ._data import NodeData, check_name
 from ._data import _local as data_local
-from ._data import client_shm_folder as data_client_shm_folder
-from ._data import host_id as data_host_id
-from ._data import write as data_write
-from ._finder import NodeFinder
-from ._job import ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, NodeAllocate
-from ._link import MISSED_PULSES, LinkBase
+from ._job import ClusterStatus, DispyJob, DispyNode
 from ._local import LocalNode
-from ._paths import write_chunk
 from ._recover import RecoverFile
 from ._recovery import default_path as _default_recover_path
-from ._recovery import job_blob
-from ._tasks import spawn
 from .core import jobstate
-from .core.scheduler import Scheduler
-from .errors import (
-    AuthenticationFailed,
-    ComputationError,
-    ConnectionClosed,
-    DispyError,
-    IncompatibleVersion,
-    ProtocolError,
-    SubmitError,
-)
+from .engine import Engine, parse_nodes
+from .errors import ComputationError, DispyError, SubmitError
 from .keys import resolve_secret
-from .protocol import (
-    IDS_PER_FRAME,
-    JOBS_PER_FRAME,
-    Kind,
-    derive_key,
-    field,
-    join_segments,
-    result_entries,
-    split_segments,
-)
+from .protocol import derive_key
 from .tls import client_context
+
+if TYPE_CHECKING:  # (annotations only: no import cycle)
+    from .engine import NodeLink
 
 logger = logging.getLogger("dispy")
 
 #: Seconds between pulses (both ways); a node silent for MISSED_PULSES of them is dead.
 DEFAULT_PULSE_INTERVAL = 2.0
-#: Most bytes of job arguments put in one JOBS frame.
-BATCH_BYTES = 8 << 20
-#: put() data for a node on this host, of this user, is written once to shared
-#: memory and handed over by name (tests turn it off to test sending the bytes)
-HAND_OVER_DATA = True
-_END_EVENT = {
-    jobstate.Finished: jobstate.FINISH,
-    jobstate.Terminated: jobstate.FAIL,
-    jobstate.Cancelled: jobstate.CANCEL,
-    jobstate.Abandoned: jobstate.ABANDON,
-}
 
 
 def _job_files(paths) -> tuple[list, list]:
@@ -119,442 +82,6 @@ def _job_files(paths) -> tuple[list, list]:
     return specs, datas
 
 
-class _Permanent(DispyError):
-    """A node that will not work for this cluster however often we try."""
-
-
-def _parse_nodes(nodes, node_port: int):
-    """Turn the ``nodes`` argument into (host, port, allocation) entries for named
-    nodes, (wildcard, port, allocation) entries for discovery, and whether a local
-    node must be started."""
-    if nodes is None:
-        env = os.environ.get("DISPY_NODES", "").strip()
-        nodes = [n.strip() for n in env.split(",") if n.strip()] if env else ["*"]
-    if isinstance(nodes, str | NodeAllocate | DispyNode):
-        nodes = [nodes]
-    out, patterns, local = [], [], False
-    for spec in nodes:
-        alloc = None
-        if isinstance(spec, NodeAllocate):
-            alloc, host, port = spec, spec.host, spec.port or node_port
-        elif isinstance(spec, DispyNode):
-            host, port = spec.ip_addr, spec.port or node_port
-        elif isinstance(spec, str):
-            host, port = spec.strip(), node_port
-            if host.count(":") == 1:
-                host, p = host.split(":")
-                try:
-                    port = int(p)
-                except ValueError:
-                    raise ValueError(f"node {spec!r}: port {p!r} is not a number") from None
-        else:
-            raise TypeError(
-                f"nodes entries must be host names, addresses, NodeAllocate or DispyNode, "
-                f"not {type(spec).__name__}"
-            )
-        if not host:
-            raise ValueError(f"node {spec!r}: empty host name")
-        if host == "local":
-            local = True
-        elif discovery.is_wildcard(host):
-            patterns.append((host, port, alloc))
-        else:
-            out.append((host, port, alloc))
-    return out, patterns, local
-
-
-class _NodeLink(LinkBase):
-    """The client's connection to one node, for one cluster."""
-
-    def __init__(self, engine: _Engine, host: str, port: int, alloc: NodeAllocate | None) -> None:
-        self.engine = engine
-        self.host = host
-        self.port = port
-        self.alloc = alloc
-        self.key = (host, port)
-        self.node = DispyNode(host, port)
-        self.node_cpus = 0  # the CPUs the node says it has
-        self.same_host = False  # put() data is handed over by file name
-        self._init_link(logger)
-        self.failure: str | None = None  # permanent failure, if any
-        self._acks: list[int] = []
-        self._ack_scheduled = False
-        self.setup_done = False
-        self.paused = False  # the node is outside its service hours (its pulses say)
-        self.was_setup = False  # the computation was set up there: reconnect with RESUME
-        self.task: asyncio.Task | None = None
-
-    FILE_CHUNK = 8 << 20
-
-    def _pulse_interval(self) -> float:
-        return self.engine.pulse_interval
-
-    def _node_lost(self) -> None:
-        self.engine.node_lost(self)
-
-    PERMANENT = (_Permanent, AuthenticationFailed, IncompatibleVersion)
-
-    def _permanent(self, exc: Exception) -> None:
-        self.failure = str(exc)
-        logger.error("%s", exc)
-        self.engine.node_failed(self)
-
-    def _refused_means_dead(self) -> bool:
-        return not self.engine.via_scheduler  # a scheduler keeps jobs across its restarts
-
-    async def _session(self) -> None:
-        engine = self.engine
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                self.host, self.port, type=socket.SOCK_STREAM
-            )
-        except (socket.gaierror, UnicodeError) as exc:
-            why = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
-            raise _Permanent(
-                f"node {self.host!r}: unknown host name ({why}); check the spelling, "
-                "or give its IP address"
-            ) from None
-        addr = infos[0][4][0]
-        timeout = config.HANDSHAKE_TIMEOUT
-        if self.suspect:
-            timeout = max(1.0, min(timeout, self.window - (time.monotonic() - self.last_heard)))
-        try:
-            chan = await transport.connect(
-                addr, self.port, engine.key, ssl=engine.ssl, timeout=timeout
-            )
-        except ssl.SSLError as exc:
-            why = exc.reason or str(exc)
-            hint = (
-                "the node does not speak TLS (drop certfile/cafile, or start it with --certfile)"
-                if "WRONG_VERSION" in str(why).upper() or "record layer" in str(exc)
-                else "check that client and node certificates come from the same CA"
-            )
-            raise _Permanent(
-                f"TLS with node {self.host}:{self.port} failed ({why}): {hint}"
-            ) from None
-        except AuthenticationFailed as exc:
-            if engine.via_scheduler:
-                raise _Permanent(
-                    f"authentication with dispyscheduler {self.host}:{self.port} failed ({exc}); "
-                    "use its cluster secret: SharedJobCluster(..., secret=...) must match "
-                    "dispyscheduler --cluster_secret (by default its node secret)"
-                ) from None
-            raise _Permanent(
-                f"authentication with node {self.host}:{self.port} failed ({exc}); "
-                "use the same secret on both sides (JobCluster(..., secret=...) and dispynode -s)"
-            ) from None
-        except IncompatibleVersion as exc:
-            raise _Permanent(f"node {self.host}:{self.port}: {exc}") from None
-        self.node.ip_addr = addr
-        closed = self._attach(chan)
-        info = await self._request(Kind.INFO_REQ, {"pulse": engine.pulse_interval}, Kind.INFO)
-        if info.get("relay"):
-            logger.info(
-                "%s:%s is a dispynetrelay: it relays discovery for its network",
-                self.host,
-                self.port,
-            )
-            self._closing = True
-            chan.close()
-            return
-        if not engine.claim(info.get("nid"), self):
-            logger.debug("%s:%s is a node this cluster uses already", self.host, self.port)
-            self._closing = True
-            chan.close()
-            return
-        cpus = self.node_cpus = field(info, "cpus", int)
-        self.node.name = field(info, "name", str)
-        if engine.via_scheduler:
-            engine.scheduler_nodes(info.get("nodes"))
-        self.node.platform = info.get("platform", "")
-        self.node.avail_info = _avail(info.get("avail"))
-        self.node.update_time = time.time()
-        host = info.get("host")  # on this host, as this user: put() data can go by file name
-        self.same_host = HAND_OVER_DATA and isinstance(host, str) and host == data_host_id()
-        if self.alloc is not None:
-            cpus = self.alloc.allocate(
-                engine.cluster, addr, self.node.name, cpus, self.node.avail_info, self.node.platform
-            )
-            if cpus <= 0:
-                logger.info("node %s not allocated (NodeAllocate returned %s)", self.key, cpus)
-                chan.close()
-                self._closing = True
-                return
-        self.node.cpus = self.node.avail_cpus = cpus
-        known = False
-        if self.was_setup:  # we had the computation there: what became of it and its jobs?
-            known = await self._resume()
-        if not known:
-            await self._send_computation()
-        self.setup_done = self.was_setup = True
-        if self._closing:  # closed meanwhile: close() sends CLOSE, then closes the connection
-            await closed
-            return
-        if engine.recover is not None:
-            await engine.record_node(self)
-        # what put() placed so far, and what it places meanwhile: the node is ready
-        # (and put() sends to it itself) only once it has every object
-        sent: dict[str, int] = {}
-        while todo := [(n, v, s) for n, (v, s) in engine.data.items() if sent.get(n) != v]:
-            for name, version, segs in todo:
-                await self.put_data(name, version, segs)
-                sent[name] = version
-        self.ready = True
-        engine.node_ready(self)
-        await self._serve(chan, closed)
-
-    @property
-    def window(self) -> float:
-        """Seconds without a connection after which the node is declared dead.  A
-        dispyscheduler keeps its clients' jobs across a restart: it gets longer."""
-        window = self.engine.pulse_interval * MISSED_PULSES
-        if self.engine.via_scheduler:
-            window = max(window, config.SCHEDULER_RECONNECT_S)
-        return window
-
-    async def _resume(self) -> bool:
-        """Reconnected: take the computation over again.  The node answers with the
-        jobs it still has (queued or running) and those ended but not acknowledged,
-        whose results it sends again right after.  While the node was only suspect,
-        its other jobs of ours are lost there (it restarted): they are requeued or
-        abandoned now.  True if the computation is still set up there."""
-        engine = self.engine
-        reply = await self._request(Kind.RESUME, {"c": engine.cid}, Kind.RESUMED)
-        on_node = set(field(reply, "jobs", list)) | set(field(reply, "done", list))
-        if self.suspect:
-            self._end_grace()
-            state = engine.sched.nodes.get(self.key)
-            lost = [j for j in state.running.values() if j._uid not in on_node] if state else []
-            if engine.via_scheduler and reply.get("known"):
-                # a restarted dispyscheduler asked its nodes: the jobs it does not list
-                # run nowhere (they came just before it stopped): send them again
-                engine.jobs_resend(self, lost)
-            else:
-                engine.jobs_lost(self, lost, "its node restarted while running it")
-        logger.info(
-            "node %s:%s reconnected: %d job(s) there, computation %s",
-            self.host, self.port, len(on_node), "kept" if reply.get("known") else "set up again",
-        )  # fmt: skip
-        return bool(reply.get("known"))
-
-    async def _send_computation(self) -> None:
-        pkg = self.engine.package
-        cid = self.engine.cid
-        files = list(pkg.files)
-        setup_args = b""
-        if self.alloc is not None:  # this node's own files and setup arguments
-            files += [(os.path.basename(os.fspath(p)), os.fspath(p)) for p in self.alloc.depends]
-            if self.alloc.setup_args:
-                setup_args = cloudpickle.dumps(tuple(self.alloc.setup_args))
-        for rel, path in files:
-            await self.send_file(rel, path)
-        reply = await self._request(
-            Kind.COMPUTE,
-            {"c": cid, "n": pkg.name, "sa": len(setup_args), **self.engine.compute_opts},
-            Kind.COMPUTE_REPLY,
-            [pkg.spec_bytes, setup_args],
-        )
-        if not reply.get("ok"):
-            raise _Permanent(
-                f"node {self.node.name} ({self.host}:{self.port}) could not set up the "
-                f"computation: {reply.get('r', 'no reason given')}"
-            )
-
-    async def send_file(self, rel: str, path: str) -> None:
-        """Send a file into the computation's folder on the node, in chunks."""
-        mode = os.stat(path).st_mode & 0o777
-        await self._send_file(self.engine.cid, self.engine.package.name, rel, path, mode)
-
-    async def put_data(self, name: str, version: int, segs) -> None:
-        """Place one cluster.put() object on the node; raises DispyError if refused.
-
-        A node on this host, run by this user, is handed the file the client
-        wrote once to shared memory (it links it: no bytes sent, no copy); if it
-        cannot take it, the bytes are sent."""
-        tag = f"{name}:{version}"
-        if self.same_host:
-            handed = await self.engine.shm_file(name, version, segs)
-            if handed is not None:
-                path, size = handed
-                reply = await self._request(
-                    Kind.DATA,
-                    {"c": self.engine.cid, "n": name, "v": version, "f": path, "z": size, "t": tag},
-                    Kind.DATA_OK,
-                    tag=tag,
-                )
-                if reply.get("ok"):
-                    return
-                logger.info("node %s: put() data sent over the connection: %s",
-                            self.node.name, reply.get("r"))  # fmt: skip
-                self.same_host = False
-        lens, flat = join_segments([segs])
-        reply = await self._request(
-            Kind.DATA,
-            {"c": self.engine.cid, "n": name, "v": version, "s": lens, "t": tag},
-            Kind.DATA_OK,
-            flat,
-            tag=tag,
-        )
-        if not reply.get("ok"):
-            raise DispyError(f"node {self.node.name} refused data {name!r}: {reply.get('r')}")
-
-    async def _request(
-        self, kind: int, ctl: dict, reply_kind: int, payload=(), tag: str | None = None
-    ) -> dict:
-        return await self._ask(kind, ctl, (reply_kind, tag) if tag else reply_kind, payload)
-
-    # -- messages from the node -------------------------------------------------
-    def on_message(self, msg) -> None:
-        self.last_heard = time.monotonic()
-        kind = msg.kind
-        if kind == Kind.RESULTS:
-            self.engine.results(self, msg.ctl, msg.payload)
-            return
-        if kind == Kind.STATUS:
-            if "a" in msg.ctl:
-                cpus = msg.ctl.get("cpus")  # a scheduler's CPUs change as its nodes come and go
-                if isinstance(cpus, int) and cpus > 0 and cpus != self.node.cpus:
-                    self.node.cpus = self.node.avail_cpus = cpus
-                    if self.key in self.engine.sched.nodes:
-                        self.engine.sched.set_cpus(self.key, cpus)
-                        self.engine.dispatch()
-                if self.engine.via_scheduler:
-                    self.engine.scheduler_nodes(msg.ctl.get("nodes"))
-                self._paused(msg.ctl.get("paused"))
-                self.node.avail_info = _avail(msg.ctl["a"])
-                self.node.update_time = time.time()
-                self.engine.cluster._node_status(DispyNode.AvailInfo, self.node)
-            else:
-                self.engine.provisional(self, msg.ctl, msg.payload)
-            return
-        if kind == Kind.FILE:
-            self.engine.file_from_job(self, msg.ctl, msg.payload)
-            return
-        key = (kind, msg.ctl.get("t")) if kind == Kind.DATA_OK else kind
-        fut = self._waiters.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result(msg.ctl)
-        elif kind == Kind.ERROR:
-            logger.warning("node %s: %s", self.node.name, msg.ctl.get("r"))
-        elif kind not in (Kind.PONG, Kind.STATUS):
-            raise ProtocolError(f"unexpected message kind {kind} from node")
-
-    def _paused(self, why) -> None:
-        """The node says it is outside its service hours (``why``), or serves again."""
-        self.paused = bool(why)  # (applied when it is added to the scheduler, if not yet)
-        node = self.engine.sched.nodes.get(self.key)
-        if node is None or node.paused == bool(why):
-            return
-        self.engine.sched.set_paused(self.key, bool(why))
-        if why:
-            logger.info("node %s takes no jobs for now: %s", self.node.name, why)
-        else:
-            logger.info("node %s takes jobs again", self.node.name)
-            self.engine.dispatch()
-
-    def ack(self, uid: int) -> None:
-        self._acks.append(uid)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_acks)
-
-    def _send_acks(self) -> None:
-        self._ack_scheduled = False
-        acks, self._acks = self._acks, []
-        if self.chan is not None and not self.chan.is_closed:
-            for i in range(0, len(acks), IDS_PER_FRAME):
-                self.chan.send(Kind.ACK, {"c": self.engine.cid, "j": acks[i : i + IDS_PER_FRAME]})
-
-    # -- jobs to the node ------------------------------------------------------------
-    def send_jobs(self, jobs: list) -> None:
-        batch, size = [], 0
-        for job in jobs:
-            batch.append(job)
-            size += sum(memoryview(s).nbytes for s in job._segs)
-            if size >= BATCH_BYTES or len(batch) >= JOBS_PER_FRAME:
-                self._send_batch(batch)
-                batch, size = [], 0
-        if batch:
-            self._send_batch(batch)
-
-    def _send_batch(self, jobs: list) -> None:
-        entries = [
-            [job._uid, len(job._segs), job._opts] if job._opts else [job._uid, len(job._segs)]
-            for job in jobs
-        ]
-        lens, flat = join_segments(job._segs for job in jobs)
-        try:
-            self.chan.send(Kind.JOBS, {"c": self.engine.cid, "j": entries, "s": lens}, flat)
-        except ConnectionClosed:
-            pass  # the loss handler requeues or abandons them
-
-    @property
-    def limited(self) -> bool:
-        """Given fewer CPUs than the node has (NodeAllocate, set_node_cpus): at most
-        that many of this cluster's jobs are on the node at once, so it never runs more."""
-        if self.engine.via_scheduler:  # its CPUs come and go with its nodes
-            return False
-        return 0 < self.node.cpus < (self.node_cpus or 0)
-
-    def cancel(self, job) -> None:
-        if self.chan is not None and not self.chan.is_closed:
-            self.chan.send(Kind.CANCEL, {"c": self.engine.cid, "j": [job._uid]})
-
-    def _lost(self) -> None:
-        self._fail_waiters()
-        if self.chan is not None:
-            self.node.tx += self.chan.bytes_sent
-            self.node.rx += self.chan.bytes_received
-            self.chan.abort()
-            self.chan = None
-        self.setup_done = False
-        if self.ready:
-            self.ready = False
-            if self._suspend(self.window, self._closing):  # its jobs stay put meanwhile
-                self.engine.sched.set_ready(self.key, False)
-            else:
-                self.engine.node_lost(self)
-
-    async def close_computation(self, terminate: bool) -> None:
-        """Close the computation on the node (cleanup runs there); keep the connection."""
-        chan = self.chan
-        # also while the computation is being set up there (or set up again after a
-        # restart of the node): a connection that ends without CLOSE leaves it running
-        if chan is not None and not chan.is_closed:
-            self.engine.sched.set_ready(self.key, False)
-            try:
-                await asyncio.wait_for(
-                    self._request(Kind.CLOSE, {"c": self.engine.cid, "t": terminate}, Kind.CLOSED),
-                    None if not terminate else 30,
-                )
-            except (ConnectionClosed, TimeoutError) as exc:
-                logger.debug("closing computation on %s: %s", self.key, exc)
-
-    async def resetup(self) -> None:
-        """Close the computation on the node and set it up again (setup runs again)."""
-        await self.close_computation(terminate=False)
-        if self.chan is None or self.chan.is_closed:
-            raise ConnectionClosed(f"node {self.host}:{self.port} is not connected")
-        await self._send_computation()
-        self.engine.sched.add_node(self.key, self.node.cpus, self.limited)
-        self.engine.sched.set_paused(self.key, self.paused)
-        self.engine.dispatch()
-
-    async def close(self, terminate: bool) -> None:
-        self._closing = True
-        if self.suspect:
-            self._declare_dead("the cluster is closing")
-        await self.close_computation(terminate)
-        if self.chan is not None:
-            self.node.tx += self.chan.bytes_sent
-            self.node.rx += self.chan.bytes_received
-            self.chan.close()
-            await self.chan.wait_closed()
-            self.chan = None
-        if self.task is not None:
-            self.task.cancel()
-
-
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -563,493 +90,6 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _avail(d) -> DispyNodeAvailInfo | None:
-    if not isinstance(d, dict):
-        return None
-    return DispyNodeAvailInfo(
-        d.get("cpu", 0.0), d.get("memory", 0), d.get("disk", 0), d.get("swap", 0.0)
-    )
-
-
-class _Engine:
-    """The cluster's state on the loop thread: scheduler, node links, live jobs."""
-
-    def __init__(
-        self, cluster: JobCluster, package, key: bytes, specs, reentrant: bool, patterns=()
-    ) -> None:
-        self.cluster = cluster
-        self.package = package
-        self.key = key
-        self.cid = uuid.uuid4().hex
-        self.specs = specs
-        self.patterns = list(patterns)
-        self.finder: NodeFinder | None = None
-        self.recover: RecoverFile | None = None  # jobs sent to nodes, for recover_jobs()
-        self.compute_opts: dict = {}  # extra COMPUTE fields (SharedJobCluster's, for the scheduler)
-        #: a SharedJobCluster's view of the nodes behind its scheduler, by (ip, port)
-        self.behind: dict[tuple, DispyNode] = {}
-        self.nids: dict[str, tuple] = {}  # node run id -> link key: one link per node
-        self.sched = Scheduler(reentrant=reentrant, report_started=True)
-        self.links: dict[tuple, _NodeLink] = {}
-        self.live: dict[int, DispyJob] = {}
-        self.writes: dict[int, set] = {}  # files jobs sent, being written
-        self.data: dict[str, tuple[int, list]] = {}  # cluster.put(): name -> (version, segments)
-        #: put() data written to shared memory for nodes on this host: name -> (version, task)
-        self.shm_files: dict[str, tuple[int, asyncio.Task]] = {}
-        self.fatal: str | None = None
-        self.pulse_interval = cluster._pulse_interval
-        self.ssl = cluster._ssl
-
-    async def start(self) -> None:
-        self.add_links(self.specs)
-        if self.patterns:
-            await self.discover(self.patterns, self.specs)
-        elif self.links:  # hear named nodes that start later
-            try:
-                await self.discover([], self.specs)
-            except OSError as exc:
-                logger.debug("not listening for node announcements: %s", exc)
-        if not self.links and not self.patterns:
-            self.fatal = "no nodes to use: give nodes=[...] names or addresses, or nodes='local'"
-            logger.error("%s", self.fatal)
-
-    async def discover(self, patterns, specs) -> None:
-        """Look for nodes matching ``patterns``; ask the named hosts in ``specs`` too
-        (relays answer for their networks).  With no patterns, only listen: a
-        named node that starts later announces itself, and its link connects then."""
-        c = self.cluster
-        if self.finder is None:
-            self.finder = NodeFinder(
-                self.key,
-                self.discovered,
-                on_heard=self.heard,
-                ip_addrs=c._ip_addrs,
-                client_port=c._client_port,
-                ext_ip_addr=c._ext_ip_addr,
-                ping_interval=c._ping_interval,
-                multicast=c._multicast,
-            )
-            await self.finder.start()
-        self.finder.add(list(patterns), [(h, p) for h, p, _ in specs])
-        if patterns:
-            self.fatal = None
-
-    @property
-    def via_scheduler(self) -> bool:
-        """A SharedJobCluster's engine: its one "node" is a dispyscheduler."""
-        return bool(self.compute_opts)
-
-    def discovered(self, ip: str, port: int, nid: str, alloc) -> None:
-        """Discovery found a node matching a wildcard: link to it unless linked already."""
-        if nid in self.nids and self.nids[nid] in self.links:
-            return
-        for link in self.links.values():
-            if link.port == port and ip in (link.host, link.node.ip_addr):
-                return
-        logger.info("discovered node %s:%s", ip, port)
-        self.add_links([(ip, port, alloc)])
-
-    def heard(self, ip: str, port: int) -> None:
-        """A node announced itself: a link waiting to reconnect to it tries now."""
-        for link in self.links.values():
-            if link.port == port and ip in (link.host, link.node.ip_addr) and link.chan is None:
-                link.wake()
-
-    def claim(self, nid, link: _NodeLink) -> bool:
-        """A link learned its node's run id: False if another live link has that node."""
-        if not isinstance(nid, str):
-            return True
-        other = self.nids.get(nid)
-        if other is not None and other != link.key and other in self.links:
-            olink = self.links[other]
-            if olink.failure is None and not olink._closing:
-                return False
-        self.nids[nid] = link.key
-        return True
-
-    def add_links(self, specs) -> int:
-        added = 0
-        for host, port, alloc in specs:
-            link = _NodeLink(self, host, port, alloc)
-            if link.key in self.links and self.links[link.key].failure is None:
-                continue
-            self.links[link.key] = link
-            link.task = asyncio.get_running_loop().create_task(link.run())
-            added += 1
-        if added:
-            self.fatal = None
-        return added
-
-    async def shm_file(self, name: str, version: int, segs) -> tuple[str, int] | None:
-        """(path, size) of put() data written once to this process's shared-memory
-        folder, for nodes on this host to link; None if it cannot be written."""
-        have = self.shm_files.get(name)
-        if have is None or have[0] != version:
-            old = have[1] if have is not None else None
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._write_shm, name, version, segs, old)
-            )
-            self.shm_files[name] = (version, task)
-            have = (version, task)
-        return await asyncio.shield(have[1])
-
-    def _write_shm(self, name: str, version: int, segs, old) -> tuple[str, int] | None:
-        folder = data_client_shm_folder()
-        if folder is None:
-            return None
-        path = data_path(folder, f"{self.cid}-{name}", version)
-        try:
-            data_write(path, segs)
-            size = os.stat(path).st_size
-        except OSError as exc:  # full: nodes get the bytes
-            logger.info("put() data %r not written to shared memory: %s", name, exc)
-            return None
-        if old is not None and (written := _written(old)) is not None:
-            _unlink_quietly(written[0])  # nodes keep their own links to it
-        return path, size
-
-    def drop_shm_files(self) -> None:
-        for _version, task in self.shm_files.values():
-            if (written := _written(task)) is not None:
-                _unlink_quietly(written[0])
-        self.shm_files.clear()
-
-    async def put(self, name: str, version: int, segs) -> list[str]:
-        """Place data on every set-up node (nodes set up later get it then)."""
-        self.data[name] = (version, segs)
-        if data_host_id() is not None and any(_on_this_host(lk.host) for lk in self.links.values()):
-            # a node here gets the file by name: write it now, while nodes set up
-            spawn(self.shm_file(name, version, segs), f"writing put() data {name!r}")
-        # (links still setting up send engine.data themselves before they are ready)
-        links = [lk for lk in self.links.values() if lk.ready and lk.chan is not None]
-        results = await asyncio.gather(
-            *(lk.put_data(name, version, segs) for lk in links), return_exceptions=True
-        )
-        return [f"{lk.key}: {r}" for lk, r in zip(links, results, strict=True) if r is not None]
-
-    # -- submissions -----------------------------------------------------------
-    def take(self, jobs: list) -> None:
-        for job in jobs:
-            if self.fatal is not None:
-                self._abandon(job, self.fatal)
-                continue
-            self.live[job._uid] = job
-            if not self.sched.submit(job, job._pinned):
-                self.live.pop(job._uid, None)
-                self._abandon(job, f"node {job._pinned} is not set up for this cluster")
-        self.dispatch()
-
-    def dispatch(self) -> None:
-        for node, batch in self.sched.assign():
-            link = self.links[node.key]
-            for job in batch:
-                job.ip_addr = link.node.ip_addr
-            if self.recover is not None:
-                where = f"{link.node.ip_addr}:{link.port}"
-                try:
-                    self.recover.add_jobs(
-                        (job._uid, functools.partial(job_blob, job, where)) for job in batch
-                    )
-                except DispyError as exc:
-                    logger.error("recover file: %s", exc)
-            link.send_jobs(batch)
-        self._report_started()
-
-    def _report_started(self) -> None:
-        """Jobs that a CPU of their node is free for now: Running, from now (the
-        node's own start time replaces it with the result)."""
-        started = self.sched.take_started()
-        if not started:
-            return
-        now = time.time()
-        for job in started:
-            job.start_time = now
-            link = self.links.get(job._node)
-            node = link.node if link is not None else None
-            if node is not None:
-                node.busy = self.sched.nodes[link.key].busy()
-            self.cluster._status_changed(job, node)
-
-    def cancel(self, job: DispyJob) -> None:
-        if self.sched.cancel_queued(job):
-            job.exception = "cancelled before it started"
-            self._complete(job, None)
-            return
-        link = self.links.get(job._node)
-        if self.sched.cancel_sent(job):  # on its node, not started: it never will
-            job.exception = "cancelled before it started"
-            if link is not None:
-                link.cancel(job)
-            self._complete(job, None)
-            self._report_started()
-            return
-        if link is not None and job.status in (jobstate.Running, jobstate.ProvisionalResult):
-            link.cancel(job)
-
-    # -- results ---------------------------------------------------------------------
-    def results(self, link: _NodeLink, ctl: dict, payload) -> None:
-        node = link.node
-        for entry, part in result_entries(ctl, payload):
-            uid = field(entry, "j", int)
-            link.ack(uid)
-            job = self.live.get(uid)
-            if job is None:
-                logger.debug("result for job %s that already ended; ignored", uid)
-                self.sched.release(link.key, uid)
-                continue
-            st = field(entry, "st", int)
-            if st == jobstate.Created:  # handed back unstarted (its computation closed there)
-                if self.sched.requeue(job):
-                    self.cluster._status_changed(job, node)
-                elif job.status == jobstate.Abandoned:
-                    job.exception = "its node closed before the job started"
-                    self._complete(job, node)
-                continue
-            event = _END_EVENT.get(st)
-            if event is None:
-                raise ProtocolError(f"unknown job status {st}")
-            result, exc_text = None, entry.get("x")
-            if st == jobstate.Finished:
-                try:
-                    result = serialize.loads(part)
-                except Exception as exc:
-                    event = jobstate.FAIL
-                    exc_text = (
-                        f"the job's result cannot be unpickled on the client: {exc} "
-                        "(its class must be importable here)"
-                    )
-            elsewhere = job._node
-            if not self.sched.ended(job, event):
-                logger.debug("late result for job %s ignored", uid)
-                continue
-            if elsewhere is not None and elsewhere != link.key and elsewhere in self.links:
-                # a late result from a node declared dead: the rerun is not needed
-                logger.debug(
-                    "job %s ended on %s; its rerun on %s is cancelled", uid, link, elsewhere
-                )
-                self.links[elsewhere].cancel(job)
-            job.result = result
-            job.exception = exc_text
-            job.stdout = entry.get("o", "")
-            job.stderr = entry.get("e", "")
-            t0, t1 = entry.get("t0"), entry.get("t1")
-            if t0:
-                job.start_time = t0
-            job.end_time = t1 or time.time()
-            # through a dispyscheduler: the node that ran it (the entry says)
-            ip = entry.get("ip")
-            job.ip_addr = ip if isinstance(ip, str) and ip else node.ip_addr
-            node.jobs_done += 1
-            if t0 and t1:
-                node.cpu_time += t1 - t0
-            self._finish(job, node)
-        node.busy = self.sched.nodes[link.key].busy() if link.key in self.sched.nodes else 0
-        self.dispatch()
-
-    def provisional(self, link: _NodeLink, ctl: dict, payload) -> None:
-        uid = field(ctl, "j", int)
-        job = self.live.get(uid)
-        if job is None:
-            return
-        try:
-            value = serialize.loads(split_segments(payload, field(ctl, "s", list)))
-        except Exception as exc:
-            logger.error("provisional result of job %s cannot be unpickled: %s", job.id, exc)
-            return
-        try:
-            job.status = jobstate.next_status(job.status, jobstate.PROVISIONAL)
-        except jobstate.InvalidTransition:
-            return
-        job.result = value
-        self.cluster._provisional(job, link.node)
-
-    def file_from_job(self, link: _NodeLink, ctl: dict, payload) -> None:
-        """A job's dispy_send_file: write it under the cluster's folder, off the loop."""
-        uid = field(ctl, "j", int)
-        rel = field(ctl, "p", str)
-        mode = field(ctl, "m", int, default=0o644) & 0o777
-        norm = os.path.normpath(rel)
-        if os.path.isabs(rel) or norm.startswith("..") or "\0" in rel:
-            logger.warning("node %s sent a file with a bad path %r; ignored", link.node.name, rel)
-            return
-        if len(payload) > self.cluster.max_file_size:
-            logger.warning(
-                "file %r from job %s (%d bytes) exceeds max_file_size; ignored",
-                rel,
-                uid,
-                len(payload),
-            )
-            return
-        dest = os.path.join(self.cluster.dest_path, norm)
-        # confined to dest_path: no symlink there (or on the way) is followed out of it
-        task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(write_chunk, self.cluster.dest_path, norm, 0, bytes(payload), mode)
-        )
-        self.writes.setdefault(uid, set()).add(task)
-
-        def done(t: asyncio.Task) -> None:
-            pending = self.writes.get(uid)
-            if pending is not None:
-                pending.discard(t)
-                if not pending:
-                    del self.writes[uid]
-            if not t.cancelled() and t.exception() is not None:
-                logger.error("cannot write file %r sent by job %s: %s", dest, uid, t.exception())
-
-        task.add_done_callback(done)
-
-    def _finish(self, job: DispyJob, node) -> None:
-        """Complete a job once the files it sent are written."""
-        pending = self.writes.get(job._uid)
-        if not pending:
-            self._complete(job, node)
-            return
-
-        tasks = list(pending)  # the set empties as the writes finish
-
-        async def later() -> None:
-            await asyncio.wait(tasks)
-            self._complete(job, node)
-
-        spawn(later(), f"completing job {job.id!r} once its files are written")
-
-    def _complete(self, job: DispyJob, node) -> None:
-        """The job's one end: resolve its future, count it, queue its callbacks."""
-        if job._end.is_set():
-            return
-        self.live.pop(job._uid, None)
-        if self.recover is not None:
-            self.recover.jobs_done((job._uid,))
-        job._segs = None
-        self.cluster._job_ended(job, node)  # counts first: job() returns after them
-        job._ended()
-
-    def _abandon(self, job: DispyJob, reason: str) -> None:
-        if job.status not in jobstate.TERMINAL:
-            job.status = jobstate.next_status(job.status, jobstate.ABANDON)
-        job.exception = reason
-        job.end_time = time.time()
-        self._complete(job, None)
-
-    # -- nodes -----------------------------------------------------------------------
-    async def record_node(self, link: _NodeLink) -> None:
-        """Name ``link``'s node in the recover file, committed, before any job goes
-        there: ``recover_jobs`` asks every node named there for all the jobs it
-        has of this computation, so a job sent just before a crash, not yet
-        written itself, is still collected."""
-        nodes = set(self.recover.meta.get("nodes") or ())
-        nodes.add(f"{link.node.ip_addr}:{link.port}")
-        try:
-            self.recover.set_meta("nodes", sorted(nodes))
-            await asyncio.to_thread(self.recover.flush)
-        except DispyError as exc:
-            logger.error("recover file: %s", exc)
-
-    def scheduler_nodes(self, rows) -> None:
-        """The scheduler's list of its nodes (its INFO and pulses): kept for status()."""
-        if not isinstance(rows, list):
-            return
-        seen = {}
-        now = time.time()
-        for row in rows:
-            if not isinstance(row, dict):
-                continue
-            ip, port = row.get("ip"), row.get("port")
-            if not isinstance(ip, str) or not isinstance(port, int) or isinstance(port, bool):
-                continue
-            node = self.behind.get((ip, port)) or DispyNode(ip, port)
-            for attr, key in (("cpus", "cpus"), ("busy", "busy"), ("jobs_done", "done")):
-                value = row.get(key)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    setattr(node, attr, value)
-            name = row.get("name")
-            if isinstance(name, str) and name:
-                node.name = name
-            node.avail_cpus = node.cpus
-            node.update_time = now
-            seen[(ip, port)] = node
-        self.behind = seen
-
-    def node_ready(self, link: _NodeLink) -> None:
-        self.sched.add_node(link.key, link.node.cpus, link.limited)
-        self.sched.set_paused(link.key, link.paused)  # told before it was ready
-        logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
-        self.cluster._node_status(DispyNode.Initialized, link.node)
-        self.dispatch()
-
-    def jobs_resend(self, link: _NodeLink, jobs: list) -> None:
-        """Jobs a restarted scheduler never got: queue them again, first."""
-        for job in jobs:
-            if self.sched.requeue(job):
-                self.cluster._status_changed(job, link.node)
-        self.dispatch()
-
-    def jobs_lost(self, link: _NodeLink, jobs: list, why: str) -> None:
-        """Jobs a node no longer has (it restarted): requeue or abandon them."""
-        for job, status in self.sched.lose_jobs(link.key, jobs):
-            if status == jobstate.Abandoned:
-                job.exception = f"node {link.node.name} ({link.host}:{link.port}): {why}"
-                job.end_time = time.time()
-                self._complete(job, link.node)
-            else:
-                self.cluster._status_changed(job, link.node)
-        self.dispatch()
-
-    def node_lost(self, link: _NodeLink) -> None:
-        for job, status in self.sched.remove_node(link.key):
-            if status == jobstate.Abandoned:
-                job.exception = (
-                    f"node {link.node.name} ({link.host}:{link.port}) was lost while running "
-                    "the job (use reentrant=True to run such jobs again elsewhere)"
-                )
-                job.end_time = time.time()
-                self._complete(job, link.node)
-        self.cluster._node_status(DispyNode.Closed, link.node)
-        self.dispatch()
-
-    def node_failed(self, link: _NodeLink) -> None:
-        if all(lk.failure is not None for lk in self.links.values()):
-            reasons = "; ".join(lk.failure for lk in self.links.values())
-            self.fatal = f"no node can run this cluster's jobs: {reasons}"
-            for job in self.sched.abandon_all():
-                job.exception = self.fatal
-                job.end_time = time.time()
-                self._complete(job, None)
-
-    async def close(self, terminate: bool) -> None:
-        if self.finder is not None:
-            self.finder.close()
-        await asyncio.gather(*(lk.close(terminate) for lk in self.links.values()))
-        self.drop_shm_files()
-        for job in list(self.live.values()):
-            event = jobstate.CANCEL if job.status == jobstate.Created else jobstate.ABANDON
-            job.status = jobstate.next_status(job.status, event)
-            job.exception = "the cluster was closed before the job ended"
-            self._complete(job, None)
-
-
-def _on_this_host(host: str) -> bool:
-    """Whether ``host`` (as given in nodes=) is a loopback address or one of this host's."""
-    if host == "localhost" or host.startswith("127."):
-        return True
-    return host in {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
-
-
-def _written(task: asyncio.Task) -> tuple[str, int] | None:
-    """What a finished shared-memory write gave (None if unfinished or failed)."""
-    if not task.done() or task.cancelled() or task.exception() is not None:
-        return None
-    return task.result()
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-#: Seconds between redraws of a progress line.
 PROGRESS_REFRESH = 0.2
 
 
@@ -1171,7 +211,7 @@ class JobCluster:
         # (dispy polled nodes for results every poll_interval s; here nodes send them
         # as jobs end and a silent node is noticed by its missing pulses, so there is
         # nothing to poll: the argument is checked and needs no other effect)
-        specs, patterns, want_local = _parse_nodes(nodes, node_port or config.NODE_PORT)
+        specs, patterns, want_local = parse_nodes(nodes, node_port or config.NODE_PORT)
         self._local: LocalNode | None = None
         if want_local and not specs and not patterns and not secret and not insecure:
             secret = None  # only our own node: a fresh random secret, no key file needed
@@ -1208,7 +248,7 @@ class JobCluster:
                 target=self._run_callbacks, name=f"dispy-callbacks-{self.name}", daemon=True
             )
             self._cb_thread.start()
-        self._engine = _Engine(self, package, self._key, specs, reentrant, patterns)
+        self._engine = Engine(self, package, self._key, specs, reentrant, patterns)
         self._engine_created(self._engine)
         #: the recover file's path (None: not kept, e.g. for nodes='local' only)
         self.recover_file = None
@@ -1233,7 +273,7 @@ class JobCluster:
         _loop.run(self._engine.start()).result()
         _open_clusters.add(self)
 
-    def _engine_created(self, engine: _Engine) -> None:
+    def _engine_created(self, engine: Engine) -> None:
         """A hook for subclasses (SharedJobCluster), before any node is contacted."""
 
     # -- jobs ------------------------------------------------------------------------
@@ -1314,7 +354,7 @@ class JobCluster:
             ]
         return matches[0] if len(matches) == 1 else None
 
-    def _link(self, node) -> _NodeLink | None:
+    def _link(self, node) -> NodeLink | None:
         key = self._node_key(node)
         return self._engine.links.get(key) if key is not None else None
 
@@ -1331,7 +371,7 @@ class JobCluster:
     def allocate_node(self, node) -> int:
         """Add a node (name, address, 'host:port', NodeAllocate, or a list) to the
         cluster while it runs; returns how many were added."""
-        specs, patterns, local = _parse_nodes(
+        specs, patterns, local = parse_nodes(
             node if isinstance(node, list) else [node], self._node_port
         )
         if local:
@@ -1344,7 +384,7 @@ class JobCluster:
     def discover_nodes(self, nodes) -> None:
         """Look for nodes now: names or addresses (contacted directly; relays pass the
         request on) and wildcards such as ``'192.168.2.*'`` (broadcast)."""
-        specs, patterns, local = _parse_nodes(
+        specs, patterns, local = parse_nodes(
             nodes if isinstance(nodes, list) else [nodes], self._node_port
         )
         if local:

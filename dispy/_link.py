@@ -1,5 +1,5 @@
 """What a long-lived connection to a node needs, on either side that keeps one:
-the client's link (``dispy._client._NodeLink``) and the scheduler's
+the client's link (``dispy.engine.link.NodeLink``) and the scheduler's
 (``dispyscheduler.server.NodeLink``).
 
 * requests waiting for their reply (``_ask``), failed at once when the

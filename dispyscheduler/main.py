@@ -19,7 +19,6 @@ import logging
 import sys
 
 from dispy import config, discovery
-from dispy._client import _parse_nodes
 from dispy._daemon import (
     add_dispy_options,
     check_ports,
@@ -29,6 +28,7 @@ from dispy._daemon import (
     setup_logging,
     warn_dispy_options,
 )
+from dispy.engine import parse_nodes
 from dispy.errors import DispyError
 from dispy.keys import read_secret_file, resolve_secret
 from dispy.protocol import derive_key
@@ -205,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, getattr(pre, name))
     check_ports(p, args, "port", "node_port", "httpd_port")
     try:
-        _parse_nodes(args.nodes or ["*"], args.node_port)
+        parse_nodes(args.nodes or ["*"], args.node_port)
     except ValueError as exc:
         p.error(f"-n: {exc}")
     for name in ("node_secret", "cluster_secret"):

@@ -36,7 +36,6 @@ import sqlite3
 import time
 
 from dispy import config, discovery, transport
-from dispy._client import _parse_nodes
 from dispy._finder import NodeFinder
 from dispy._link import MISSED_PULSES, LinkBase
 from dispy._paths import private_dir, safe_relpath, write_chunk
@@ -46,6 +45,7 @@ from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.core.queues import ClusterQueue
 from dispy.core.scheduler import Scheduler
+from dispy.engine import parse_nodes
 from dispy.errors import (
     ConnectionClosed,
     DispyError,
@@ -680,7 +680,7 @@ class SchedulerServer:
                 self.bound.append(sock.getsockname()[:2])
             if self.port == 0 and self.bound:
                 self.port = self.bound[0][1]
-        specs, patterns, _local = _parse_nodes(self.node_specs, self.node_port)
+        specs, patterns, _local = parse_nodes(self.node_specs, self.node_port)
         named = [(host, port) for host, port, _ in specs]
         for host, port in named + [n for n in saved_nodes if n not in named]:
             self.add_link(host, port)

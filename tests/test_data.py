@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import dispy
-from dispy import DispyJob, DispyNode, _client
+from dispy import DispyJob, DispyNode
 from dispy import _data as data
+from dispy.engine import engine as engine_mod
+from dispy.engine import link as link_mod
 
 from . import jobs
 
@@ -72,7 +74,7 @@ def put_path(request, monkeypatch):
     """put() to a node on this host: handed over by file name, or (as to a node on
     another host) sent over the connection."""
     if request.param == "sent":
-        monkeypatch.setattr(_client, "HAND_OVER_DATA", False)
+        monkeypatch.setattr(link_mod, "HAND_OVER_DATA", False)
     return request.param
 
 
@@ -151,13 +153,13 @@ def test_a_handed_file_the_node_refuses_is_sent_instead(node_factory, monkeypatc
     announced; elsewhere: another mount namespace) says why, and the client
     sends the bytes: the job still gets its data."""
     node = node_factory(cpus=1)
-    real = _client._Engine._write_shm
+    real = engine_mod.Engine._write_shm
 
     def lying(self, *args):
         path, size = real(self, *args)
         return path, size + 1
 
-    monkeypatch.setattr(_client._Engine, "_write_shm", lying)
+    monkeypatch.setattr(engine_mod.Engine, "_write_shm", lying)
     arr = np.arange(1000, dtype="f8")
     with dispy.JobCluster(jobs.data_info, nodes=[node.address], secret=node.secret) as cluster:
         handle = cluster.put(arr)

@@ -53,14 +53,14 @@ def test_wildcards_match_addresses():
 
 
 def test_parse_nodes_splits_names_and_wildcards():
-    from dispy._client import _parse_nodes
+    from dispy.engine import parse_nodes
 
-    specs, patterns, local = _parse_nodes(["n1", "10.0.0.*", "n2:4000", "*"], 51348)
+    specs, patterns, local = parse_nodes(["n1", "10.0.0.*", "n2:4000", "*"], 51348)
     assert specs == [("n1", 51348, None), ("n2", 4000, None)]
     assert [(p, port) for p, port, _ in patterns] == [("10.0.0.*", 51348), ("*", 51348)]
     assert not local
     with pytest.raises(ValueError, match="empty host name"):
-        _parse_nodes([":51348"], 51348)
+        parse_nodes([":51348"], 51348)
 
 
 def test_guard_refuses_beyond_loopback_in_own_namespace():

@@ -340,6 +340,6 @@ def test_job_processes_import_no_client_or_asyncio(node):
     """A node's computation process (every job process is a fork of it) imports
     neither dispy's client nor asyncio and ssl: 3 MiB less per node's processes,
     which brought a node running tiny jobs under 40 MiB PSS (#16)."""
-    names = ["asyncio", "ssl", "dispy._client", "dispy.httpd", "dispy.transport"]
+    names = ["asyncio", "ssl", "dispy._client", "dispy.engine", "dispy.httpd", "dispy.transport"]
     with cluster_for(node, jobs.modules_loaded) as cluster:
         assert cluster.submit(names)(timeout=30) == []

@@ -1,0 +1,52 @@
+"""Node specifications as a client is given them: names, addresses,
+``host:port``, ``NodeAllocate`` objects, ``'*'`` patterns and ``'local'``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .. import discovery
+from .._job import DispyNode, NodeAllocate
+
+logger = logging.getLogger("dispy")
+
+
+def parse_nodes(nodes, node_port: int):
+    """Turn the ``nodes`` argument into (host, port, allocation) entries for named
+    nodes, (wildcard, port, allocation) entries for discovery, and whether a local
+    node must be started."""
+    if nodes is None:
+        env = os.environ.get("DISPY_NODES", "").strip()
+        nodes = [n.strip() for n in env.split(",") if n.strip()] if env else ["*"]
+    if isinstance(nodes, str | NodeAllocate | DispyNode):
+        nodes = [nodes]
+    out, patterns, local = [], [], False
+    for spec in nodes:
+        alloc = None
+        if isinstance(spec, NodeAllocate):
+            alloc, host, port = spec, spec.host, spec.port or node_port
+        elif isinstance(spec, DispyNode):
+            host, port = spec.ip_addr, spec.port or node_port
+        elif isinstance(spec, str):
+            host, port = spec.strip(), node_port
+            if host.count(":") == 1:
+                host, p = host.split(":")
+                try:
+                    port = int(p)
+                except ValueError:
+                    raise ValueError(f"node {spec!r}: port {p!r} is not a number") from None
+        else:
+            raise TypeError(
+                f"nodes entries must be host names, addresses, NodeAllocate or DispyNode, "
+                f"not {type(spec).__name__}"
+            )
+        if not host:
+            raise ValueError(f"node {spec!r}: empty host name")
+        if host == "local":
+            local = True
+        elif discovery.is_wildcard(host):
+            patterns.append((host, port, alloc))
+        else:
+            out.append((host, port, alloc))
+    return out, patterns, local
