@@ -37,7 +37,7 @@ import time
 import traceback
 
 import dispy
-from dispy._recover import RecoverFile
+from dispy._recover_file import RecoverFile
 from dispynode.store import ResultStore
 
 log = logging.getLogger("bench")

@@ -29,12 +29,12 @@ from .errors import (
 #: and its imports (asyncio, ssl, the monitor...) cost ~0.15 s at every start.
 _LAZY = {
     "JobCluster": "._client",
-    "ClusterExecutor": "._executor",
+    "ClusterExecutor": "._cluster_executor",
     "invoker": "._invoker",
     "proc_count": "._invoker",
-    "LocalNode": "._local",
-    "recover_jobs": "._recovery",
-    "SharedJobCluster": "._shared",
+    "LocalNode": "._local_node",
+    "recover_jobs": "._recover_jobs",
+    "SharedJobCluster": "._shared_cluster",
     "DispyHTTPServer": ".httpd",
 }
 

@@ -42,9 +42,9 @@ from . import _loop, config, serialize
 from ._data import NodeData, check_name
 from ._data import _local as data_local
 from ._job import ClusterStatus, DispyJob, DispyNode
-from ._local import LocalNode
-from ._recover import RecoverFile
-from ._recovery import default_path as _default_recover_path
+from ._local_node import LocalNode
+from ._recover_file import RecoverFile
+from ._recover_jobs import default_path as _default_recover_path
 from .core import jobstate
 from .engine import Engine, parse_nodes
 from .errors import ComputationError, DispyError, SubmitError

@@ -22,7 +22,7 @@ import re
 import sys
 
 from ._client import JobCluster
-from ._local import LocalNode
+from ._local_node import LocalNode
 from .errors import DispyError, JobFailed, SubmitError
 
 #: LensKit's environment variable for the default process count.

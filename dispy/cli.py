@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.scheduler_node:
-            from ._shared import SharedJobCluster
+            from ._shared_cluster import SharedJobCluster
 
             cluster = SharedJobCluster(
                 args.program,

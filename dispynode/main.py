@@ -6,7 +6,7 @@
 
     main() --> NodeServer (server.py, asyncio) --> per client: Session
                                                --> per computation: Computation
-                                                   (executor.py) --> computation
+                                                   (handles.py) --> computation
                                                    process --> job processes
 
 Prints one line ``dispynode ready: ...`` on stdout once it listens (tools and

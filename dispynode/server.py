@@ -2,7 +2,7 @@
 
 ::
 
-    client --TCP (authenticated)--> Session --FILE/COMPUTE--> Computation (executor.py)
+    client --TCP (authenticated)--> Session --FILE/COMPUTE--> Computation (handles.py)
                                       |                         |-- computation process
                                       |--JOBS--> NodeServer.queue   `-- job processes
                                       |             | dispatch: one job per idle job process,
@@ -54,7 +54,7 @@ from dispy.protocol import (
 from dispy.protocol._datagram import DatagramKind
 
 from . import service as service_hours
-from .executor import Computation, Worker, start_computation_process
+from .handles import Computation, Worker, start_computation_process
 from .service import ServiceHours
 from .store import ResultStore, StoreError
 

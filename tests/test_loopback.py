@@ -274,7 +274,7 @@ def test_long_outputs_arrive_whole(daemon):
 
 def _computation_processes(daemon) -> set:
     return {
-        p.pid for p in daemon.children() if any("dispynode._computation" in a for a in p.cmdline())
+        p.pid for p in daemon.children() if any("dispynode._process_main" in a for a in p.cmdline())
     }
 
 

@@ -15,7 +15,7 @@ import pytest
 
 import dispy
 from dispy import DispyJob
-from dispy._recover import RecoverFile
+from dispy._recover_file import RecoverFile
 
 from . import jobs
 

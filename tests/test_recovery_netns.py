@@ -484,7 +484,7 @@ def node_children(proc) -> list[str]:
             cwd = child.cwd()
         except psutil.Error:  # a zombie has none
             cmd = cwd = ""
-        if "dispynode._computation" in cmd and not re.search(r"_[0-9a-f]{32}$", cwd):
+        if "dispynode._process_main" in cmd and not re.search(r"_[0-9a-f]{32}$", cwd):
             continue  # the spare
         out.append(f"pid {child.pid} {status} {cmd} in {cwd}".rstrip())
     return out

@@ -24,8 +24,8 @@ from .._data import write as data_write
 from .._finder import NodeFinder
 from .._job import DispyJob, DispyNode
 from .._paths import write_chunk
-from .._recover import RecoverFile
-from .._recovery import job_blob
+from .._recover_file import RecoverFile
+from .._recover_jobs import job_blob
 from .._tasks import spawn
 from ..core import jobstate
 from ..core.scheduler import Scheduler

@@ -317,7 +317,7 @@ class ClusterRunner:
         # sums merged on each node need jobs pinned to the node that ran a part:
         # a JobCluster's own links (through dispyscheduler a job's node is not known)
         from dispy._client import JobCluster
-        from dispy._shared import SharedJobCluster
+        from dispy._shared_cluster import SharedJobCluster
 
         can = isinstance(cluster, JobCluster) and not isinstance(cluster, SharedJobCluster)
         self.merge = can if merge is None else bool(merge and can)

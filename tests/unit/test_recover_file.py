@@ -1,4 +1,4 @@
-"""Unit tests of the client's recover file (``dispy._recover.RecoverFile``).
+"""Unit tests of the client's recover file (``dispy._recover_file.RecoverFile``).
 
 Every file lives under pytest's ``tmp_path``.  Where a test must know that
 the writer thread has not taken a queued write yet, it holds the writer's
@@ -19,7 +19,7 @@ import textwrap
 import pytest
 
 from dispy import _sqlite
-from dispy._recover import APP_ID, RecoverFile, RecoverFileError
+from dispy._recover_file import APP_ID, RecoverFile, RecoverFileError
 from dispynode.store import ResultStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -182,7 +182,7 @@ def test_unfinished_jobs_survive_kill_9(path):
     code = textwrap.dedent(
         f"""
         import os, signal
-        from dispy._recover import RecoverFile
+        from dispy._recover_file import RecoverFile
         rf = RecoverFile.create({path!r}, {{"cid": "c1", "key": b"k" * 32}})
         rf.add_jobs([(uid, b"job %d" % uid) for uid in range(100)])
         rf.jobs_done(range(0, 100, 2))

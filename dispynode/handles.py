@@ -2,7 +2,7 @@
 
 ::
 
-    Computation  --socket pair--> computation process (``_computation.main``)
+    Computation  --socket pair--> computation process (``_process_main.main``)
         | setup(): spawn, C_LOAD, wait C_READY, C_FORK n
         | close(): C_CLEANUP, wait for exit (kill after a grace period)
         `-- Worker (one per job process, connected on the node's unix socket)
@@ -163,12 +163,12 @@ class Worker:
 
 
 def start_computation_process(cwd: str) -> tuple[subprocess.Popen, socket.socket]:
-    """A new computation process (``dispynode._computation``), and the daemon's end
+    """A new computation process (``dispynode._process_main``), and the daemon's end
     of its control socket; it imports what it needs, then waits for its C_LOAD."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dispynode._computation", str(theirs.fileno())],
+            [sys.executable, "-m", "dispynode._process_main", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             cwd=cwd,
             stdin=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """``recover_jobs()``: collect the results of a cluster whose client crashed.
 
-A ``JobCluster`` keeps a recover file (``dispy._recover.RecoverFile``): its
+A ``JobCluster`` keeps a recover file (``dispy._recover_file.RecoverFile``): its
 computation id, the key derived from its secret, its nodes, and each job it
 sent to a node and that has not ended (its id and arguments).  When the
 client dies, the nodes go on: running jobs finish, and every result is kept
@@ -27,7 +27,7 @@ import time
 
 from . import _loop, serialize, transport
 from ._job import DispyJob
-from ._recover import RecoverFile, RecoverFileError
+from ._recover_file import RecoverFile, RecoverFileError
 from .core import jobstate
 from .errors import AuthenticationFailed, ConnectionClosed, ProtocolError
 from .protocol import IDS_PER_FRAME, Kind, field, result_entries
