@@ -28,7 +28,7 @@ import time
 from . import _loop, serialize, transport
 from ._job import DispyJob
 from ._recover_file import RecoverFile, RecoverFileError
-from .core import jobstate
+from .core import job_end, jobstate
 from .errors import AuthenticationFailed, ConnectionClosed, ProtocolError
 from .protocol import IDS_PER_FRAME, Kind, field, result_entries
 from .tls import client_context
@@ -77,7 +77,7 @@ def _job_from_blob(uid: int, blob: bytes) -> tuple[DispyJob, str]:
         job.id = None
     job._uid = uid
     job.submit_time = rec.get("t")
-    job.status = jobstate.Running
+    job.status = jobstate.next_status(job.status, jobstate.DISPATCH)  # it was sent to a node
     return job, rec["node"]
 
 
@@ -86,7 +86,7 @@ def _unrecorded_job(uid: int, host: str) -> DispyJob:
     were never written (``job.id`` is its number in the crashed client)."""
     job = DispyJob((), {}, [], None)
     job.id = job._uid = uid
-    job.status = jobstate.Running
+    job.status = jobstate.next_status(job.status, jobstate.DISPATCH)
     job.ip_addr = host
     return job
 
@@ -161,7 +161,7 @@ async def _recover_all(meta, by_node, ssl, deadline, terminate) -> list[DispyJob
 def _abandon(jobs, reason: str) -> None:
     for job in jobs:
         if job.status not in jobstate.TERMINAL:
-            job.status = jobstate.Abandoned
+            job.status = jobstate.next_status(job.status, jobstate.ABANDON)
             job.exception = reason
             job.end_time = time.time()
 
@@ -252,22 +252,11 @@ async def _recover_node(meta, addr: str, jobs: dict, ssl, deadline, terminate) -
 def _apply_result(job: DispyJob, entry: dict, part, host: str) -> None:
     st = field(entry, "st", int)
     if st == jobstate.Created:  # queued there, never started (its computation closed)
-        job.status = jobstate.Abandoned
+        job.status = jobstate.next_status(job.status, jobstate.ABANDON)
         job.exception = "the job never started: its computation was closed on the node"
         return
-    job.status = st if st in jobstate.TERMINAL else jobstate.Terminated
-    job.exception = entry.get("x")
-    if st == jobstate.Finished:
-        try:
-            job.result = serialize.loads(part)
-        except Exception as exc:
-            job.status = jobstate.Terminated
-            job.exception = (
-                f"the job's result cannot be unpickled here: {exc} "
-                "(its class must be importable in the recovering program)"
-            )
-    job.stdout = entry.get("o", "")
-    job.stderr = entry.get("e", "")
-    job.start_time = entry.get("t0") or job.start_time
-    job.end_time = entry.get("t1") or time.time()
-    job.ip_addr = host
+    event, result, exc_text = job_end.decode(
+        entry, part, serialize.loads, "in the recovering program", unknown=jobstate.FAIL
+    )
+    job.status = jobstate.next_status(job.status, event)
+    job_end.fill(job, entry, result, exc_text, host)

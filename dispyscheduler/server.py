@@ -42,7 +42,7 @@ from dispy._paths import private_dir, safe_relpath, write_chunk
 from dispy._session import OPS, SessionBase
 from dispy._tasks import spawn
 from dispy._version import __version__
-from dispy.core import jobstate
+from dispy.core import job_end, jobstate
 from dispy.core.queues import ClusterQueue
 from dispy.core.scheduler import Scheduler
 from dispy.engine import parse_nodes
@@ -70,12 +70,6 @@ logger = logging.getLogger("dispyscheduler")
 STATE_FILE = "scheduler.db"
 #: Seconds a client's COMPUTE waits for a node to set the computation up.
 SETUP_WAIT_S = 120
-_END_EVENT = {
-    jobstate.Finished: jobstate.FINISH,
-    jobstate.Terminated: jobstate.FAIL,
-    jobstate.Cancelled: jobstate.CANCEL,
-    jobstate.Abandoned: jobstate.ABANDON,
-}
 
 
 class SJob:
@@ -1136,7 +1130,7 @@ class SchedulerServer:
                 if job._node == link.key and job.segs is not None:
                     self.sched.requeue(job)
                 continue
-            event = _END_EVENT.get(st)
+            event = job_end.END_EVENT.get(st)
             elsewhere = job._node
             if event is None or not self.sched.ended(job, event):
                 link.ack(cid, jid)

@@ -230,3 +230,14 @@ def modules_loaded(names):
     import sys
 
     return [n for n in names if n in sys.modules]
+
+
+class _LoadsBadly:
+    """Pickles fine on the node; its unpickling raises on the client."""
+
+    def __reduce__(self):
+        return (int, ("not a number",))
+
+
+def result_the_client_cannot_load():
+    return _LoadsBadly()

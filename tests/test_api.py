@@ -111,6 +111,18 @@ def test_unpicklable_provisional_result_is_reported(node):
         assert "cannot be pickled" in job.stderr
 
 
+def test_result_the_client_cannot_unpickle_fails_the_job(node):
+    """The job ends Terminated with the reason, and the cluster goes on."""
+    with cluster_for(node, jobs.result_the_client_cannot_load) as cluster:
+        job = cluster.submit()
+        assert job(timeout=30) is None
+        assert job.status == DispyJob.Terminated
+        assert "cannot be unpickled on the client" in job.exception
+        assert "invalid literal for int()" in job.exception
+        assert job.ip_addr and job.end_time >= job.start_time
+        assert cluster.submit()(timeout=30) is None  # the link still works
+
+
 def test_callback_that_raises_is_logged_and_jobs_go_on(node, caplog):
     def cb(job):
         raise RuntimeError("callback broke")

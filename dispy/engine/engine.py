@@ -27,9 +27,9 @@ from .._paths import write_chunk
 from .._recover_file import RecoverFile
 from .._recover_jobs import job_blob
 from .._tasks import spawn
-from ..core import jobstate
+from ..core import job_end, jobstate
 from ..core.scheduler import Scheduler
-from ..errors import DispyError, ProtocolError
+from ..errors import DispyError
 from ..protocol import field, result_entries, split_segments
 from .link import NodeLink
 
@@ -37,13 +37,6 @@ if TYPE_CHECKING:  # (annotations only: no import cycle)
     from .._client import JobCluster
 
 logger = logging.getLogger("dispy")
-
-_END_EVENT = {
-    jobstate.Finished: jobstate.FINISH,
-    jobstate.Terminated: jobstate.FAIL,
-    jobstate.Cancelled: jobstate.CANCEL,
-    jobstate.Abandoned: jobstate.ABANDON,
-}
 
 
 class Engine:
@@ -280,19 +273,7 @@ class Engine:
                     job.exception = "its node closed before the job started"
                     self._complete(job, node)
                 continue
-            event = _END_EVENT.get(st)
-            if event is None:
-                raise ProtocolError(f"unknown job status {st}")
-            result, exc_text = None, entry.get("x")
-            if st == jobstate.Finished:
-                try:
-                    result = serialize.loads(part)
-                except Exception as exc:
-                    event = jobstate.FAIL
-                    exc_text = (
-                        f"the job's result cannot be unpickled on the client: {exc} "
-                        "(its class must be importable here)"
-                    )
+            event, result, exc_text = job_end.decode(entry, part, serialize.loads, "on the client")
             elsewhere = job._node
             if not self.sched.ended(job, event):
                 logger.debug("late result for job %s ignored", uid)
@@ -303,18 +284,13 @@ class Engine:
                     "job %s ended on %s; its rerun on %s is cancelled", uid, link, elsewhere
                 )
                 self.links[elsewhere].cancel(job)
-            job.result = result
-            job.exception = exc_text
-            job.stdout = entry.get("o", "")
-            job.stderr = entry.get("e", "")
-            t0, t1 = entry.get("t0"), entry.get("t1")
-            if t0:
-                job.start_time = t0
-            job.end_time = t1 or time.time()
             # through a dispyscheduler: the node that ran it (the entry says)
             ip = entry.get("ip")
-            job.ip_addr = ip if isinstance(ip, str) and ip else node.ip_addr
+            job_end.fill(
+                job, entry, result, exc_text, ip if isinstance(ip, str) and ip else node.ip_addr
+            )
             node.jobs_done += 1
+            t0, t1 = entry.get("t0"), entry.get("t1")
             if t0 and t1:
                 node.cpu_time += t1 - t0
             self._finish(job, node)
