@@ -8,7 +8,7 @@ process, contacts the nodes and collects the results they kept.
 
 Writes never block the caller: ``add_jobs``, ``jobs_done`` and
 ``set_meta`` queue them, and one writer thread commits everything queued in
-one transaction (``dispy._sqlite._BatchWriter``).  A job finished before its
+one transaction (``dispy.runtime.sqlite._BatchWriter``).  A job finished before its
 row was written is never written.  ``flush()`` waits for the commits.
 
 Durability: SQLite in WAL mode with ``synchronous=NORMAL``: committed writes
@@ -33,8 +33,8 @@ import stat
 from collections.abc import Iterable
 from typing import Any
 
-from . import _sqlite
-from ._sqlite import StorageError
+from .runtime import sqlite as _sqlite
+from .runtime.sqlite import StorageError
 
 logger = logging.getLogger("dispy")
 

@@ -36,11 +36,11 @@ import sys
 import time
 
 from dispy import config, discovery, transport
-from dispy._daemon import check_ports, run_until_stopped, setup_logging
 from dispy.errors import DispyError
 from dispy.keys import read_secret_file, resolve_secret
 from dispy.protocol import Kind, derive_key
 from dispy.protocol._datagram import DatagramKind
+from dispy.runtime.daemon import check_ports, run_until_stopped, setup_logging
 from dispy.tls import server_context
 
 logger = logging.getLogger("dispynetrelay")

@@ -23,7 +23,9 @@ import os
 import sys
 
 from dispy import config, discovery
-from dispy._daemon import (
+from dispy.errors import DispyError
+from dispy.keys import read_secret_file, resolve_secret
+from dispy.runtime.daemon import (
     add_dispy_options,
     check_ports,
     load_config,
@@ -31,8 +33,6 @@ from dispy._daemon import (
     setup_logging,
     warn_dispy_options,
 )
-from dispy.errors import DispyError
-from dispy.keys import read_secret_file, resolve_secret
 from dispy.tls import server_context
 
 from .server import NodeServer, install_signal_handlers

@@ -37,7 +37,6 @@ from dispy import _data as data
 from dispy import config, discovery, transport
 from dispy._data import check_name
 from dispy._paths import private_dir, safe_relpath
-from dispy._session import OPS, SessionBase
 from dispy._tasks import spawn
 from dispy._version import __version__
 from dispy.core import jobstate
@@ -52,6 +51,7 @@ from dispy.protocol import (
     split_segments,
 )
 from dispy.protocol._datagram import DatagramKind
+from dispy.runtime.session import OPS, SessionBase
 
 from . import service as service_hours
 from .handles import Computation, Worker, start_computation_process

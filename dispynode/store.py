@@ -2,7 +2,7 @@
 
 The node (an asyncio program) calls ``put`` and ``ack`` on its event loop:
 they only queue the write.  The
-store's writer thread (``dispy._sqlite._BatchWriter``) commits everything
+store's writer thread (``dispy.runtime.sqlite._BatchWriter``) commits everything
 queued in one transaction, so ~10,000 tiny results a second cost a few
 commits, not 10,000.  A result acknowledged before the writer took it is
 never written.
@@ -65,8 +65,8 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 
-from dispy import _sqlite
-from dispy._sqlite import StorageError
+from dispy.runtime import sqlite as _sqlite
+from dispy.runtime.sqlite import StorageError
 
 __all__ = ["ResultStore", "StoreError"]
 

@@ -19,7 +19,11 @@ import logging
 import sys
 
 from dispy import config, discovery
-from dispy._daemon import (
+from dispy.engine import parse_nodes
+from dispy.errors import DispyError
+from dispy.keys import read_secret_file, resolve_secret
+from dispy.protocol import derive_key
+from dispy.runtime.daemon import (
     add_dispy_options,
     check_ports,
     load_config,
@@ -28,10 +32,6 @@ from dispy._daemon import (
     setup_logging,
     warn_dispy_options,
 )
-from dispy.engine import parse_nodes
-from dispy.errors import DispyError
-from dispy.keys import read_secret_file, resolve_secret
-from dispy.protocol import derive_key
 from dispy.tls import client_context, server_context
 
 from .server import SchedulerServer

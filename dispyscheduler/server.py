@@ -36,10 +36,7 @@ import sqlite3
 import time
 
 from dispy import config, discovery, transport
-from dispy._finder import NodeFinder
-from dispy._link import MISSED_PULSES, LinkBase
 from dispy._paths import private_dir, safe_relpath, write_chunk
-from dispy._session import OPS, SessionBase
 from dispy._tasks import spawn
 from dispy._version import __version__
 from dispy.core import job_end, jobstate
@@ -62,6 +59,9 @@ from dispy.protocol import (
     result_entries,
     split_segments,
 )
+from dispy.runtime.finder import NodeFinder
+from dispy.runtime.link import MISSED_PULSES, LinkBase
+from dispy.runtime.session import OPS, SessionBase
 
 from .state import SchedulerState
 

@@ -13,7 +13,7 @@
 * ``meta(key, value)``: the nodes the scheduler used (reconnected at restart).
 
 Writes are queued and committed in batches by a writer thread
-(``dispy._sqlite._BatchWriter``) after ``WRITE_DELAY``: a job acknowledged
+(``dispy.runtime.sqlite._BatchWriter``) after ``WRITE_DELAY``: a job acknowledged
 within it is never written.  A job lost that way (the scheduler killed less
 than ``WRITE_DELAY`` after it came) is still known to its client, which sends
 it again when it resumes; jobs running on nodes are found again by asking the
@@ -28,8 +28,8 @@ import os
 import sqlite3
 import time
 
-from dispy import _sqlite
-from dispy._sqlite import StorageError
+from dispy.runtime import sqlite as _sqlite
+from dispy.runtime.sqlite import StorageError
 
 logger = logging.getLogger("dispyscheduler")
 

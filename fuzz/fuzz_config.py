@@ -2,7 +2,7 @@
 
 The input is the content of a configuration file (layout in
 ``_common.py``), written to one scratch file (the same path each time) and
-read with ``dispy._daemon.load_config(parser, path, not_saved)`` twice: with
+read with ``dispy.runtime.daemon.load_config(parser, path, not_saved)`` twice: with
 dispynode's parser and with dispyscheduler's.  The parsers are the real
 ones: each daemon's ``parse_args`` builds its ``ArgumentParser`` and calls
 ``load_config`` with it and its ``_NOT_SAVED`` set; this harness calls each
@@ -50,7 +50,7 @@ with atheris.instrument_imports(include=["dispy", "dispynode", "dispyscheduler",
     import _common as C
     import _harness as H
 
-    from dispy import _daemon
+    from dispy.runtime import daemon as _daemon
     from dispynode import main as node_main
     from dispyscheduler import main as scheduler_main
 

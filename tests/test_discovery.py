@@ -13,9 +13,9 @@ import pytest
 
 import dispy
 from dispy import discovery
-from dispy._finder import NodeFinder
 from dispy.protocol import derive_key
 from dispy.protocol._datagram import DatagramDecoder, DatagramKind, encode_datagram
+from dispy.runtime.finder import NodeFinder
 
 from . import jobs
 

@@ -317,7 +317,7 @@ def test_a_named_node_that_starts_later_is_used_when_it_announces(
     import socket
     import time
 
-    from dispy._link import LinkBase
+    from dispy.runtime.link import LinkBase
 
     monkeypatch.setattr(LinkBase, "FIRST_BACK_OFF", 60.0)
     with socket.socket() as s:

@@ -21,7 +21,6 @@ from .._data import client_shm_folder as data_client_shm_folder
 from .._data import data_path
 from .._data import host_id as data_host_id
 from .._data import write as data_write
-from .._finder import NodeFinder
 from .._job import DispyJob, DispyNode
 from .._paths import write_chunk
 from .._recover_file import RecoverFile
@@ -31,6 +30,7 @@ from ..core import job_end, jobstate
 from ..core.scheduler import Scheduler
 from ..errors import DispyError
 from ..protocol import field, result_entries, split_segments
+from ..runtime.finder import NodeFinder
 from .link import NodeLink
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)

@@ -18,7 +18,6 @@ import cloudpickle
 from .. import config, transport
 from .._data import host_id as data_host_id
 from .._job import DispyNode, DispyNodeAvailInfo, NodeAllocate
-from .._link import MISSED_PULSES, LinkBase
 from ..errors import (
     AuthenticationFailed,
     ConnectionClosed,
@@ -27,6 +26,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..protocol import IDS_PER_FRAME, JOBS_PER_FRAME, Kind, field, join_segments
+from ..runtime.link import MISSED_PULSES, LinkBase
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)
     from .engine import Engine

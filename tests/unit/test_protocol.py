@@ -1404,8 +1404,8 @@ def test_bad_text_fields_are_protocol_errors(tx):
 
 
 def test_results_batches_are_cut_to_keep_control_parts_small():
-    from dispy._session import _result_frames
     from dispy.protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME
+    from dispy.runtime.session import _result_frames
 
     out = [({"c": "c" * 32, "j": i, "n": 1, "o": "p" * 100}, [b"N."]) for i in range(20_000)]
     frames = list(_result_frames(out))

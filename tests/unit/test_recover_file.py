@@ -18,8 +18,8 @@ import textwrap
 
 import pytest
 
-from dispy import _sqlite
 from dispy._recover_file import APP_ID, RecoverFile, RecoverFileError
+from dispy.runtime import sqlite as _sqlite
 from dispynode.store import ResultStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from dispy import _sqlite
+from dispy.runtime import sqlite as _sqlite
 from dispynode.store import (
     APP_ID,
     DEFAULT_RETENTION_S,

@@ -23,8 +23,8 @@ import logging
 import os
 import time
 
-from .errors import AuthenticationFailed, ConnectionClosed, IncompatibleVersion, ProtocolError
-from .protocol import Kind
+from ..errors import AuthenticationFailed, ConnectionClosed, IncompatibleVersion, ProtocolError
+from ..protocol import Kind
 
 #: Pulses a node may miss before it is cut off; also the liveness window.
 MISSED_PULSES = 5

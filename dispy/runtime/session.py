@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import config
-from .errors import ConnectionClosed, ProtocolError
-from .protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME, Kind, join_segments, texts_out
+from .. import config
+from ..errors import ConnectionClosed, ProtocolError
+from ..protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME, Kind, join_segments, texts_out
 
 #: Requests queued for ``_handle_op`` (the others are handled as they arrive).
 OPS = (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME)

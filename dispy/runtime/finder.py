@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import config, discovery
-from ._tasks import spawn
-from .protocol._datagram import DatagramKind
+from .. import config, discovery
+from .._tasks import spawn
+from ..protocol._datagram import DatagramKind
 
 logger = logging.getLogger("dispy")
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import DispyError
+from ..errors import DispyError
 
 #: First 16 bytes of every SQLite 3 database file.
 SQLITE_MAGIC = b"SQLite format 3\x00"
