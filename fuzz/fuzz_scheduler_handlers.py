@@ -2,7 +2,7 @@
 
 Each input is a sequence of messages (layout in ``_common.py``, the same as
 ``fuzz_node_handlers.py``'s) fed to a fresh
-``dispyscheduler.server.ClientSession`` (the scheduler's side of a
+``dispyscheduler.clients.ClientSession`` (the scheduler's side of a
 ``SharedJobCluster`` connection) of a fresh in-process ``SchedulerServer``
 that is never started: it listens nowhere, looks for no node and has none,
 so no computation is ever set up anywhere and no process started.  Its
@@ -65,7 +65,8 @@ with atheris.instrument_imports(include=["dispy", "dispyscheduler"]):
     import _harness as H
 
     from dispy.protocol import Kind, derive_key
-    from dispyscheduler.server import STATE_FILE, ClientSession, SchedulerServer
+    from dispyscheduler.clients import ClientSession
+    from dispyscheduler.server import STATE_FILE, SchedulerServer
     from dispyscheduler.state import SchedulerState, StateError
 
 #: What a scheduler sends a client (the node's kinds: clients take it for a node).

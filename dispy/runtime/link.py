@@ -1,6 +1,6 @@
 """What a long-lived connection to a node needs, on either side that keeps one:
 the client's link (``dispy.engine.link.NodeLink``) and the scheduler's
-(``dispyscheduler.server.NodeLink``).
+(``dispyscheduler.nodes.NodeLink``).
 
 * requests waiting for their reply (``_ask``), failed at once when the
   connection ends (``_fail_waiters``): a request in flight must not wait for
