@@ -2,7 +2,7 @@
 
 Each input is a sequence of messages (layout in ``_common.py``: ``kind u8 |
 ctl_len u16 | ctl | payload_len u16 | payload``, up to 24) fed to a fresh
-``dispynode.server.Session`` of a fresh in-process ``NodeServer`` (never
+``dispynode.session.Session`` of a fresh in-process ``NodeServer`` (never
 started: it listens nowhere, announces nothing, keeps no spare process; one
 CPU, ``max_file_size`` 4096, its ``dest_path`` in a scratch folder).  Its
 result store (a ``ResultStore``, ``results.db`` in ``dest_path``, as
@@ -66,7 +66,9 @@ with atheris.instrument_imports(include=["dispy", "dispynode"]):
     import _harness as H
 
     from dispy.protocol import Kind
-    from dispynode.server import STORE_FILE, Computation, NodeServer, Session
+    from dispynode.handles import Computation
+    from dispynode.server import STORE_FILE, NodeServer
+    from dispynode.session import Session
     from dispynode.store import ResultStore, StoreError
 
 #: What a node sends a client.
