@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from dispy import transport
 from dispy.errors import ConnectionClosed
 from dispy.protocol import IDS_PER_FRAME, JOBS_PER_FRAME, Kind, field, join_segments
-from dispy.runtime.link import MISSED_PULSES, LinkBase
+from dispy.runtime.link import LOST, MISSED_PULSES, SET_UP, LinkBase, Phase
 
 from .model import Comp, SJob
 
@@ -97,9 +97,9 @@ class NodeLink(LinkBase):
             there = {(comp.cid, j) for comp, jids in on_node for j in jids}
             state = server.sched.nodes.get(self.key)
             running = list(state.running.values()) if state is not None else []
-            self._end_grace()
+            self._back()
             server.jobs_lost(self, [j for j in running if (j.comp.cid, j.cjid) not in there])
-        self.ready = True
+        self._to(SET_UP)
         server.node_ready(self, on_node)
         await self._serve(chan, closed)
 
@@ -109,13 +109,14 @@ class NodeLink(LinkBase):
             self.chan.abort()
             self.chan = None
         if self.ready:
-            self.ready = False
             window = self.server.pulse_interval * MISSED_PULSES
             if self._suspend(window, self._closing):  # its jobs stay put while it may return
                 self.server.sched.set_ready(self.key, False)
                 self.server._tell_cpus()
             else:
                 self.server.node_lost(self)
+        elif self.phase is Phase.UP:  # lost while being set up: nothing waits for it
+            self._to(LOST)
 
     async def _request(self, kind, ctl: dict, reply_key, payload=()) -> dict:
         return await self._ask(kind, ctl, reply_key, payload)

@@ -26,7 +26,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..protocol import IDS_PER_FRAME, JOBS_PER_FRAME, Kind, field, join_segments
-from ..runtime.link import MISSED_PULSES, LinkBase
+from ..runtime.link import LOST, MISSED_PULSES, SET_UP, LinkBase, Phase
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)
     from .engine import Engine
@@ -60,7 +60,6 @@ class NodeLink(LinkBase):
         self.failure: str | None = None  # permanent failure, if any
         self._acks: list[int] = []
         self._ack_scheduled = False
-        self.setup_done = False
         self.paused = False  # the node is outside its service hours (its pulses say)
         self.was_setup = False  # the computation was set up there: reconnect with RESUME
         self.task: asyncio.Task | None = None
@@ -167,7 +166,7 @@ class NodeLink(LinkBase):
             known = await self._resume()
         if not known:
             await self._send_computation()
-        self.setup_done = self.was_setup = True
+        self.was_setup = True
         if self._closing:  # closed meanwhile: close() sends CLOSE, then closes the connection
             await closed
             return
@@ -180,7 +179,7 @@ class NodeLink(LinkBase):
             for name, version, segs in todo:
                 await self.put_data(name, version, segs)
                 sent[name] = version
-        self.ready = True
+        self._to(SET_UP)
         engine.node_ready(self)
         await self._serve(chan, closed)
 
@@ -203,7 +202,7 @@ class NodeLink(LinkBase):
         reply = await self._request(Kind.RESUME, {"c": engine.cid}, Kind.RESUMED)
         on_node = set(field(reply, "jobs", list)) | set(field(reply, "done", list))
         if self.suspect:
-            self._end_grace()
+            self._back()
             state = engine.sched.nodes.get(self.key)
             lost = [j for j in state.running.values() if j._uid not in on_node] if state else []
             if engine.via_scheduler and reply.get("known"):
@@ -388,13 +387,13 @@ class NodeLink(LinkBase):
             self.node.rx += self.chan.bytes_received
             self.chan.abort()
             self.chan = None
-        self.setup_done = False
         if self.ready:
-            self.ready = False
             if self._suspend(self.window, self._closing):  # its jobs stay put meanwhile
                 self.engine.sched.set_ready(self.key, False)
             else:
                 self.engine.node_lost(self)
+        elif self.phase is Phase.UP:  # lost while being set up: nothing waits for it
+            self._to(LOST)
 
     async def close_computation(self, terminate: bool) -> None:
         """Close the computation on the node (cleanup runs there); keep the connection."""

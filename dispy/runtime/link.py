@@ -11,6 +11,20 @@ the client's link (``dispy.engine.link.NodeLink``) and the scheduler's
   stay put while it may come back; ``_declare_dead`` when the window passes
   (or the node process is known gone) calls the owner's ``_node_lost``.
 
+A link's life is one ``Phase`` at a time, changed only through the
+``TRANSITIONS`` table (``_to``), as a job's status is through
+``dispy.core.jobstate``::
+
+    DOWN --connected--> UP --set up--> READY --connection lost--+--> SUSPECT
+      ^                  |                 |   (window left)    |       | connected: stays
+      |<-----lost--------'                 |                    |       | back (RESUME said
+      |<-----lost (no window left)---------'                    |       v  what it has): UP
+      |<-----dead (the window passed, or no dispynode there)----'
+    any --permanent error--> FAILED (the link stops)
+
+Besides its phase a link has one intent, ``_closing`` (its owner closes it,
+or it turned out not to be wanted: it stops once the connection ends).
+
 Subclasses have ``host`` and ``port``, call ``_init_link()``, and provide
 ``on_message``, ``_session``, ``_lost``, ``_pulse_interval()`` and
 ``_node_lost()``.
@@ -19,6 +33,7 @@ Subclasses have ``host`` and ``port``, call ``_init_link()``, and provide
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import time
@@ -31,6 +46,54 @@ MISSED_PULSES = 5
 #: Longest wait between two attempts to connect to a node that does not answer;
 #: a node's announcement (it started) ends the wait at once.
 MAX_BACK_OFF = 10.0
+
+
+class Phase(enum.Enum):
+    #: no connection in use: before the first, between attempts, or after the
+    #: node's jobs were declared lost
+    DOWN = "down"
+    #: connected and authenticated, being set up: no jobs yet
+    UP = "up"
+    #: set up: it takes jobs
+    READY = "ready"
+    #: the connection was lost while ready; for the rest of the liveness window
+    #: its jobs wait for it (also while it reconnects, until it says what it has)
+    SUSPECT = "suspect"
+    #: a permanent error (a wrong secret, an unknown host...): the link stopped
+    FAILED = "failed"
+
+
+# events
+CONNECTED = "connected"  # a connection was made and authenticated
+SET_UP = "set up"  # the node has what it needs: it may take jobs
+SUSPEND = "suspend"  # the connection was lost while ready, within the window
+LOST = "lost"  # the connection was lost (or never made); nothing waits for it
+BACK = "back"  # reconnected within the window and told what it still has
+DEAD = "dead"  # the window passed, or the node process is known gone
+FAIL = "fail"  # a permanent error
+
+TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.DOWN, CONNECTED): Phase.UP,
+    (Phase.SUSPECT, CONNECTED): Phase.SUSPECT,
+    (Phase.UP, SET_UP): Phase.READY,
+    (Phase.READY, SUSPEND): Phase.SUSPECT,
+    (Phase.READY, LOST): Phase.DOWN,
+    (Phase.UP, LOST): Phase.DOWN,
+    (Phase.DOWN, LOST): Phase.DOWN,
+    (Phase.SUSPECT, LOST): Phase.SUSPECT,
+    (Phase.SUSPECT, BACK): Phase.UP,
+    (Phase.SUSPECT, DEAD): Phase.DOWN,
+    **{(phase, FAIL): Phase.FAILED for phase in Phase},
+}
+
+
+def next_phase(phase: Phase, event: str) -> Phase:
+    """The phase ``event`` leads to from ``phase``; a pair not in the table is a
+    bug in the link (``RuntimeError``, never a silent change)."""
+    try:
+        return TRANSITIONS[(phase, event)]
+    except KeyError:
+        raise RuntimeError(f"node link: no transition from {phase.value} on {event!r}") from None
 
 
 def read_chunk(path: str, offset: int, size: int) -> bytes:
@@ -52,16 +115,28 @@ class LinkBase:
     def _init_link(self, log: logging.Logger) -> None:
         self._log = log
         self._closing = False
-        self.ready = False
+        self.phase = Phase.DOWN
         self.chan = None
         self._waiters: dict = {}
-        self.suspect = False  # connection lost, within the liveness window: jobs wait
         self._grace: asyncio.TimerHandle | None = None
         self.last_heard = time.monotonic()
         self._wake = asyncio.Event()  # set: try to connect now, not after the back-off
 
     def __repr__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def _to(self, event: str) -> None:
+        self.phase = next_phase(self.phase, event)
+
+    @property
+    def ready(self) -> bool:
+        """Set up: it takes jobs."""
+        return self.phase is Phase.READY
+
+    @property
+    def suspect(self) -> bool:
+        """Lost while ready, within the liveness window: its jobs wait for it."""
+        return self.phase is Phase.SUSPECT
 
     def _pulse_interval(self) -> float:
         raise NotImplementedError
@@ -95,6 +170,9 @@ class LinkBase:
                 await self._session()
                 delay = self.FIRST_BACK_OFF
             except self.PERMANENT as exc:
+                if self.suspect:  # it will not come back for its jobs: they are lost now
+                    self._declare_dead(f"it refuses this cluster now ({exc})")
+                self._to(FAIL)
                 self._permanent(exc)
                 return
             except (OSError, ConnectionClosed, TimeoutError, ProtocolError) as exc:
@@ -143,6 +221,7 @@ class LinkBase:
         """Use ``chan`` (just connected and authenticated) from now on; the future
         gets the reason once it closes, and its pending requests fail then."""
         self.chan = chan
+        self._to(CONNECTED)
         self.last_heard = time.monotonic()
         closed = asyncio.get_running_loop().create_future()
         chan.on_message = self.on_message
@@ -219,15 +298,20 @@ class LinkBase:
         the link is closing): the node is lost now."""
         remaining = window - (time.monotonic() - self.last_heard)
         if closing or remaining <= 0:
+            self._to(LOST)
             return False
-        self.suspect = True
+        self._to(SUSPEND)
         self._grace = asyncio.get_running_loop().call_later(
             remaining, self._declare_dead, f"no connection for {window:g} s"
         )
         return True
 
+    def _back(self) -> None:
+        """Reconnected within the window, and the node said which jobs it still has."""
+        self._end_grace()
+        self._to(BACK)
+
     def _end_grace(self) -> None:
-        self.suspect = False
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
@@ -237,5 +321,6 @@ class LinkBase:
         if not self.suspect:
             return
         self._end_grace()
+        self._to(DEAD)
         self._log.warning("node %r declared dead: %s", self, why)
         self._node_lost()
