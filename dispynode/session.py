@@ -76,12 +76,7 @@ class Session(SessionBase):
     def __init__(self, node: NodeServer, chan: transport.Channel) -> None:
         self.node = node
         self.comps: dict[str, Computation] = {}
-        self._init_session(chan, logger)
-        self.pulse_interval = DEFAULT_PULSE_INTERVAL
-        self.last_heard = time.monotonic()
-        self._pulse_task: asyncio.Task | None = None
-        chan.on_message = self.on_message
-        chan.on_close = self.on_close
+        self._init_session(chan, logger, DEFAULT_PULSE_INTERVAL)
         chan.start()
 
     # -- messages from the client ---------------------------------------------
@@ -96,8 +91,7 @@ class Session(SessionBase):
             pulse = field(ctl, "pulse", (int, float), default=0)
             if pulse:
                 self.pulse_interval = max(MIN_PULSE_INTERVAL, float(pulse))
-            if self._pulse_task is None:
-                self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
+            self._start_pulses()
             self.chan.send(Kind.INFO, self.node.info())
             if self.node.paused:
                 self.pulse()
@@ -304,21 +298,8 @@ class Session(SessionBase):
         if not self.chan.is_closed:
             self.chan.send(Kind.FILE, {"c": cid, "j": jid, "p": path, "m": mode}, [data])
 
-    async def _pulses(self) -> None:
-        """Send the node's free resources every pulse interval (dispy's AvailInfo); drop
-        a client silent for --zombie_interval (its computations close)."""
-        while not self.chan.is_closed:
-            await asyncio.sleep(self.pulse_interval)  # a period, not a wait for a condition
-            silent = time.monotonic() - self.last_heard
-            if silent > self.node.zombie_interval:
-                logger.warning(
-                    "client %s silent for %.0f s (zombie interval): closing its computations",
-                    self.peer,
-                    silent,
-                )
-                self.chan.abort()
-                return
-            self.pulse()
+    def _zombie_interval(self) -> float:
+        return self.node.zombie_interval
 
     def pulse(self) -> None:
         """The node's free resources, and whether it takes jobs now (service hours)."""
@@ -336,8 +317,7 @@ class Session(SessionBase):
             self._stop_after = True
         else:
             self._ops_task.cancel()
-        if self._pulse_task is not None:
-            self._pulse_task.cancel()
+        self._stop_pulses()
         spawn(self._close_all(), f"closing the computations of {self.peer}", logger)
 
     async def _close_all(self) -> None:

@@ -31,12 +31,7 @@ class ClientSession(SessionBase):
     def __init__(self, server: SchedulerServer, chan: transport.Channel) -> None:
         self.server = server
         self.comps: dict[str, Comp] = {}
-        self._init_session(chan, logger)
-        self._pulse_task: asyncio.Task | None = None
-        self.pulse_interval = server.pulse_interval
-        self.last_heard = time.monotonic()
-        chan.on_message = self.on_message
-        chan.on_close = self.on_close
+        self._init_session(chan, logger, server.pulse_interval)
         chan.start()
 
     def on_message(self, msg) -> None:
@@ -61,8 +56,7 @@ class ClientSession(SessionBase):
             pulse = field(ctl, "pulse", (int, float), default=0)
             if pulse:
                 self.pulse_interval = max(0.2, float(pulse))
-            if self._pulse_task is None:
-                self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
+            self._start_pulses()
             self.chan.send(Kind.INFO, server.info())
         elif kind in OPS:
             self._queue_op(kind, ctl, msg.payload)
@@ -183,23 +177,19 @@ class ClientSession(SessionBase):
         if not self.chan.is_closed:
             self.chan.send(kind, ctl, payload)
 
-    async def _pulses(self) -> None:
-        while not self.chan.is_closed:
-            await asyncio.sleep(self.pulse_interval)  # the pulse period
-            silent = time.monotonic() - self.last_heard
-            if silent > self.server.zombie_interval:
-                logger.warning("client %s silent for %.0f s: dropped", self.peer, silent)
-                self.chan.abort()
-                return
-            if not self.chan.is_closed:
-                self.chan.send(Kind.STATUS, self.server.status_for_clients())
+    def _zombie_interval(self) -> float:
+        return self.server.zombie_interval
+
+    def pulse(self) -> None:
+        """What the scheduler's nodes have free, as clients see it (one big node)."""
+        if not self.chan.is_closed:
+            self.chan.send(Kind.STATUS, self.server.status_for_clients())
 
     def on_close(self, exc) -> None:
         if exc is not None:
             logger.info("client %s disconnected: %s", self.peer, exc)
         self._ops_task.cancel()
-        if self._pulse_task is not None:
-            self._pulse_task.cancel()
+        self._stop_pulses()
         for comp in self.comps.values():
             if comp.session is self:
                 comp.session = None

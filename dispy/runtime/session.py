@@ -7,9 +7,13 @@ that serves clients with the node protocol (``dispynode``, and
 * a refused request is answered with the reason (``_reply_error``), the
   session goes on;
 * results are batched: every result queued in one loop turn goes out in one
-  RESULTS frame (``queue_result``).
+  RESULTS frame (``queue_result``);
+* the pulses to the client (``_pulses``, started by ``_start_pulses``): the
+  daemon's ``pulse()`` every pulse interval, and a client silent for the
+  daemon's zombie interval (``_zombie_interval()``) is dropped.
 
-Subclasses call ``_init_session()`` and provide the handlers ``_file``,
+Subclasses call ``_init_session()``, then ``chan.start()``, and provide
+``on_message``, ``on_close``, ``pulse``, ``_zombie_interval`` and the handlers ``_file``,
 ``_compute``, ``_close_comp``, ``_data`` and ``_resume`` (with ``_take_over`` and
 ``_resumed``); their computations have ``cid``, ``session`` and ``detached_at``.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from .. import config
 from ..errors import ConnectionClosed, ProtocolError
@@ -31,16 +36,46 @@ class SessionBase:
     #: errors that refuse one request (logged as a warning, answered with the reason)
     REFUSED: tuple = (ProtocolError, ValueError)
 
-    def _init_session(self, chan, log: logging.Logger) -> None:
+    def _init_session(self, chan, log: logging.Logger, pulse_interval: float) -> None:
+        """Set up; the subclass starts the channel (``chan.start()``) once its own
+        fields are set."""
         self.chan = chan
         self.peer = chan.peer
         self._log = log
+        self.pulse_interval = pulse_interval
+        self.last_heard = time.monotonic()
+        self._pulse_task: asyncio.Task | None = None
+        chan.on_message = self.on_message
+        chan.on_close = self.on_close
         self._out: list = []
         self._flush_scheduled = False
         self._ops: asyncio.Queue = asyncio.Queue()
         self._current = None  # the request being handled
         self._stop_after = False  # stop once the request being handled is done
         self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+
+    # -- pulses -----------------------------------------------------------------------
+    def _start_pulses(self) -> None:
+        if self._pulse_task is None:
+            self._pulse_task = asyncio.get_running_loop().create_task(self._pulses())
+
+    def _stop_pulses(self) -> None:
+        if self._pulse_task is not None:
+            self._pulse_task.cancel()
+
+    async def _pulses(self) -> None:
+        """``pulse()`` every pulse interval; drop a client silent for the zombie
+        interval (its computations close, or wait for it to come back)."""
+        while not self.chan.is_closed:
+            await asyncio.sleep(self.pulse_interval)  # a period, not a wait for a condition
+            silent = time.monotonic() - self.last_heard
+            if silent > self._zombie_interval():
+                self._log.warning(
+                    "client %s silent for %.0f s (zombie interval): dropped", self.peer, silent
+                )
+                self.chan.abort()
+                return
+            self.pulse()
 
     async def _handle_op(self, kind, ctl: dict, payload) -> None:
         if kind == Kind.FILE:
