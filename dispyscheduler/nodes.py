@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from dispy import transport
 from dispy.errors import ConnectionClosed
-from dispy.protocol import IDS_PER_FRAME, JOBS_PER_FRAME, Kind, field, join_segments
+from dispy.protocol import JOBS_PER_FRAME, Kind, field, join_segments
 from dispy.runtime.link import LOST, MISSED_PULSES, SET_UP, LinkBase, Phase
 
 from .model import Comp, SJob
@@ -37,8 +37,6 @@ class NodeLink(LinkBase):
         self.paused = False  # the node is outside its service hours (its pulses say)
         self._init_link(logger)
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
-        self._acks: dict[str, list] = {}
-        self._ack_scheduled = False
         self.task: asyncio.Task | None = None
 
     def _pulse_interval(self) -> float:
@@ -250,20 +248,6 @@ class NodeLink(LinkBase):
     def cancel(self, job: SJob) -> None:
         if self.chan is not None and not self.chan.is_closed:
             self.chan.send(Kind.CANCEL, {"c": job.comp.cid, "j": [job.cjid]})
-
-    def ack(self, cid: str, uid: int) -> None:
-        self._acks.setdefault(cid, []).append(uid)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_acks)
-
-    def _send_acks(self) -> None:
-        self._ack_scheduled = False
-        acks, self._acks = self._acks, {}
-        if self.chan is not None and not self.chan.is_closed:
-            for cid, uids in acks.items():
-                for i in range(0, len(uids), IDS_PER_FRAME):
-                    self.chan.send(Kind.ACK, {"c": cid, "j": uids[i : i + IDS_PER_FRAME]})
 
     async def close(self) -> None:
         self._closing = True

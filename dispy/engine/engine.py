@@ -259,7 +259,7 @@ class Engine:
         node = link.node
         for entry, part in result_entries(ctl, payload):
             uid = field(entry, "j", int)
-            link.ack(uid)
+            link.ack(self.cid, uid)
             job = self.live.get(uid)
             if job is None:
                 logger.debug("result for job %s that already ended; ignored", uid)

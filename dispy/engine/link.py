@@ -25,7 +25,7 @@ from ..errors import (
     IncompatibleVersion,
     ProtocolError,
 )
-from ..protocol import IDS_PER_FRAME, JOBS_PER_FRAME, Kind, field, join_segments
+from ..protocol import JOBS_PER_FRAME, Kind, field, join_segments
 from ..runtime.link import LOST, MISSED_PULSES, SET_UP, LinkBase, Phase
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)
@@ -58,8 +58,6 @@ class NodeLink(LinkBase):
         self.same_host = False  # put() data is handed over by file name
         self._init_link(logger)
         self.failure: str | None = None  # permanent failure, if any
-        self._acks: list[int] = []
-        self._ack_scheduled = False
         self.paused = False  # the node is outside its service hours (its pulses say)
         self.was_setup = False  # the computation was set up there: reconnect with RESUME
         self.task: asyncio.Task | None = None
@@ -331,19 +329,6 @@ class NodeLink(LinkBase):
         else:
             logger.info("node %s takes jobs again", self.node.name)
             self.engine.dispatch()
-
-    def ack(self, uid: int) -> None:
-        self._acks.append(uid)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_acks)
-
-    def _send_acks(self) -> None:
-        self._ack_scheduled = False
-        acks, self._acks = self._acks, []
-        if self.chan is not None and not self.chan.is_closed:
-            for i in range(0, len(acks), IDS_PER_FRAME):
-                self.chan.send(Kind.ACK, {"c": self.engine.cid, "j": acks[i : i + IDS_PER_FRAME]})
 
     # -- jobs to the node ------------------------------------------------------------
     def send_jobs(self, jobs: list) -> None:

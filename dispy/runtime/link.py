@@ -39,7 +39,7 @@ import os
 import time
 
 from ..errors import AuthenticationFailed, ConnectionClosed, IncompatibleVersion, ProtocolError
-from ..protocol import Kind
+from ..protocol import IDS_PER_FRAME, Kind
 
 #: Pulses a node may miss before it is cut off; also the liveness window.
 MISSED_PULSES = 5
@@ -121,6 +121,8 @@ class LinkBase:
         self._grace: asyncio.TimerHandle | None = None
         self.last_heard = time.monotonic()
         self._wake = asyncio.Event()  # set: try to connect now, not after the back-off
+        self._acks: dict[str, list[int]] = {}  # results received, to acknowledge, by cid
+        self._ack_scheduled = False
 
     def __repr__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -256,6 +258,24 @@ class LinkBase:
             offset += len(chunk)
             if offset >= size or not chunk:
                 return
+
+    # -- acknowledgements ----------------------------------------------------------------
+    def ack(self, cid: str, jid: int) -> None:
+        """The result of job ``jid`` of ``cid`` is safe here: the node may forget it.
+        Every ack of one loop turn goes out together (ACK frames of at most
+        IDS_PER_FRAME ids)."""
+        self._acks.setdefault(cid, []).append(jid)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_acks)
+
+    def _send_acks(self) -> None:
+        self._ack_scheduled = False
+        acks, self._acks = self._acks, {}
+        if self.chan is not None and not self.chan.is_closed:
+            for cid, jids in acks.items():
+                for i in range(0, len(jids), IDS_PER_FRAME):
+                    self.chan.send(Kind.ACK, {"c": cid, "j": jids[i : i + IDS_PER_FRAME]})
 
     # -- requests -------------------------------------------------------------------------
     def _ask(self, kind, ctl: dict, key, payload=()) -> asyncio.Future:
