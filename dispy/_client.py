@@ -367,6 +367,11 @@ class JobCluster:
 
         return _loop.run(call()).result()
 
+    def _live_job(self, uid: int) -> DispyJob | None:
+        """The job of this cluster with internal id ``uid``, if it has not ended (the
+        web monitor's cancel button names jobs so)."""
+        return self._on_loop(lambda: self._engine.live.get(uid))
+
     # -- node control ----------------------------------------------------------------
     def allocate_node(self, node) -> int:
         """Add a node (name, address, 'host:port', NodeAllocate, or a list) to the

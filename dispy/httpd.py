@@ -510,7 +510,7 @@ class DispyHTTPServer:
 
     def _find_job(self, uid: int):
         cluster = self.cluster
-        job = cluster._on_loop(lambda: dict(cluster._engine.live)).get(uid)
+        job = cluster._live_job(uid)
         if job is not None:
             return job
         for node in cluster.status()[0]:
