@@ -56,7 +56,6 @@ import re
 import sys
 import threading
 import time
-import types
 import urllib.parse
 
 import atheris
@@ -82,7 +81,7 @@ class _BadRepr:
 class StandInCluster:
     """What ``DispyHTTPServer`` reads of a ``JobCluster`` (which needs an event loop,
     nodes and threads): ``name``, ``status()``, ``node_jobs()``, ``counts()``,
-    ``_on_loop()``, ``recent_failures``, ``_engine.live``, ``cancel()``,
+    ``_on_loop()``, ``recent_failures``, ``_live_job()``, ``cancel()``,
     ``deallocate_node()``, ``close_node()``.  Nothing changes when it is asked to
     cancel or close: every input sees the same cluster."""
 
@@ -122,11 +121,14 @@ class StandInCluster:
             ],
             maxlen=50,
         )
-        self._engine = types.SimpleNamespace(live={j._uid: j for j in pending})
-        self.uids = sorted(self._engine.live)
+        self._live = {j._uid: j for j in pending}
+        self.uids = sorted(self._live)
 
     def status(self) -> ClusterStatus:
-        return ClusterStatus(list(self.nodes), len(self._engine.live))
+        return ClusterStatus(list(self.nodes), len(self._live))
+
+    def _live_job(self, uid: int):
+        return self._live.get(uid)
 
     def node_jobs(self, node, from_node: bool = False) -> list:
         return list(self._jobs.get(node, ()))
