@@ -39,6 +39,11 @@ class NodeLink(LinkBase):
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
         self.task: asyncio.Task | None = None
 
+    @property
+    def address(self) -> str:
+        """The node's IP address (once connected; its name until then)."""
+        return self.ip
+
     def _pulse_interval(self) -> float:
         return self.server.pulse_interval
 

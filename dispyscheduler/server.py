@@ -46,7 +46,7 @@ from dispy.engine import parse_nodes
 from dispy.errors import DispyError, ProtocolError
 from dispy.protocol import Kind, field, job_id, result_entries, split_segments
 from dispy.runtime.finder import NodeFinder
-from dispy.runtime.link import MISSED_PULSES
+from dispy.runtime.link import MISSED_PULSES, NodeIds
 
 from .clients import ClientSession
 from .model import Comp, SJob
@@ -104,7 +104,7 @@ class SchedulerServer:
         self.sched = Scheduler(prefetch=2, queue=self.queue, eligible=self.eligible)
         self.comps: dict[str, Comp] = {}
         self.links: dict[tuple, NodeLink] = {}
-        self.nids: dict[str, tuple] = {}
+        self.ids = NodeIds(self.links)  # one link per node
         self.uids = itertools.count(1)  # the scheduler core's job keys (not persisted)
         self.state: SchedulerState | None = None
         self.restored = asyncio.Event()  # set once restored jobs are placed (or queued)
@@ -243,21 +243,13 @@ class SchedulerServer:
         link.task = asyncio.get_running_loop().create_task(link.run())
 
     def _discovered(self, ip: str, port: int, nid: str, alloc) -> None:
-        if nid in self.nids and self.nids[nid] in self.links:
+        if self.ids.known(ip, port, nid):
             return
-        for link in self.links.values():
-            if link.port == port and ip in (link.host, link.ip):
-                return
         logger.info("discovered node %s:%s", ip, port)
         self.add_link(ip, port)
 
     def claim(self, nid: str, link: NodeLink) -> bool:
-        other = self.nids.get(nid)
-        if other is not None and other != link.key and other in self.links:
-            if not self.links[other]._closing:
-                return False
-        self.nids[nid] = link.key
-        return True
+        return self.ids.claim(nid, link)
 
     def total_cpus(self) -> int:
         nodes = self.sched.nodes

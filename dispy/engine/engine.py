@@ -31,6 +31,7 @@ from ..core.scheduler import Scheduler
 from ..errors import DispyError
 from ..protocol import field, result_entries, split_segments
 from ..runtime.finder import NodeFinder
+from ..runtime.link import NodeIds
 from .link import NodeLink
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)
@@ -56,9 +57,9 @@ class Engine:
         self.compute_opts: dict = {}  # extra COMPUTE fields (SharedJobCluster's, for the scheduler)
         #: a SharedJobCluster's view of the nodes behind its scheduler, by (ip, port)
         self.behind: dict[tuple, DispyNode] = {}
-        self.nids: dict[str, tuple] = {}  # node run id -> link key: one link per node
         self.sched = Scheduler(reentrant=reentrant, report_started=True)
         self.links: dict[tuple, NodeLink] = {}
+        self.ids = NodeIds(self.links)  # one link per node
         self.live: dict[int, DispyJob] = {}
         self.writes: dict[int, set] = {}  # files jobs sent, being written
         self.data: dict[str, tuple[int, list]] = {}  # cluster.put(): name -> (version, segments)
@@ -109,11 +110,8 @@ class Engine:
 
     def discovered(self, ip: str, port: int, nid: str, alloc) -> None:
         """Discovery found a node matching a wildcard: link to it unless linked already."""
-        if nid in self.nids and self.nids[nid] in self.links:
+        if self.ids.known(ip, port, nid):
             return
-        for link in self.links.values():
-            if link.port == port and ip in (link.host, link.node.ip_addr):
-                return
         logger.info("discovered node %s:%s", ip, port)
         self.add_links([(ip, port, alloc)])
 
@@ -125,15 +123,7 @@ class Engine:
 
     def claim(self, nid, link: NodeLink) -> bool:
         """A link learned its node's run id: False if another live link has that node."""
-        if not isinstance(nid, str):
-            return True
-        other = self.nids.get(nid)
-        if other is not None and other != link.key and other in self.links:
-            olink = self.links[other]
-            if olink.failure is None and not olink._closing:
-                return False
-        self.nids[nid] = link.key
-        return True
+        return self.ids.claim(nid, link)
 
     def add_links(self, specs) -> int:
         added = 0

@@ -64,6 +64,11 @@ class NodeLink(LinkBase):
 
     FILE_CHUNK = 8 << 20
 
+    @property
+    def address(self) -> str:
+        """The node's IP address (once connected; its name until then)."""
+        return self.node.ip_addr
+
     def _pulse_interval(self) -> float:
         return self.engine.pulse_interval
 

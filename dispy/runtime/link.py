@@ -96,6 +96,35 @@ def next_phase(phase: Phase, event: str) -> Phase:
         raise RuntimeError(f"node link: no transition from {phase.value} on {event!r}") from None
 
 
+class NodeIds:
+    """Which link has which node, by the run id a node gives in INFO: one link per
+    node, however it was named or found (an address, a host name, discovery).
+    The client's engine and the scheduler keep one each, over their links
+    (``links``: key -> link)."""
+
+    def __init__(self, links: dict) -> None:
+        self.links = links
+        self.nids: dict[str, tuple] = {}  # node run id -> link key
+
+    def known(self, ip: str, port: int, nid) -> bool:
+        """Whether discovery's node (``ip``, ``port``, run id ``nid``) has a link."""
+        if nid in self.nids and self.nids[nid] in self.links:
+            return True
+        return any(lk.port == port and ip in (lk.host, lk.address) for lk in self.links.values())
+
+    def claim(self, nid, link) -> bool:
+        """``link`` learned its node's run id: False if another link in use has that
+        node (not one that failed for good or is closing)."""
+        if not isinstance(nid, str):
+            return True
+        other = self.links.get(self.nids.get(nid))
+        if other is not None and other is not link:
+            if other.phase is not Phase.FAILED and not other._closing:
+                return False
+        self.nids[nid] = link.key
+        return True
+
+
 def read_chunk(path: str, offset: int, size: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)

@@ -40,3 +40,29 @@ def test_the_life_of_a_link():
 def test_what_cannot_happen_is_a_bug_not_a_silent_change(phase, event):
     with pytest.raises(RuntimeError, match="no transition"):
         next_phase(phase, event)
+
+
+class _Link:
+    def __init__(self, host, port, address=None, phase=Phase.READY, closing=False):
+        self.host, self.port, self.key = host, port, (host, port)
+        self.address = address or host
+        self.phase, self._closing = phase, closing
+
+
+def test_one_link_per_node_by_its_run_id():
+    links = {}
+    ids = link.NodeIds(links)
+    a = links[("n1", 51348)] = _Link("n1", 51348, address="10.0.0.1")
+    assert ids.claim("run-1", a)
+    # found again by discovery, by address or by run id: known already
+    assert ids.known("10.0.0.1", 51348, "other") and ids.known("n1", 51348, None)
+    assert ids.known("10.9.9.9", 51348, "run-1")
+    assert not ids.known("10.0.0.1", 4000, "run-2")
+    # the same node named another way: refused while the first link is in use
+    b = links[("10.0.0.1", 51348)] = _Link("10.0.0.1", 51348)
+    assert not ids.claim("run-1", b)
+    assert ids.claim(None, b)  # a node that gives no run id (an old one): allowed
+    for phase, closing in ((Phase.FAILED, False), (Phase.READY, True)):
+        a.phase, a._closing = phase, closing  # failed for good, or closing: b may take it
+        assert ids.claim("run-1", b)
+        ids.nids["run-1"] = a.key
