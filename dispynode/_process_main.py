@@ -430,16 +430,20 @@ def _reap(chan: BlockingChannel, children: set[int]) -> None:
         chan.send(Kind.C_EXITED, {"p": pid, "c": os.waitstatus_to_exitcode(status)})
 
 
+def _signal_all(pids, sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _stop(children: set[int], grace: float, wakeup_fd: int) -> None:
     """Terminate job processes: SIGTERM, then SIGKILL after ``grace`` seconds.
 
     Waits on the SIGCHLD wake-up pipe, so it returns as soon as all are gone.
     """
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal_all(children, signal.SIGTERM)
     deadline = time.monotonic() + grace
     sig = signal.SIGTERM
     while children:
@@ -457,11 +461,7 @@ def _stop(children: set[int], grace: float, wakeup_fd: int) -> None:
         left = deadline - time.monotonic()
         if left <= 0 and sig == signal.SIGTERM:
             sig = signal.SIGKILL
-            for pid in children:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _signal_all(children, sig)
             deadline = time.monotonic() + grace
             continue
         if left <= 0:

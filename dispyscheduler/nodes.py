@@ -113,7 +113,7 @@ class NodeLink(LinkBase):
             self.chan = None
         if self.ready:
             window = self.server.pulse_interval * MISSED_PULSES
-            if self._suspend(window, self._closing):  # its jobs stay put while it may return
+            if self._suspend(window):  # its jobs stay put while it may return
                 self.server.sched.set_ready(self.key, False)
                 self.server._tell_cpus()
             else:

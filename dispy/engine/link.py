@@ -378,7 +378,7 @@ class NodeLink(LinkBase):
             self.chan.abort()
             self.chan = None
         if self.ready:
-            if self._suspend(self.window, self._closing):  # its jobs stay put meanwhile
+            if self._suspend(self.window):  # its jobs stay put meanwhile
                 self.engine.sched.set_ready(self.key, False)
             else:
                 self.engine.node_lost(self)

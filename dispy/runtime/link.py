@@ -341,12 +341,12 @@ class LinkBase:
             except ConnectionClosed:
                 return
 
-    def _suspend(self, window: float, closing: bool) -> bool:
+    def _suspend(self, window: float) -> bool:
         """The connection was lost: keep the node's jobs for the rest of ``window``
         (counted from when it was last heard).  False if that is over already (or
         the link is closing): the node is lost now."""
         remaining = window - (time.monotonic() - self.last_heard)
-        if closing or remaining <= 0:
+        if self._closing or remaining <= 0:
             self._to(LOST)
             return False
         self._to(SUSPEND)
