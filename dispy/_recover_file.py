@@ -8,8 +8,8 @@ process, contacts the nodes and collects the results they kept.
 
 Writes never block the caller: ``add_jobs``, ``jobs_done`` and
 ``set_meta`` queue them, and one writer thread commits everything queued in
-one transaction (``dispy.runtime.sqlite._BatchWriter``).  A job finished before its
-row was written is never written.  ``flush()`` waits for the commits.
+one transaction (``dispy.runtime.batch_writer.BatchWriter``).  A job finished
+before its row was written is never written.  ``flush()`` waits for the commits.
 
 Durability: SQLite in WAL mode with ``synchronous=NORMAL``: committed writes
 survive the client process being killed; a power loss may lose the last
@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .runtime import sqlite as _sqlite
+from .runtime.batch_writer import BatchWriter
 from .runtime.sqlite import StorageError
 
 logger = logging.getLogger("dispy")
@@ -86,7 +87,7 @@ class RecoverFile:
         """Internal: use ``RecoverFile.create`` or ``RecoverFile.open``."""
         self.path = path
         self._meta = meta
-        self._writer = _sqlite._BatchWriter(
+        self._writer = BatchWriter(
             conn,
             self._apply,
             name="dispy-recover-writer",

@@ -35,6 +35,7 @@ import psutil
 from dispy import _data as data
 from dispy import config, discovery, transport
 from dispy._paths import private_dir
+from dispy._peer_guards import LogThrottle
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import DispyError
@@ -114,7 +115,7 @@ class NodeServer:
         self.shm_dir: str | None = None  # put() data, when it fits in memory
         self.worker_addr = f"\0dispynode-{os.getpid()}-{os.urandom(8).hex()}"
         self._local_waiting = 0  # job-process connections that have not shown a token yet
-        self._local_refusals = transport.LogThrottle(logger, "refused local connections")
+        self._local_refusals = LogThrottle(logger, "refused local connections")
         self.stopped = asyncio.Event()
         #: results not acknowledged yet: cid -> jid -> (entry, segments); on disk too
         self.unacked: dict[str, dict[int, tuple[dict, list]]] = {}

@@ -1,8 +1,8 @@
 """The node's durable result store: computed results stay on disk until the client acks them.
 
 The node (an asyncio program) calls ``put`` and ``ack`` on its event loop:
-they only queue the write.  The
-store's writer thread (``dispy.runtime.sqlite._BatchWriter``) commits everything
+they only queue the write.  The store's writer thread
+(``dispy.runtime.batch_writer.BatchWriter``) commits everything
 queued in one transaction, so ~10,000 tiny results a second cost a few
 commits, not 10,000.  A result acknowledged before the writer took it is
 never written.
@@ -66,6 +66,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from dispy.runtime import sqlite as _sqlite
+from dispy.runtime.batch_writer import BatchWriter
 from dispy.runtime.sqlite import StorageError
 
 __all__ = ["ResultStore", "StoreError"]
@@ -171,7 +172,7 @@ class ResultStore:
             raise StoreError(
                 f"cannot use the folder {self.files} of result store {self.path}: {exc}"
             ) from exc
-        self._writer = _sqlite._BatchWriter(
+        self._writer = BatchWriter(
             conn,
             self._apply,
             name="dispynode-store-writer",

@@ -13,12 +13,12 @@
 * ``meta(key, value)``: the nodes the scheduler used (reconnected at restart).
 
 Writes are queued and committed in batches by a writer thread
-(``dispy.runtime.sqlite._BatchWriter``) after ``WRITE_DELAY``: a job acknowledged
-within it is never written.  A job lost that way (the scheduler killed less
-than ``WRITE_DELAY`` after it came) is still known to its client, which sends
-it again when it resumes; jobs running on nodes are found again by asking the
-nodes (RESUME), and their results wait on the nodes' disks.  Computations are
-committed before the client is told they are set up.
+(``dispy.runtime.batch_writer.BatchWriter``) after ``WRITE_DELAY``: a job
+acknowledged within it is never written.  A job lost that way (the scheduler
+killed less than ``WRITE_DELAY`` after it came) is still known to its client,
+which sends it again when it resumes; jobs running on nodes are found again by
+asking the nodes (RESUME), and their results wait on the nodes' disks.
+Computations are committed before the client is told they are set up.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import sqlite3
 import time
 
 from dispy.runtime import sqlite as _sqlite
+from dispy.runtime.batch_writer import BatchWriter
 from dispy.runtime.sqlite import StorageError
 
 logger = logging.getLogger("dispyscheduler")
@@ -70,7 +71,7 @@ class SchedulerState:
         self.path = os.fspath(path)
         self.retention = retention
         conn = self._open(self.path)
-        self._writer = _sqlite._BatchWriter(
+        self._writer = BatchWriter(
             conn,
             self._apply,
             name="dispyscheduler-state-writer",

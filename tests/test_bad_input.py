@@ -28,6 +28,7 @@ import pytest
 
 import dispy
 from dispy import _loop, config, transport
+from dispy._peer_guards import GuessDelay
 from dispy.errors import AuthenticationFailed, ConnectionClosed
 from dispy.protocol import (
     Connection,
@@ -382,7 +383,7 @@ def test_guessing_the_secret_online_is_slowed_down(daemon):
 
 def test_guess_delay_rules():
     now = [0.0]
-    g = transport.GuessDelay(clock=lambda: now[0])
+    g = GuessDelay(clock=lambda: now[0])
     for _ in range(2):
         g.failed("10.0.0.1")
     assert g.delay("10.0.0.1") == 0.0  # three guesses are free
