@@ -31,6 +31,7 @@ from ._recover_file import RecoverFile, RecoverFileError
 from .core import job_end, jobstate
 from .errors import AuthenticationFailed, ConnectionClosed, ProtocolError
 from .protocol import IDS_PER_FRAME, Kind, field, result_entries
+from .protocol.conversation import Take, reply_key, request_key, taken_by_client
 from .tls import client_context
 
 logger = logging.getLogger("dispy")
@@ -182,9 +183,15 @@ async def _recover_node(meta, addr: str, jobs: dict, ssl, deadline, terminate) -
     closed = asyncio.get_running_loop().create_future()
 
     def on_message(msg) -> None:
-        if msg.kind == Kind.RESUMED and not reply.done():
-            reply.set_result(msg.ctl)
-        elif msg.kind == Kind.RESULTS:
+        if taken_by_client(msg.kind) is Take.REPLY and not reply.done():
+            key = reply_key(msg.kind, msg.ctl)
+            if key == request_key(Kind.RESUME, {"c": cid}):
+                if msg.kind == Kind.ERROR:
+                    why = f"node {addr} refused to resume the computation: {msg.ctl.get('r')}"
+                    reply.set_exception(ProtocolError(why))
+                else:
+                    reply.set_result(msg.ctl)
+        if msg.kind == Kind.RESULTS:
             acks = []
             for entry, part in result_entries(msg.ctl, msg.payload):
                 uid = field(entry, "j", int)

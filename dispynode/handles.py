@@ -29,6 +29,7 @@ from dispy._paths import write_chunk
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
 from dispy.protocol import Kind, join_segments, split_segments, texts_in
+from dispy.protocol.conversation import CompPhase, next_comp_phase
 
 if TYPE_CHECKING:
     from .server import NodeJob, NodeServer, Session
@@ -192,9 +193,8 @@ class Computation:
         self.dir = os.path.join(node.dest_path, f"{_safe_name(name)}_{cid}")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.token = os.urandom(32)
-        self.ready = False
-        self.closed = False
-        self.error = ""
+        self.phase = CompPhase.NEW
+        self.error = ""  # why it is FAILED
         self.jobs_done = 0
         self.workers: dict[int, Worker] = {}
         self._idle: list[Worker] = []
@@ -207,6 +207,17 @@ class Computation:
         self.detached_at: float | None = None  # when its client went away (monotonic)
         node.computations[cid] = self
 
+    @property
+    def ready(self) -> bool:
+        return self.phase is CompPhase.READY
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is CompPhase.CLOSED
+
+    def _go(self, event: str) -> None:
+        self.phase = next_comp_phase(self.phase, event)
+
     # -- files ----------------------------------------------------------------
     def write_file(self, rel: str, offset: int, data, mode: int) -> None:
         """Runs in a thread (disk I/O off the loop)."""
@@ -216,8 +227,9 @@ class Computation:
     async def setup(self, spec: bytes, nargs: int = 0) -> None:
         """Start the computation process and run setup; ``spec`` ends with ``nargs``
         bytes of pickled setup arguments (NodeAllocate.setup_args)."""
-        if self.ready or self._proc is not None:
-            raise ValueError(f"computation {self.cid} is already set up")
+        if self.phase is not CompPhase.NEW:
+            raise ValueError(f"computation {self.cid} is {self.phase.value}: it is set up once")
+        self._go("setup")
         spare = self.node.take_spare()
         self._proc, ours = spare if spare is not None else start_computation_process(self.dir)
         self._ctl = await transport.open_local(ours)
@@ -240,8 +252,10 @@ class Computation:
             [spec],
         )
         ok, reason = await self._reply
+        if self.closed:  # closed while its setup ran
+            return
         if ok:
-            self.ready = True
+            self._go("set_up")
             self._ctl.send(Kind.C_FORK, {"n": self.node.cpus})
             logger.info(
                 "computation %s (%s) set up for %s",
@@ -250,6 +264,7 @@ class Computation:
                 self.session.peer if self.session is not None else "a client now gone",
             )
         else:
+            self._go("failed")
             self.error = (
                 f"setup of computation {self.name!r} failed on node {self.node.name}: {reason}"
             )
@@ -266,7 +281,7 @@ class Computation:
             worker = self.workers.get(pid) or self._dying.pop(pid, None)
             if worker is not None:
                 worker.exited(code)
-            if not self.closed and self.ready:
+            if self.ready:
                 # a job process that dies before it even registers would die again:
                 # replace such ones a few times only, not in an endless fork loop
                 self._early_deaths = 0 if worker is not None else self._early_deaths + 1
@@ -284,8 +299,8 @@ class Computation:
             code = self._proc.poll() if self._proc else None
             how = describe_exit(code) if code is not None else "ended"
             self._reply.set_result((False, f"the computation process {how}"))
-        if not self.closed and self.ready:
-            self.ready = False
+        if self.ready:
+            self._go("died")
             self.error = f"the computation process of {self.name!r} ended unexpectedly"
             logger.warning("%s", self.error)
             for w in list(self.workers.values()):
@@ -339,8 +354,7 @@ class Computation:
         """Run cleanup and stop the processes; return cleanup's error text, if any."""
         if self.closed:
             return ""
-        self.closed = True
-        self.ready = False
+        self._go("close")
         self.node.computations.pop(self.cid, None)
         self.node.closed_cids.append(self.cid)
         self.node.start_spare()  # if it was the last one: ready for the next client

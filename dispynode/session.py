@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import TYPE_CHECKING
 
 from dispy import config, transport
@@ -17,7 +16,8 @@ from dispy._tasks import spawn
 from dispy.core import jobstate
 from dispy.errors import ProtocolError
 from dispy.protocol import Kind, field, job_id, job_ids, join_segments, split_segments
-from dispy.runtime.session import OPS, SessionBase
+from dispy.protocol.conversation import CompPhase
+from dispy.runtime.session import SessionBase
 
 from .handles import Computation, Worker
 from .put_data import link_data, store_data
@@ -77,35 +77,31 @@ class Session(SessionBase):
         self.node = node
         self.comps: dict[str, Computation] = {}
         self._init_session(chan, logger, DEFAULT_PULSE_INTERVAL)
+        self._at_once.update(
+            {Kind.JOBS: self._jobs, Kind.ACK: self._ack, Kind.INFO_REQ: self._info,
+             Kind.CANCEL: self._cancel}
+        )  # fmt: skip
         chan.start()
 
     # -- messages from the client ---------------------------------------------
-    def on_message(self, msg) -> None:
-        self.last_heard = time.monotonic()
-        kind, ctl = msg.kind, msg.ctl
-        if kind == Kind.JOBS:
-            self._jobs(ctl, msg.payload)
-        elif kind == Kind.ACK:
-            self.node.ack(field(ctl, "c", str), job_ids(ctl))
-        elif kind == Kind.INFO_REQ:
-            pulse = field(ctl, "pulse", (int, float), default=0)
-            if pulse:
-                self.pulse_interval = max(MIN_PULSE_INTERVAL, float(pulse))
-            self._start_pulses()
-            self.chan.send(Kind.INFO, self.node.info())
-            if self.node.paused:
-                self.pulse()
-        elif kind in OPS:
-            self._queue_op(kind, ctl, msg.payload)
-        elif kind == Kind.CANCEL:
-            comp = self.comps.get(field(ctl, "c", str))
-            if comp is not None:
-                for jid in job_ids(ctl):
-                    self.node.cancel(comp, jid)
-        elif kind == Kind.PING:
-            self.chan.send(Kind.PONG, {})
-        else:
-            raise ProtocolError(f"unexpected message kind {kind} from a client")
+    # -- messages from the client: what the conversation's table takes at once ----------
+    def _ack(self, ctl: dict, payload) -> None:
+        self.node.ack(field(ctl, "c", str), job_ids(ctl))
+
+    def _info(self, ctl: dict, payload) -> None:
+        pulse = field(ctl, "pulse", (int, float), default=0)
+        if pulse:
+            self.pulse_interval = max(MIN_PULSE_INTERVAL, float(pulse))
+        self._start_pulses()
+        self.chan.send(Kind.INFO, self.node.info())
+        if self.node.paused:
+            self.pulse()
+
+    def _cancel(self, ctl: dict, payload) -> None:
+        comp = self.comps.get(field(ctl, "c", str))
+        if comp is not None:
+            for jid in job_ids(ctl):
+                self.node.cancel(comp, jid)
 
     def _jobs(self, ctl: dict, payload) -> None:
         cid = field(ctl, "c", str)
@@ -212,10 +208,11 @@ class Session(SessionBase):
         nargs = field(ctl, "sa", int, default=0)
         if not 0 <= nargs <= len(payload):
             raise ProtocolError("bad setup arguments length")
-        if not comp.ready:
+        if comp.phase is CompPhase.NEW:
             await comp.setup(bytes(payload), nargs)
         # else: set up already, in this session (a restarted dispyscheduler's RESUME
-        # took it over, then its COMPUTE came): the same computation, nothing to do
+        # took it over, then its COMPUTE came): the same computation, nothing to do;
+        # or its setup failed (the reply says why)
         reply = {"c": cid, "ok": comp.ready}
         if not comp.ready:
             reply["r"] = comp.error
@@ -245,7 +242,7 @@ class Session(SessionBase):
         if not self.chan.is_closed:
             self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": True})
 
-    async def _close_comp(self, ctl: dict) -> None:
+    async def _close_comp(self, ctl: dict, payload) -> None:
         cid = field(ctl, "c", str)
         comp = self.comps.pop(cid, None)
         error = ""
@@ -256,7 +253,7 @@ class Session(SessionBase):
         if not self.chan.is_closed:
             self.chan.send(Kind.CLOSED, {"c": cid, "r": error or ""})
 
-    async def _resume(self, ctl: dict) -> None:
+    async def _resume(self, ctl: dict, payload) -> None:
         """A client reconnected (or ``recover_jobs`` runs): attach the computation to
         this connection, say what the node still has of it, and send again every
         result not acknowledged yet (kept in memory, or on disk across a restart)."""

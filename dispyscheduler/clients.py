@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from dispy import transport
 from dispy._paths import safe_relpath, write_chunk
 from dispy.errors import ProtocolError
 from dispy.protocol import Kind, field, job_ids
-from dispy.runtime.session import OPS, SessionBase
+from dispy.runtime.session import SessionBase
 
 from .model import Comp
 
@@ -32,38 +31,36 @@ class ClientSession(SessionBase):
         self.server = server
         self.comps: dict[str, Comp] = {}
         self._init_session(chan, logger, server.pulse_interval)
+        self._at_once.update(
+            {Kind.JOBS: self._jobs, Kind.ACK: self._ack, Kind.INFO_REQ: self._info,
+             Kind.CANCEL: self._cancel}
+        )  # fmt: skip
         chan.start()
 
-    def on_message(self, msg) -> None:
-        self.last_heard = time.monotonic()
-        kind, ctl = msg.kind, msg.ctl
-        server = self.server
-        if kind == Kind.JOBS:
-            server.client_jobs(self, ctl, msg.payload)
-        elif kind == Kind.ACK:
-            cid = field(ctl, "c", str)
-            comp = self.comps.get(cid)
-            if comp is not None:
-                server.client_acks(comp, job_ids(ctl))
-            elif cid in server.retired:
-                server.retired_acks(cid, job_ids(ctl))
-        elif kind == Kind.CANCEL:
-            comp = self.comps.get(field(ctl, "c", str))
-            if comp is not None:
-                for cjid in job_ids(ctl):
-                    server.cancel(comp, cjid)
-        elif kind == Kind.INFO_REQ:
-            pulse = field(ctl, "pulse", (int, float), default=0)
-            if pulse:
-                self.pulse_interval = max(0.2, float(pulse))
-            self._start_pulses()
-            self.chan.send(Kind.INFO, server.info())
-        elif kind in OPS:
-            self._queue_op(kind, ctl, msg.payload)
-        elif kind == Kind.PING:
-            self.chan.send(Kind.PONG, {})
-        else:
-            raise ProtocolError(f"unexpected message kind {kind} from a client")
+    # -- messages from the client: what the conversation's table takes at once ----------
+    def _jobs(self, ctl: dict, payload) -> None:
+        self.server.client_jobs(self, ctl, payload)
+
+    def _ack(self, ctl: dict, payload) -> None:
+        cid = field(ctl, "c", str)
+        comp = self.comps.get(cid)
+        if comp is not None:
+            self.server.client_acks(comp, job_ids(ctl))
+        elif cid in self.server.retired:
+            self.server.retired_acks(cid, job_ids(ctl))
+
+    def _cancel(self, ctl: dict, payload) -> None:
+        comp = self.comps.get(field(ctl, "c", str))
+        if comp is not None:
+            for cjid in job_ids(ctl):
+                self.server.cancel(comp, cjid)
+
+    def _info(self, ctl: dict, payload) -> None:
+        pulse = field(ctl, "pulse", (int, float), default=0)
+        if pulse:
+            self.pulse_interval = max(0.2, float(pulse))
+        self._start_pulses()
+        self.chan.send(Kind.INFO, self.server.info())
 
     REFUSED = (ProtocolError, ValueError, OSError)
 
@@ -142,7 +139,7 @@ class ClientSession(SessionBase):
                 reply["r"] = "; ".join(errors)
             self.chan.send(Kind.DATA_OK, reply)
 
-    async def _close_comp(self, ctl: dict) -> None:
+    async def _close_comp(self, ctl: dict, payload) -> None:
         cid = field(ctl, "c", str)
         comp = self.comps.pop(cid, None)
         error = ""
@@ -153,7 +150,7 @@ class ClientSession(SessionBase):
         if not self.chan.is_closed:
             self.chan.send(Kind.CLOSED, {"c": cid, "r": error or ""})
 
-    async def _resume(self, ctl: dict) -> None:
+    async def _resume(self, ctl: dict, payload) -> None:
         """The client reconnected (or ``recover_jobs`` runs).  Its jobs the scheduler
         does not list are not anywhere: the client sends them again.  After a restart,
         the answer waits until the nodes said which jobs they have."""

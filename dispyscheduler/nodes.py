@@ -7,11 +7,10 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from typing import TYPE_CHECKING
 
 from dispy import transport
-from dispy.errors import ConnectionClosed
+from dispy.errors import ConnectionClosed, ProtocolError
 from dispy.protocol import JOBS_PER_FRAME, Kind, field, join_segments
 from dispy.runtime.link import LOST, MISSED_PULSES, SET_UP, LinkBase, Phase
 
@@ -36,6 +35,16 @@ class NodeLink(LinkBase):
         self.cpus = 0
         self.paused = False  # the node is outside its service hours (its pulses say)
         self._init_link(logger)
+        self._streams.update(
+            {
+                Kind.RESULTS: lambda ctl, payload: server.node_results(self, ctl, payload),
+                Kind.STATUS: self._status,
+                # dispy_send_file from a job: to its client
+                Kind.FILE: lambda ctl, payload: server.forward_to_client(
+                    self, Kind.FILE, ctl, payload
+                ),
+            }
+        )
         self.had: set[str] = set()  # computations set up on this node (kept across reconnections)
         self.task: asyncio.Task | None = None
 
@@ -63,7 +72,7 @@ class NodeLink(LinkBase):
         self.ip = infos[0][4][0]
         chan = await transport.connect(self.ip, self.port, server.node_key, ssl=server.node_ssl)
         closed = self._attach(chan)
-        info = await self._request(Kind.INFO_REQ, {"pulse": server.pulse_interval}, Kind.INFO)
+        info = await self.request(Kind.INFO_REQ, {"pulse": server.pulse_interval})
         if info.get("relay"):
             self._closing = True
             chan.close()
@@ -85,7 +94,7 @@ class NodeLink(LinkBase):
                 self.had.discard(cid)
                 chan.send(Kind.CLOSE, {"c": cid, "t": True})
                 continue
-            reply = await self._request(Kind.RESUME, {"c": cid}, (Kind.RESUMED, cid))
+            reply = await self.request(Kind.RESUME, {"c": cid})
             jids = field(reply, "jobs", list) + field(reply, "done", list)
             if reply.get("known"):
                 comp.ready_on.add(self.key)
@@ -121,9 +130,6 @@ class NodeLink(LinkBase):
         elif self.phase is Phase.UP:  # lost while being set up: nothing waits for it
             self._to(LOST)
 
-    async def _request(self, kind, ctl: dict, reply_key, payload=()) -> dict:
-        return await self._ask(kind, ctl, reply_key, payload)
-
     def _paused(self, why) -> None:
         """The node says it is outside its service hours (``why``), or serves again."""
         self.paused = bool(why)  # (applied when it is added to the scheduler, if not yet)
@@ -140,34 +146,12 @@ class NodeLink(LinkBase):
         if not why:
             self.server.dispatch()
 
-    def on_message(self, msg) -> None:
-        self.last_heard = time.monotonic()
-        kind, ctl = msg.kind, msg.ctl
-        if kind == Kind.RESULTS:
-            self.server.node_results(self, ctl, msg.payload)
-            return
-        if kind == Kind.STATUS:
-            if "j" in ctl:  # a provisional result: to its client
-                self.server.forward_to_client(self, Kind.STATUS, ctl, msg.payload)
-            else:
-                self._paused(ctl.get("paused"))
-            return
-        if kind == Kind.FILE:  # dispy_send_file from a job
-            self.server.forward_to_client(self, Kind.FILE, ctl, msg.payload)
-            return
-        if kind in (Kind.COMPUTE_REPLY, Kind.CLOSED, Kind.RESUMED):
-            key = (kind, ctl.get("c"))
-        elif kind == Kind.DATA_OK:
-            key = (kind, ctl.get("c"), ctl.get("t"))
+    # -- what the node sends unasked ----------------------------------------------------
+    def _status(self, ctl: dict, payload) -> None:
+        if "j" in ctl:  # a provisional result: to its client
+            self.server.forward_to_client(self, Kind.STATUS, ctl, payload)
         else:
-            key = kind
-        fut = self._waiters.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result(ctl)
-        elif kind == Kind.ERROR:
-            logger.warning("node %s: %s", self, ctl.get("r"))
-        elif kind not in (Kind.PONG,):
-            logger.debug("node %s: unexpected %s", self, kind)
+            self._paused(ctl.get("paused"))
 
     # -- computations on this node -----------------------------------------------------
     async def setup(self, comp: Comp) -> None:
@@ -176,10 +160,9 @@ class NodeLink(LinkBase):
             for rel, mode in list(comp.files.items()):
                 path = os.path.join(comp.dir, rel)
                 await self._send_file(comp.cid, comp.name, rel, path, mode)
-            reply = await self._request(
+            reply = await self.request(
                 Kind.COMPUTE,
                 {"c": comp.cid, "n": comp.name, "sa": len(comp.setup_args)},
-                (Kind.COMPUTE_REPLY, comp.cid),
                 [comp.spec, comp.setup_args],
             )
             if not reply.get("ok"):
@@ -209,11 +192,8 @@ class NodeLink(LinkBase):
     async def put_data(self, comp: Comp, name: str) -> None:
         version, lens, payload = comp.data[name]
         tag = f"{name}:{version}"
-        reply = await self._request(
-            Kind.DATA,
-            {"c": comp.cid, "n": name, "v": version, "s": lens, "t": tag},
-            (Kind.DATA_OK, comp.cid, tag),
-            [payload],
+        reply = await self.request(
+            Kind.DATA, {"c": comp.cid, "n": name, "v": version, "s": lens, "t": tag}, [payload]
         )
         if not reply.get("ok"):
             raise RuntimeError(f"node {self}: {reply.get('r')}")
@@ -224,11 +204,10 @@ class NodeLink(LinkBase):
         self.had.discard(comp.cid)
         try:
             reply = await asyncio.wait_for(
-                self._request(Kind.CLOSE, {"c": comp.cid, "t": terminate}, (Kind.CLOSED, comp.cid)),
-                60,
+                self.request(Kind.CLOSE, {"c": comp.cid, "t": terminate}), 60
             )
             return str(reply.get("r") or "")
-        except (ConnectionClosed, TimeoutError) as exc:
+        except (ConnectionClosed, TimeoutError, ProtocolError) as exc:
             return f"node {self}: {exc}"
 
     def send_jobs(self, jobs: list[SJob]) -> None:

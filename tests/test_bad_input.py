@@ -861,3 +861,23 @@ def test_compute_twice_in_one_session_is_answered_ok(node):
         sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
         assert recv_messages(sock, conn)[0].kind == Kind.CLOSED
     assert_node_serves(node)
+
+
+def test_a_refused_request_is_answered_with_an_error_naming_it(node):
+    """An ERROR that answers a refused request names its kind (``k``), so that the
+    client waiting for the reply stops waiting (it waited for ever before); a kind
+    no client sends ends the connection, and the daemon goes on serving."""
+    sock, conn = authenticated(node)
+    with sock:
+        conn.send(Kind.RESUME, {"c": 5})  # not a computation id
+        conn.send(Kind.CLOSE, {"c": ["x"]})
+        conn.send(Kind.PING, {})
+        sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
+        msgs = recv_messages(sock, conn, 3)
+        errors = [m.ctl for m in msgs if m.kind == Kind.ERROR]
+        assert [e["k"] for e in errors] == [Kind.RESUME, Kind.CLOSE], errors
+        assert "c" in errors[0]["r"] and any(m.kind == Kind.PONG for m in msgs)
+        conn.send(Kind.RESULTS, {"r": [], "s": []})  # what only a node sends
+        sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
+        assert_closed_by_node(sock)
+    assert_node_serves(node)

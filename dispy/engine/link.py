@@ -57,6 +57,13 @@ class NodeLink(LinkBase):
         self.node_cpus = 0  # the CPUs the node says it has
         self.same_host = False  # put() data is handed over by file name
         self._init_link(logger)
+        self._streams.update(
+            {
+                Kind.RESULTS: lambda ctl, payload: engine.results(self, ctl, payload),
+                Kind.STATUS: self._status,
+                Kind.FILE: lambda ctl, payload: engine.file_from_job(self, ctl, payload),
+            }
+        )
         self.failure: str | None = None  # permanent failure, if any
         self.paused = False  # the node is outside its service hours (its pulses say)
         self.was_setup = False  # the computation was set up there: reconnect with RESUME
@@ -130,7 +137,7 @@ class NodeLink(LinkBase):
             raise _Permanent(f"node {self.host}:{self.port}: {exc}") from None
         self.node.ip_addr = addr
         closed = self._attach(chan)
-        info = await self._request(Kind.INFO_REQ, {"pulse": engine.pulse_interval}, Kind.INFO)
+        info = await self.request(Kind.INFO_REQ, {"pulse": engine.pulse_interval})
         if info.get("relay"):
             logger.info(
                 "%s:%s is a dispynetrelay: it relays discovery for its network",
@@ -202,7 +209,7 @@ class NodeLink(LinkBase):
         its other jobs of ours are lost there (it restarted): they are requeued or
         abandoned now.  True if the computation is still set up there."""
         engine = self.engine
-        reply = await self._request(Kind.RESUME, {"c": engine.cid}, Kind.RESUMED)
+        reply = await self.request(Kind.RESUME, {"c": engine.cid})
         on_node = set(field(reply, "jobs", list)) | set(field(reply, "done", list))
         if self.suspect:
             self._back()
@@ -231,10 +238,9 @@ class NodeLink(LinkBase):
                 setup_args = cloudpickle.dumps(tuple(self.alloc.setup_args))
         for rel, path in files:
             await self.send_file(rel, path)
-        reply = await self._request(
+        reply = await self.request(
             Kind.COMPUTE,
             {"c": cid, "n": pkg.name, "sa": len(setup_args), **self.engine.compute_opts},
-            Kind.COMPUTE_REPLY,
             [pkg.spec_bytes, setup_args],
         )
         if not reply.get("ok"):
@@ -259,11 +265,9 @@ class NodeLink(LinkBase):
             handed = await self.engine.shm_file(name, version, segs)
             if handed is not None:
                 path, size = handed
-                reply = await self._request(
+                reply = await self.request(
                     Kind.DATA,
                     {"c": self.engine.cid, "n": name, "v": version, "f": path, "z": size, "t": tag},
-                    Kind.DATA_OK,
-                    tag=tag,
                 )
                 if reply.get("ok"):
                     return
@@ -271,56 +275,30 @@ class NodeLink(LinkBase):
                             self.node.name, reply.get("r"))  # fmt: skip
                 self.same_host = False
         lens, flat = join_segments([segs])
-        reply = await self._request(
-            Kind.DATA,
-            {"c": self.engine.cid, "n": name, "v": version, "s": lens, "t": tag},
-            Kind.DATA_OK,
-            flat,
-            tag=tag,
+        reply = await self.request(
+            Kind.DATA, {"c": self.engine.cid, "n": name, "v": version, "s": lens, "t": tag}, flat
         )
         if not reply.get("ok"):
             raise DispyError(f"node {self.node.name} refused data {name!r}: {reply.get('r')}")
 
-    async def _request(
-        self, kind: int, ctl: dict, reply_kind: int, payload=(), tag: str | None = None
-    ) -> dict:
-        return await self._ask(kind, ctl, (reply_kind, tag) if tag else reply_kind, payload)
-
-    # -- messages from the node -------------------------------------------------
-    def on_message(self, msg) -> None:
-        self.last_heard = time.monotonic()
-        kind = msg.kind
-        if kind == Kind.RESULTS:
-            self.engine.results(self, msg.ctl, msg.payload)
+    # -- what the node sends unasked ----------------------------------------------
+    def _status(self, ctl: dict, payload) -> None:
+        """A pulse (``a``: its resources), or a job's provisional result."""
+        if "a" not in ctl:
+            self.engine.provisional(self, ctl, payload)
             return
-        if kind == Kind.STATUS:
-            if "a" in msg.ctl:
-                cpus = msg.ctl.get("cpus")  # a scheduler's CPUs change as its nodes come and go
-                if isinstance(cpus, int) and cpus > 0 and cpus != self.node.cpus:
-                    self.node.cpus = self.node.avail_cpus = cpus
-                    if self.key in self.engine.sched.nodes:
-                        self.engine.sched.set_cpus(self.key, cpus)
-                        self.engine.dispatch()
-                if self.engine.via_scheduler:
-                    self.engine.scheduler_nodes(msg.ctl.get("nodes"))
-                self._paused(msg.ctl.get("paused"))
-                self.node.avail_info = _avail(msg.ctl["a"])
-                self.node.update_time = time.time()
-                self.engine.cluster._node_status(DispyNode.AvailInfo, self.node)
-            else:
-                self.engine.provisional(self, msg.ctl, msg.payload)
-            return
-        if kind == Kind.FILE:
-            self.engine.file_from_job(self, msg.ctl, msg.payload)
-            return
-        key = (kind, msg.ctl.get("t")) if kind == Kind.DATA_OK else kind
-        fut = self._waiters.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result(msg.ctl)
-        elif kind == Kind.ERROR:
-            logger.warning("node %s: %s", self.node.name, msg.ctl.get("r"))
-        elif kind not in (Kind.PONG, Kind.STATUS):
-            raise ProtocolError(f"unexpected message kind {kind} from node")
+        cpus = ctl.get("cpus")  # a scheduler's CPUs change as its nodes come and go
+        if isinstance(cpus, int) and cpus > 0 and cpus != self.node.cpus:
+            self.node.cpus = self.node.avail_cpus = cpus
+            if self.key in self.engine.sched.nodes:
+                self.engine.sched.set_cpus(self.key, cpus)
+                self.engine.dispatch()
+        if self.engine.via_scheduler:
+            self.engine.scheduler_nodes(ctl.get("nodes"))
+        self._paused(ctl.get("paused"))
+        self.node.avail_info = _avail(ctl["a"])
+        self.node.update_time = time.time()
+        self.engine.cluster._node_status(DispyNode.AvailInfo, self.node)
 
     def _paused(self, why) -> None:
         """The node says it is outside its service hours (``why``), or serves again."""
@@ -394,10 +372,10 @@ class NodeLink(LinkBase):
             self.engine.sched.set_ready(self.key, False)
             try:
                 await asyncio.wait_for(
-                    self._request(Kind.CLOSE, {"c": self.engine.cid, "t": terminate}, Kind.CLOSED),
+                    self.request(Kind.CLOSE, {"c": self.engine.cid, "t": terminate}),
                     None if not terminate else 30,
                 )
-            except (ConnectionClosed, TimeoutError) as exc:
+            except (ConnectionClosed, TimeoutError, ProtocolError) as exc:
                 logger.debug("closing computation on %s: %s", self.key, exc)
 
     async def resetup(self) -> None:

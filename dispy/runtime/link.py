@@ -2,9 +2,13 @@
 the client's link (``dispy.engine.link.NodeLink``) and the scheduler's
 (``dispyscheduler.nodes.NodeLink``).
 
-* requests waiting for their reply (``_ask``), failed at once when the
-  connection ends (``_fail_waiters``): a request in flight must not wait for
-  ever;
+* what the node says, taken as the conversation's table says
+  (``dispy.protocol.conversation.TO_CLIENT``, in ``on_message``): what comes
+  unasked goes to the subclass's handler in ``_streams``, a reply to the request
+  that waits for it;
+* requests waiting for their reply (``request``), failed at once when the
+  connection ends (``_fail_waiters``) or the node refuses them (an ERROR naming
+  the request): a request in flight must not wait for ever;
 * the pulse watchdog (``_watch``): a node silent for ``MISSED_PULSES`` pulses
   is cut off (a partition or a frozen host does not close a TCP connection);
 * the liveness window after a lost connection (``_suspend``): the node's jobs
@@ -25,8 +29,8 @@ A link's life is one ``Phase`` at a time, changed only through the
 Besides its phase a link has one intent, ``_closing`` (its owner closes it,
 or it turned out not to be wanted: it stops once the connection ends).
 
-Subclasses have ``host`` and ``port``, call ``_init_link()``, and provide
-``on_message``, ``_session``, ``_lost``, ``_pulse_interval()`` and
+Subclasses have ``host`` and ``port``, call ``_init_link()``, file their
+handlers of RESULTS, STATUS and FILE in ``_streams``, and provide ``_session``, ``_lost``, ``_pulse_interval()`` and
 ``_node_lost()``.
 """
 
@@ -40,6 +44,7 @@ import time
 
 from ..errors import AuthenticationFailed, ConnectionClosed, IncompatibleVersion, ProtocolError
 from ..protocol import IDS_PER_FRAME, Kind
+from ..protocol.conversation import Take, reply_key, request_key, taken_by_client
 
 #: Pulses a node may miss before it is cut off; also the liveness window.
 MISSED_PULSES = 5
@@ -152,6 +157,8 @@ class LinkBase:
         self._wake = asyncio.Event()  # set: try to connect now, not after the back-off
         self._acks: dict[str, list[int]] = {}  # results received, to acknowledge, by cid
         self._ack_scheduled = False
+        #: handlers of what the node sends unasked (kind -> fn(ctl, payload))
+        self._streams: dict = {}
 
     def __repr__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -307,12 +314,31 @@ class LinkBase:
                     self.chan.send(Kind.ACK, {"c": cid, "j": jids[i : i + IDS_PER_FRAME]})
 
     # -- requests -------------------------------------------------------------------------
-    def _ask(self, kind, ctl: dict, key, payload=()) -> asyncio.Future:
-        """Send a request; the future gets the reply filed under ``key``."""
+    def request(self, kind, ctl: dict, payload=()) -> asyncio.Future:
+        """Send a request; the future gets its reply's control part (see
+        ``conversation.REPLIES``), or fails if the node refuses it or the
+        connection ends first."""
         fut = asyncio.get_running_loop().create_future()
-        self._waiters[key] = fut
+        self._waiters[request_key(kind, ctl)] = fut
         self.chan.send(kind, ctl, payload)
         return fut
+
+    def on_message(self, msg) -> None:
+        self.last_heard = time.monotonic()
+        kind, ctl = msg.kind, msg.ctl
+        if taken_by_client(kind) is Take.STREAM:
+            self._streams[kind](ctl, msg.payload)
+            return
+        fut = self._waiters.pop(reply_key(kind, ctl), None)
+        if fut is not None and not fut.done():
+            if kind == Kind.ERROR:
+                what = Kind(ctl["k"]).name
+                fut.set_exception(ProtocolError(f"node {self!r} refused {what}: {ctl.get('r')}"))
+            else:
+                fut.set_result(ctl)
+        elif kind == Kind.ERROR:
+            self._log.warning("node %r: %s", self, ctl.get("r"))
+        # (else a reply nobody waits for any more, or a PONG to the watchdog's PING)
 
     def _fail_waiters(self) -> None:
         """The connection ended: requests waiting for a reply on it fail now."""

@@ -2,8 +2,11 @@
 that serves clients with the node protocol (``dispynode``, and
 ``dispyscheduler``, which clients take for a node):
 
-* requests that touch the disk or wait on others (FILE, COMPUTE, CLOSE, DATA,
-  RESUME) run one at a time in arrival order (``_ops``, ``_handle_op``);
+* every message is taken as the conversation's table says
+  (``dispy.protocol.conversation.TO_NODE``, in ``on_message``): the requests
+  that touch the disk or wait on others (FILE, COMPUTE, CLOSE, DATA, RESUME)
+  run one at a time in arrival order (``_ops``, ``_handle_op``), the others at
+  once by the handler the subclass files in ``_at_once``;
 * a refused request is answered with the reason (``_reply_error``), the
   session goes on;
 * results are batched: every result queued in one loop turn goes out in one
@@ -12,8 +15,9 @@ that serves clients with the node protocol (``dispynode``, and
   daemon's ``pulse()`` every pulse interval, and a client silent for the
   daemon's zombie interval (``_zombie_interval()``) is dropped.
 
-Subclasses call ``_init_session()``, then ``chan.start()``, and provide
-``on_message``, ``on_close``, ``pulse``, ``_zombie_interval`` and the handlers ``_file``,
+Subclasses call ``_init_session()``, file their handlers of JOBS, ACK, INFO_REQ
+and CANCEL in ``_at_once``, then ``chan.start()``, and provide
+``on_close``, ``pulse``, ``_zombie_interval`` and the handlers ``_file``,
 ``_compute``, ``_close_comp``, ``_data`` and ``_resume`` (with ``_take_over`` and
 ``_resumed``); their computations have ``cid``, ``session`` and ``detached_at``.
 """
@@ -27,9 +31,7 @@ import time
 from .. import config
 from ..errors import ConnectionClosed, ProtocolError
 from ..protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME, Kind, join_segments, texts_out
-
-#: Requests queued for ``_handle_op`` (the others are handled as they arrive).
-OPS = (Kind.FILE, Kind.COMPUTE, Kind.CLOSE, Kind.DATA, Kind.RESUME)
+from ..protocol.conversation import Take, taken_by_node
 
 
 class SessionBase:
@@ -53,6 +55,26 @@ class SessionBase:
         self._current = None  # the request being handled
         self._stop_after = False  # stop once the request being handled is done
         self._ops_task = asyncio.get_running_loop().create_task(self._run_ops())
+        #: handlers of the messages taken at once (kind -> fn(ctl, payload))
+        self._at_once: dict = {Kind.PING: self._ping}
+        self._in_order: dict = {
+            Kind.FILE: self._file,
+            Kind.COMPUTE: self._compute,
+            Kind.CLOSE: self._close_comp,
+            Kind.DATA: self._data,
+            Kind.RESUME: self._resume,
+        }
+
+    # -- messages from the client -------------------------------------------------------
+    def on_message(self, msg) -> None:
+        self.last_heard = time.monotonic()
+        if taken_by_node(msg.kind) is Take.IN_ORDER:
+            self._queue_op(msg.kind, msg.ctl, msg.payload)
+        else:
+            self._at_once[msg.kind](msg.ctl, msg.payload)
+
+    def _ping(self, ctl: dict, payload) -> None:
+        self.chan.send(Kind.PONG, {})
 
     # -- pulses -----------------------------------------------------------------------
     def _start_pulses(self) -> None:
@@ -78,16 +100,7 @@ class SessionBase:
             self.pulse()
 
     async def _handle_op(self, kind, ctl: dict, payload) -> None:
-        if kind == Kind.FILE:
-            await self._file(ctl, payload)
-        elif kind == Kind.COMPUTE:
-            await self._compute(ctl, payload)
-        elif kind == Kind.CLOSE:
-            await self._close_comp(ctl)
-        elif kind == Kind.DATA:
-            await self._data(ctl, payload)
-        elif kind == Kind.RESUME:
-            await self._resume(ctl)
+        await self._in_order[kind](ctl, payload)
 
     # -- RESUME -----------------------------------------------------------------------
     def _take_over(self, comp) -> None:
@@ -142,8 +155,11 @@ class SessionBase:
             self.chan.send(Kind.COMPUTE_REPLY, {"c": cid, "ok": False, "r": reason})
         elif kind == Kind.DATA:
             self.chan.send(Kind.DATA_OK, {"c": cid, "t": ctl.get("t"), "ok": False, "r": reason})
-        else:
-            self.chan.send(Kind.ERROR, {"c": cid, "r": reason})
+        else:  # naming the request, so that a client waiting for its reply stops
+            error = {"c": cid, "r": reason}
+            if isinstance(kind, int):
+                error["k"] = int(kind)
+            self.chan.send(Kind.ERROR, error)
 
     # -- results to the client --------------------------------------------------------
     def queue_result(self, entry: dict, segs) -> None:
