@@ -26,34 +26,32 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
-import copy
-import itertools
 import logging
 import os
-import queue
 import sys
 import threading
 import time
 import uuid
 import weakref
-from typing import TYPE_CHECKING
 
-from . import _loop, config, serialize
+from . import _loop, _report, config, serialize
+from ._callbacks import Callbacks
 from ._data import NodeData, check_name
 from ._data import _local as data_local
 from ._job import ClusterStatus, DispyJob, DispyNode
+from ._job_options import job_options
 from ._local_node import LocalNode
+from ._map import map_jobs
+from ._node_control import NodeControl
 from ._recover_file import RecoverFile
 from ._recover_jobs import default_path as _default_recover_path
+from ._report import PROGRESS_REFRESH, Progress
 from .core import jobstate
 from .engine import Engine, parse_nodes
-from .errors import ComputationError, DispyError, SubmitError
+from .errors import ComputationError, SubmitError
 from .keys import resolve_secret
 from .protocol import derive_key
 from .tls import client_context
-
-if TYPE_CHECKING:  # (annotations only: no import cycle)
-    from .engine import NodeLink
 
 logger = logging.getLogger("dispy")
 
@@ -61,62 +59,7 @@ logger = logging.getLogger("dispy")
 DEFAULT_PULSE_INTERVAL = 2.0
 
 
-def _job_files(paths) -> tuple[list, list]:
-    """dispy_job_depends: read the files now; ([[name, mode], ...], [contents, ...])."""
-    if isinstance(paths, str | os.PathLike):
-        paths = [paths]
-    specs, datas = [], []
-    for p in paths:
-        if not isinstance(p, str | os.PathLike):
-            raise SubmitError(f"dispy_job_depends takes file paths, not {type(p).__name__}")
-        path = os.fspath(p)
-        try:
-            with open(path, "rb") as f:
-                datas.append(f.read())
-            mode = os.stat(path).st_mode & 0o777
-        except OSError as exc:
-            raise SubmitError(
-                f"dispy_job_depends file {path!r} cannot be read: {exc.strerror}; fix the path"
-            ) from None
-        specs.append([os.path.basename(path), mode])
-    return specs, datas
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-PROGRESS_REFRESH = 0.2
-
-
-class _Progress:
-    """One line on stderr: a bar, done/total, failed, running, jobs per second."""
-
-    def __init__(self, cluster: JobCluster, stream=None) -> None:
-        self.cluster = cluster
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-        self.start = cluster.counts()["ended"]
-
-    def draw(self, final: bool = False) -> None:
-        c = self.cluster.counts()
-        total = max(c["submitted"], 1)
-        width = 30
-        fill = int(width * c["ended"] / total)
-        rate = (c["ended"] - self.start) / max(time.monotonic() - self.t0, 1e-9)
-        line = (
-            f"\r[{'#' * fill}{'.' * (width - fill)}] {c['ended']}/{c['submitted']} done, "
-            f"{c['failed']} failed, {c['running']} running, {rate:.1f} jobs/s"
-        )
-        self.stream.write(line + ("\n" if final else ""))
-        self.stream.flush()
-
-
-class JobCluster:
+class JobCluster(NodeControl):
     """Run ``computation`` (a function, or the path of a program) on nodes.
 
     ``nodes``: names or addresses of ``dispynode`` hosts (``'host'`` or
@@ -185,8 +128,6 @@ class JobCluster:
             raise ComputationError("setup must be a function or functools.partial")
         if cleanup is not None and not isinstance(cleanup, bool) and not callable(cleanup):
             raise ComputationError("cleanup must be a function, functools.partial or a bool")
-        self._callback = callback or job_status
-        self._cluster_status = cluster_status
         self.dest_path = os.path.abspath(dest_path or os.getcwd())
         self.max_file_size = max_file_size or (1 << 40)
         self._job_timeout = job_timeout
@@ -240,14 +181,10 @@ class JobCluster:
         self.recent_failures: collections.deque = collections.deque(maxlen=50)
         self._closed = False
         self._start_time = time.time()
-        self._cb_queue: queue.SimpleQueue | None = None
-        self._cb_thread: threading.Thread | None = None
-        if self._callback is not None or self._cluster_status is not None:
-            self._cb_queue = queue.SimpleQueue()
-            self._cb_thread = threading.Thread(
-                target=self._run_callbacks, name=f"dispy-callbacks-{self.name}", daemon=True
-            )
-            self._cb_thread.start()
+        self._callbacks: Callbacks | None = None
+        callback = callback or job_status
+        if callback is not None or cluster_status is not None:
+            self._callbacks = Callbacks(self.name, callback, cluster_status)
         self._engine = Engine(self, package, self._key, specs, reentrant, patterns)
         self._engine_created(self._engine)
         #: the recover file's path (None: not kept, e.g. for nodes='local' only)
@@ -331,33 +268,6 @@ class JobCluster:
             return None
         return self._submit(key, args, kwargs, job_id)
 
-    def _node_key(self, node):
-        """The link key of ``node`` (DispyNode, 'host', 'host:port', name); None if unknown
-        or ambiguous (several nodes match)."""
-        if isinstance(node, DispyNode):
-            key = (node.ip_addr, node.port)
-            if key in self._engine.links:
-                return key
-            host = node.ip_addr
-        else:
-            host = str(node)
-        matches = [
-            key
-            for key, link in list(self._engine.links.items())
-            if host == f"{key[0]}:{key[1]}" or host == f"{link.node.ip_addr}:{key[1]}"
-        ]
-        if not matches:
-            matches = [
-                key
-                for key, link in list(self._engine.links.items())
-                if host in (link.host, link.node.ip_addr, link.node.name)
-            ]
-        return matches[0] if len(matches) == 1 else None
-
-    def _link(self, node) -> NodeLink | None:
-        key = self._node_key(node)
-        return self._engine.links.get(key) if key is not None else None
-
     def _on_loop(self, fn, *args):
         """Run ``fn(*args)`` (a coroutine function or plain) on the loop; return its result."""
 
@@ -372,128 +282,16 @@ class JobCluster:
         web monitor's cancel button names jobs so)."""
         return self._on_loop(lambda: self._engine.live.get(uid))
 
-    # -- node control ----------------------------------------------------------------
-    def allocate_node(self, node) -> int:
-        """Add a node (name, address, 'host:port', NodeAllocate, or a list) to the
-        cluster while it runs; returns how many were added."""
-        specs, patterns, local = parse_nodes(
-            node if isinstance(node, list) else [node], self._node_port
-        )
-        if local:
-            raise ValueError("allocate_node('local') is not supported; use nodes='local'")
-        added = self._on_loop(self._engine.add_links, specs)
-        if patterns:
-            self._on_loop(self._engine.discover, patterns, [])
-        return added
-
-    def discover_nodes(self, nodes) -> None:
-        """Look for nodes now: names or addresses (contacted directly; relays pass the
-        request on) and wildcards such as ``'192.168.2.*'`` (broadcast)."""
-        specs, patterns, local = parse_nodes(
-            nodes if isinstance(nodes, list) else [nodes], self._node_port
-        )
-        if local:
-            raise ValueError("discover_nodes('local') is not supported; use nodes='local'")
-        self._on_loop(self._engine.add_links, specs)
-        if patterns:
-            self._on_loop(self._engine.discover, patterns, specs)
-
-    def deallocate_node(self, node) -> int:
-        """Stop giving new jobs to ``node`` (running jobs go on); 0, or -1 if unknown."""
-        key = self._node_key(node)
-        if key is None:
-            return -1
-        self._on_loop(self._engine.sched.set_ready, key, False)
-        return 0
-
-    def close_node(self, node, terminate_pending: bool = False) -> int:
-        """Close the computation on ``node`` and stop using it.  Its jobs that had
-        not started run elsewhere; running ones finish first, or with
-        ``terminate_pending`` are stopped.  Returns 0, or -1 if unknown."""
-        link = self._link(node)
-        if link is None:
-            return -1
-        self._on_loop(link.close, terminate_pending)
-        return 0
-
-    def resetup_node(self, node) -> int:
-        """Run the computation's setup on ``node`` again (after its running jobs end)."""
-        link = self._link(node)
-        if link is None or not link.ready:
-            return -1
-        try:
-            self._on_loop(link.resetup)
-        except DispyError as exc:
-            logger.error("resetup of node %s failed: %s", link.key, exc)
-            return -1
-        return 0
-
-    def node_jobs(self, node, from_node: bool = False) -> list:
-        """Jobs of this cluster that are running (or sent) on ``node``."""
-        key = self._node_key(node)
-        if key is None:
-            return []
-
-        def jobs():
-            state = self._engine.sched.nodes.get(key)
-            return list(state.running.values()) if state else []
-
-        return self._on_loop(jobs)
-
-    def set_node_cpus(self, node, cpus: int) -> int:
-        """Use ``cpus`` CPUs of ``node`` (negative: all but that many); returns the
-        number now used, or -1 if the node is unknown."""
-        link = self._link(node)
-        if link is None:
-            return -1
-        total = link.node_cpus or link.node.avail_cpus or link.node.cpus
-        n = max(0, total + cpus) if cpus < 0 else min(cpus, total) if total else cpus
-
-        def apply():
-            link.node.cpus = n
-            if link.key in self._engine.sched.nodes:
-                self._engine.sched.set_cpus(link.key, n, link.limited)
-            self._engine.dispatch()
-
-        self._on_loop(apply)
-        return n
-
-    def send_file(self, path, node) -> int:
-        """Send the file at ``path`` into the computation's folder on ``node``.
-
-        Returns 0, or -1 (with the reason logged) if the file or node is missing."""
-        link = self._link(node)
-        if link is None or not link.ready:
-            logger.error("send_file: %r is not a node set up for this cluster", node)
-            return -1
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            logger.error("send_file: %r is not a file", path)
-            return -1
-        self._on_loop(link.send_file, os.path.basename(path), path)
-        return 0
-
     def _submit(self, node_key, args, kwargs, job_id=None, more_opts=None) -> DispyJob:
         if self._closed:
             raise SubmitError("cluster is closed: create a new JobCluster to submit jobs")
-        job_files = kwargs.pop("dispy_job_depends", None) or ()
-        timeout = kwargs.pop("dispy_job_timeout", None) or self._job_timeout
-        opts: dict = {}
-        file_segs: list = []
-        if timeout:
-            if not isinstance(timeout, int | float) or timeout <= 0:
-                raise SubmitError(f"dispy_job_timeout must be a positive number, not {timeout!r}")
-            opts["t"] = float(timeout)
-        if job_files:
-            opts["f"], file_segs = _job_files(job_files)
-        if more_opts:
-            opts.update(more_opts)
+        opts, file_segs = job_options(kwargs, self._job_timeout, more_opts)
         segs = file_segs + serialize.dumps_args(args, kwargs)
         job = DispyJob(args, kwargs, segs, self)
         if job_id is not None:
             job.id = job_id
         job._pinned = node_key
-        job._opts = opts or None
+        job._opts = opts
         job.submit_time = time.time()
         with self._done_cond:
             self._unfinished += 1
@@ -542,52 +340,7 @@ class JobCluster:
         together, for items too small to be worth a job each; a failing item
         fails its whole chunk (the error says which item).
         """
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
-        if progress is None:
-            progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        bar = _Progress(self) if progress else None
-        if max_pending is None:
-            cpus = sum(n.cpus for n in self.status()[0])
-            max_pending = max(16, 2 * cpus)
-        if max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
-        items = iter(iterable)
-        window: collections.deque = collections.deque()
-
-        def fill() -> None:
-            while len(window) < max_pending:
-                if chunksize > 1:
-                    chunk = list(itertools.islice(items, chunksize))
-                    if not chunk:
-                        return
-                    calls = [tuple(item) for item in chunk] if star else [(i,) for i in chunk]
-                    window.append(self._submit(None, (calls,), {}, more_opts={"m": 1}))
-                    continue
-                try:
-                    item = next(items)
-                except StopIteration:
-                    return
-                window.append(self.submit(*item) if star else self.submit(item))
-
-        fill()
-        while window:
-            if ordered:
-                job = window.popleft()
-            else:
-                done, _ = concurrent.futures.wait(
-                    [j.future for j in window], return_when=concurrent.futures.FIRST_COMPLETED
-                )
-                job = next(j for j in window if j.future in done)
-                window.remove(job)
-            job._end.wait()
-            fill()
-            if bar is not None:
-                bar.draw(final=not window)
-            if chunksize > 1:
-                yield from job.future.result()
-            else:
-                yield job.future.result()
+        return map_jobs(self, iterable, max_pending, ordered, star, progress, chunksize)
 
     def counts(self) -> dict:
         """Job counts: submitted, ended, failed (ended but not Finished), pending
@@ -614,7 +367,7 @@ class JobCluster:
         if not progress:
             with self._done_cond:
                 return self._done_cond.wait_for(lambda: self._unfinished == 0, timeout)
-        bar = _Progress(self)
+        bar = Progress(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._done_cond:
             while self._unfinished:
@@ -643,38 +396,20 @@ class JobCluster:
                 self.recent_failures.append(job)
             if self._unfinished == 0:
                 self._done_cond.notify_all()
-        if self._cb_queue is not None:
-            self._cb_queue.put(("job", job, node, job.status))
+        if self._callbacks is not None:
+            self._callbacks.job_ended(job, node)
 
     def _provisional(self, job: DispyJob, node) -> None:
-        if self._cb_queue is not None:
-            # a snapshot: by the time the callback runs, the job may have ended
-            self._cb_queue.put(("job", copy.copy(job), node, job.status))
+        if self._callbacks is not None:
+            self._callbacks.provisional(job, node)
 
     def _status_changed(self, job: DispyJob, node) -> None:
-        if self._cluster_status is not None:
-            self._cb_queue.put(("status", job, node, job.status))
+        if self._callbacks is not None:
+            self._callbacks.status_changed(job, node)
 
     def _node_status(self, status: int, node: DispyNode) -> None:
-        if self._cluster_status is not None:
-            self._cb_queue.put(("node", None, node, status))
-
-    def _run_callbacks(self) -> None:
-        while True:
-            item = self._cb_queue.get()
-            if item is None:
-                return
-            what, job, node, status = item
-            try:
-                if what == "job":
-                    if self._callback is not None:
-                        self._callback(job)
-                    if self._cluster_status is not None:
-                        self._cluster_status(status, node, job)
-                else:
-                    self._cluster_status(status, node, job)
-            except Exception:
-                logger.exception("callback raised an exception (ignored)")
+        if self._callbacks is not None:
+            self._callbacks.node_status(status, node)
 
     # -- information -----------------------------------------------------------------
     def status(self) -> ClusterStatus:
@@ -686,54 +421,12 @@ class JobCluster:
     def stats(self) -> dict:
         """Per node (key 'ip:port'): name, cpus, jobs, sec_per_job, node_time,
         bytes_sent, bytes_received; and totals: jobs, total_job_time, wall_time, speedup."""
-        wall = time.time() - self._start_time
-        per_node = {}
-        for (_host, port), lk in list(self._engine.links.items()):
-            n = lk.node
-            if not (lk.ready or n.jobs_done):
-                continue
-            per_node[f"{n.ip_addr}:{port}"] = {
-                "name": n.name,
-                "cpus": n.cpus,
-                "jobs": n.jobs_done,
-                "sec_per_job": n.cpu_time / n.jobs_done if n.jobs_done else 0.0,
-                "node_time": n.cpu_time,
-                "bytes_sent": n.tx + (lk.chan.bytes_sent if lk.chan else 0),
-                "bytes_received": n.rx + (lk.chan.bytes_received if lk.chan else 0),
-            }
-        cpu = sum(v["node_time"] for v in per_node.values())
-        return {
-            "nodes": per_node,
-            "jobs": sum(v["jobs"] for v in per_node.values()),
-            "total_job_time": cpu,
-            "wall_time": wall,
-            "speedup": cpu / wall if wall > 0 else 0.0,
-        }
+        return _report.stats(self._engine.links, self._start_time)
 
     def print_status(self, wall_time: float | None = None) -> None:
         """Print per node: CPUs, jobs done, seconds per job, node time, bytes sent and
         received; then the total job time, wall time and speedup."""
-        s = self.stats()
-        print()
-        print(
-            f"{'Node':>28} | {'CPUs':>4} | {'Jobs':>6} | {'Sec/Job':>8} | {'Node Time Sec':>13}"
-            f" | {'Sent':>9} | {'Rcvd':>9}"
-        )
-        print("-" * 97)
-        for addr, n in s["nodes"].items():
-            label = f"{n['name']} ({addr})" if n["name"] not in addr else addr
-            print(
-                f"{label[-28:]:>28} | {n['cpus']:>4} | {n['jobs']:>6} | "
-                f"{n['sec_per_job']:>8.3f} | {n['node_time']:>13.3f} | "
-                f"{_size(n['bytes_sent']):>9} | {_size(n['bytes_received']):>9}"
-            )
-        print()
-        wall = wall_time if wall_time is not None else s["wall_time"]
-        print(
-            f"Total job time: {s['total_job_time']:.3f} sec, wall time: {wall:.3f} sec, "
-            f"speedup: {s['total_job_time'] / wall if wall > 0 else 0:.3f}"
-        )
-        print()
+        _report.print_status(self.stats(), wall_time)
 
     # -- closing -----------------------------------------------------------------------
     def close(self, timeout: float | None = None, terminate: bool = False) -> None:
@@ -750,10 +443,8 @@ class JobCluster:
         try:
             _loop.run(self._engine.close(terminate or timeout is not None)).result()
         finally:
-            if self._cb_queue is not None:
-                self._cb_queue.put(None)
-                if threading.current_thread() is not self._cb_thread:
-                    self._cb_thread.join()
+            if self._callbacks is not None:
+                self._callbacks.close()
             if self._local is not None:
                 self._local.stop()
                 self._local = None
