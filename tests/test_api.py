@@ -263,6 +263,11 @@ def test_submit_node_pins_jobs_and_submit_job_id(node_factory):
         assert {j.ip_addr for j in pinned} == {target.ip_addr}
         counts = {(n.ip_addr, n.port): n.jobs_done for n in cluster.status()[0]}
         assert counts[(target.ip_addr, target.port)] >= 4
+        # job_node names a job's node as submit_node takes it
+        assert {cluster.job_node(j) for j in pinned} == {f"{target.ip_addr}:{target.port}"}
+        again = cluster.submit_node(cluster.job_node(pinned[0]))
+        again()
+        assert cluster.job_node(again) == cluster.job_node(pinned[0])
         job = cluster.submit_job_id("my-id")
         assert job.id == "my-id" and job(timeout=30)
 

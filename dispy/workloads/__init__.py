@@ -398,9 +398,8 @@ class ClusterRunner:
             for i, args in enumerate(arglists)
         ]
         shapes = list(self._results(func, jobs))
-        nodes = sorted({job._node for job in jobs if job._node is not None})
-        takes = [self.cluster.submit_node(f"{host}:{port}", node_sum_take, key)
-                 for host, port in nodes]  # fmt: skip
+        nodes = sorted({self.cluster.job_node(job) for job in jobs} - {None})
+        takes = [self.cluster.submit_node(node, node_sum_take, key) for node in nodes]
         total, seen = None, []
         for flat, added in self._results(node_sum_take, [t for t in takes if t is not None]):
             if flat is None or not added:
