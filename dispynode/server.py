@@ -33,16 +33,16 @@ import time
 import psutil
 
 from dispy import _data as data
-from dispy import config, discovery, transport
+from dispy import config, transport
 from dispy._paths import private_dir
 from dispy._peer_guards import LogThrottle
 from dispy._version import __version__
 from dispy.core import jobstate
 from dispy.errors import DispyError
 from dispy.protocol import Kind, derive_key, field
-from dispy.protocol._datagram import DatagramKind
 
 from . import service as service_hours
+from .announce import Announcer
 from .handles import Computation, Worker, start_computation_process
 from .service import ServiceHours
 from .session import NodeJob, Session
@@ -81,18 +81,15 @@ class NodeServer:
         clock=datetime.datetime.now,
     ) -> None:
         self.ssl = ssl
-        self.multicast = multicast  # --ipv4_udp_multicast: announce to the group
-        self.scheduler_host = scheduler_host  # --scheduler_host: announce there too
-        self._scheduler_addr: str | None = None
+        #: telling clients (and a scheduler) that this node is here and free
+        self.announcer = Announcer(self, discover, multicast, scheduler_host)
         self.service = service
         self.clock = clock
         self._service_timer: asyncio.TimerHandle | None = None
         #: why the node takes no jobs now (outside its service hours); "" while it serves
         self.paused = ""
         self.client_port = client_port
-        self.discover = discover
         self.nid = os.urandom(8).hex()  # this run of the node, so clients see one node once
-        self.udp: discovery.Endpoint | None = None
         self.zombie_interval = zombie_interval
         self.handshake_timeout = handshake_timeout
         self.max_unauth = max_unauth
@@ -176,86 +173,7 @@ class NodeServer:
         if self.service is not None:
             logger.info("service hours: %s", self.service.describe())
             self.service_tick()
-        if self.scheduler_host:
-            await self._resolve_scheduler()
-        if self.discover or self.scheduler_host:
-            await self._start_discovery()
-
-    # -- discovery (UDP) ------------------------------------------------------
-    def _loopback_only(self) -> bool:
-        return bool(self.bound) and all(
-            host.startswith("127.") or host == "::1" for host, _ in self.bound
-        )
-
-    async def _resolve_scheduler(self) -> None:
-        try:
-            self._scheduler_addr = await discovery.resolve_ipv4(
-                self.scheduler_host, self.client_port
-            )
-        except (OSError, UnicodeError) as exc:
-            logger.warning(
-                "--scheduler_host %s: cannot resolve it (%s); not announcing there",
-                self.scheduler_host,
-                exc,
-            )
-
-    async def _start_discovery(self) -> None:
-        host = "127.0.0.1" if self._loopback_only() else "0.0.0.0"
-        try:
-            self.udp = await discovery.open_endpoint(
-                self.key, self._on_datagram, host, self.port, reuse=True, name="dispynode"
-            )
-        except OSError as exc:
-            logger.warning(
-                "no discovery: cannot use UDP port %s (%s); clients must name this node",
-                self.port,
-                exc.strerror or exc,
-            )
-            return
-        if self.multicast and self.discover:
-            joined = self.udp.join_multicast([h for h, _ in self.bound])
-            logger.info(
-                "discovery by multicast: %s on %d interface(s)", discovery.MULTICAST_GROUP, joined
-            )
-        self.announce()
-
-    def announcement(self) -> dict:
-        body = {"nid": self.nid, "port": self.port, "name": self.name, "cpus": self.cpus}
-        specific = [h for h, _ in self.bound if h not in ("0.0.0.0", "::")]
-        if self.ext_ip_addr:
-            body["ip"] = self.ext_ip_addr
-        elif len(specific) == 1:
-            body["ip"] = specific[0]
-        return body
-
-    def announce(self) -> None:
-        """Tell clients on this node's networks (client port, broadcast) that it is free."""
-        if self.udp is None or self.paused:
-            return
-        body = self.announcement()
-        if self._scheduler_addr:
-            self.udp.send(DatagramKind.ANNOUNCE, body, (self._scheduler_addr, self.client_port))
-        if not self.discover:
-            return
-        bound = [h for h, _ in self.bound]
-        if self.multicast and not self._loopback_only():
-            self.udp.multicast(DatagramKind.ANNOUNCE, body, self.client_port, bound)
-        elif not self._loopback_only():
-            targets = discovery.broadcast_targets(["*"], bound)
-            self.udp.broadcast(DatagramKind.ANNOUNCE, body, self.client_port, targets)
-        self.udp.send(DatagramKind.ANNOUNCE, body, ("127.0.0.1", self.client_port))
-
-    def _on_datagram(self, kind: DatagramKind, body: dict, addr) -> None:
-        if kind != DatagramKind.DISCOVER or self.paused or not self.discover:
-            return
-        ip = discovery.sender_ip(body)
-        port = body.get("port")
-        if not isinstance(ip, str) or isinstance(port, bool) or not isinstance(port, int):
-            raise ValueError(f"bad reply address {ip!r}:{port!r}")
-        if not 0 < port < 65536:
-            raise ValueError(f"bad reply port {port}")
-        logger.debug("discovery request from %s (answer to %s:%s)", addr[0], ip, port)
-        self.udp.send(DatagramKind.ANNOUNCE, self.announcement(), (ip, port))
+        await self.announcer.start()
 
     @property
     def ip_addr(self) -> str:
@@ -300,7 +218,7 @@ class NodeServer:
         self.sessions.discard(session)
         self.served += 1
         if not self.sessions and not self.stopped.is_set():
-            self.announce()  # free again: clients that came meanwhile can find us
+            self.announcer.announce()  # free again: clients that came meanwhile can find us
         if 0 < self.serve_limit <= self.served:
             logger.info("served %d clients (--serve); exiting", self.served)
             self.stopped.set()
@@ -423,7 +341,7 @@ class NodeServer:
         logger.info("service hours: taking jobs again")
         for s in list(self.sessions):
             s.pulse()
-        self.announce()
+        self.announcer.announce()
 
     def dispatch(self) -> None:
         queue = self.queue
@@ -570,8 +488,7 @@ class NodeServer:
             await asyncio.to_thread(spare[0].wait)
         if self._service_timer is not None:
             self._service_timer.cancel()
-        if self.udp is not None:
-            self.udp.close()
+        self.announcer.close()
         if self._reaper is not None:
             self._reaper.cancel()
         for srv in self._servers:
