@@ -5,10 +5,9 @@
     Computation  --socket pair--> computation process (``_process_main.main``)
         | setup(): spawn, C_LOAD, wait C_READY, C_FORK n
         | close(): C_CLEANUP, wait for exit (kill after a grace period)
-        `-- Worker (one per job process, connected on the node's unix socket)
-              run(job): W_JOB; on W_RESULT -> NodeServer.job_ended
-              process died mid-job -> job ends Terminated (or Cancelled) with the
-              exit status that the computation process reports (C_EXITED)
+        `-- its job processes' handles (``jobs.Worker``, one per job process,
+              connected on the node's unix socket), idle or running a job; the
+              exit status of each comes from the computation process (C_EXITED)
 """
 
 from __future__ import annotations
@@ -26,23 +25,20 @@ from typing import TYPE_CHECKING
 
 from dispy import transport
 from dispy._paths import write_chunk
-from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
-from dispy.protocol import Kind, join_segments, split_segments, texts_in
+from dispy.protocol import Kind
 from dispy.protocol.conversation import CompPhase, next_comp_phase
 
 if TYPE_CHECKING:
-    from .server import NodeJob, NodeServer, Session
+    from .jobs import Worker
+    from .server import NodeServer, Session
 
 logger = logging.getLogger("dispynode")
 
-#: Seconds to wait for a job process's exit status after its socket closed.
-EXIT_STATUS_WAIT = 2.0
 #: Seconds a closing computation's processes get before SIGKILL.
 CLOSE_GRACE = 3.0
 #: Job processes that may die before registering, in a row, before we stop replacing them.
 MAX_EARLY_DEATHS = 10
-_NONE = b"N."  # pickle of None
 
 
 def describe_exit(code: int) -> str:
@@ -52,115 +48,6 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with status {code}"
-
-
-class Worker:
-    """Daemon side of one job process."""
-
-    def __init__(self, comp: Computation, chan: transport.Channel, pid: int) -> None:
-        self.comp = comp
-        self.chan = chan
-        self.pid = pid
-        self.job: NodeJob | None = None
-        self.exit_code: int | None = None
-        self.gone = False
-        chan.on_message = self._on_message
-        chan.on_close = self._on_close
-
-    def run(self, job: NodeJob) -> None:
-        self.job = job
-        job.worker = self
-        lens, flat = join_segments([job.payload])
-        ctl = {"j": job.jid, "s": lens, "m": 1} if job.chunk else {"j": job.jid, "s": lens}
-        self.chan.send(Kind.W_JOB, ctl, flat)
-        job.payload = None
-        if job.timeout:
-            job.timer = asyncio.get_running_loop().call_later(job.timeout, self._time_out, job)
-
-    def _time_out(self, job: NodeJob) -> None:
-        if self.job is job:
-            job.timed_out = True
-            self.stop()
-
-    def _on_message(self, msg) -> None:
-        job = self.job
-        if job is None:
-            return
-        session, cid = self.comp.session, self.comp.cid
-        if msg.kind == Kind.W_PROVISIONAL:
-            if session is not None:  # no client connected: a provisional result is not kept
-                segs = split_segments(msg.payload, msg.ctl["s"])
-                session.send_provisional(cid, job.jid, segs)
-            return
-        if msg.kind == Kind.W_SENDFILE:
-            if session is None:
-                logger.warning(
-                    "file %r from job %s dropped: its client is gone", msg.ctl["p"], job.jid
-                )
-            else:
-                session.send_file(cid, job.jid, msg.ctl["p"], msg.ctl.get("m", 0o644), msg.payload)
-            return
-        if msg.kind != Kind.W_RESULT:
-            return
-        ctl = msg.ctl
-        self.job = None
-        if job.timer is not None:
-            job.timer.cancel()
-        ctl, segs = texts_in(ctl, split_segments(msg.payload, ctl["s"]))
-        info = {k: ctl[k] for k in ("st", "t0", "t1", "o", "e", "x") if k in ctl}
-        self.comp.worker_idle(self)
-        self.comp.node.job_ended(job, info, segs)
-        self.comp.job_left()
-
-    def _on_close(self, exc) -> None:
-        self.gone = True
-        self.comp.worker_gone(self)
-        if self.job is not None:
-            if self.exit_code is None:
-                asyncio.get_running_loop().call_later(EXIT_STATUS_WAIT, self._end_job)
-            else:
-                self._end_job()
-
-    def exited(self, code: int) -> None:
-        self.exit_code = code
-        if self.gone and self.job is not None:
-            self._end_job()
-
-    def _end_job(self) -> None:
-        job, self.job = self.job, None
-        if job is None:
-            return
-        if job.timer is not None:
-            job.timer.cancel()
-        if job.handed_back:  # not the job's failure: its client runs it again
-            info = {"st": jobstate.Created, "x": job.handed_back}
-        elif job.cancelled:
-            info = {"st": jobstate.Cancelled, "x": "cancelled while running"}
-        elif job.timed_out:
-            info = {
-                "st": jobstate.Terminated,
-                "x": f"the job ran longer than its time limit of {job.timeout:g} s "
-                "(dispy_job_timeout) and was stopped",
-            }
-        else:
-            how = describe_exit(self.exit_code) if self.exit_code is not None else "ended"
-            info = {
-                "st": jobstate.Terminated,
-                "x": f"the job's process (pid {self.pid}) {how} while running the job",
-            }
-        self.comp.node.job_ended(job, info, [_NONE])
-        self.comp.job_left()
-
-    def stop(self) -> None:
-        """SIGTERM now, SIGKILL after CLOSE_GRACE if it is still there."""
-        self.kill(signal.SIGTERM)
-        asyncio.get_running_loop().call_later(CLOSE_GRACE, self.kill, signal.SIGKILL)
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def start_computation_process(cwd: str) -> tuple[subprocess.Popen, socket.socket]:

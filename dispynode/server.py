@@ -1,10 +1,11 @@
-"""The node daemon's event-loop side: client sessions, computations, job dispatch.
+"""The node daemon's event-loop side: client sessions, computations, and (with
+``jobs.py``, the job's way through the node) job dispatch.
 
 ::
 
     client --TCP (authenticated)--> Session --FILE/COMPUTE--> Computation (handles.py)
                                       |                         |-- computation process
-                                      |--JOBS--> NodeServer.queue   `-- job processes
+                                      |--JOBS--> queue (jobs.py)   `-- job processes
                                       |             | dispatch: one job per idle job process,
                                       |             v at most `cpus` at once
                                       |          Worker --W_JOB--> job process
@@ -37,15 +38,15 @@ from dispy import config, transport
 from dispy._paths import private_dir
 from dispy._peer_guards import LogThrottle
 from dispy._version import __version__
-from dispy.core import jobstate
 from dispy.errors import DispyError
 from dispy.protocol import Kind, derive_key, field
 
 from . import service as service_hours
 from .announce import Announcer
-from .handles import Computation, Worker, start_computation_process
+from .handles import Computation, start_computation_process
+from .jobs import NodeJob, NodeJobs, Worker
 from .service import ServiceHours
-from .session import NodeJob, Session
+from .session import Session
 from .store import ResultStore, StoreError
 
 logger = logging.getLogger("dispynode")
@@ -54,7 +55,7 @@ logger = logging.getLogger("dispynode")
 STORE_FILE = "results.db"
 
 
-class NodeServer:
+class NodeServer(NodeJobs):
     """Accepts clients, runs their computations, keeps at most ``cpus`` jobs running."""
 
     def __init__(
@@ -278,22 +279,6 @@ class NodeServer:
         chan.on_message = first
         chan.start()
 
-    # -- the queue ------------------------------------------------------------
-    def enqueue(self, jobs: list[NodeJob]) -> None:
-        if self.paused:  # outside service hours: back to their clients, to run elsewhere
-            for session in {j.comp.session for j in jobs if j.comp.session is not None}:
-                session.pulse()  # first, so that the client sends them nowhere here
-            for job in jobs:
-                self._hand_back(job, self.paused)
-            return
-        self.queue.extend(jobs)
-        self.dispatch()
-
-    def _hand_back(self, job: NodeJob, why: str) -> None:
-        self.jobs_handed_back += 1
-        self.deliver(job.comp.cid, job.jid, {"st": jobstate.Created, "x": why}, [b"N."],
-                     job.comp.session)  # fmt: skip
-
     # -- service hours ----------------------------------------------------------
     def service_tick(self) -> None:
         """Apply the service hours at the clock's time; look again when they change
@@ -343,69 +328,6 @@ class NodeServer:
             s.pulse()
         self.announcer.announce()
 
-    def dispatch(self) -> None:
-        queue = self.queue
-        scanned = 0
-        while queue and self.running < self.cpus and scanned < len(queue):
-            job = queue[0]
-            worker = job.comp.idle_worker()
-            if worker is None:
-                queue.rotate(-1)
-                scanned += 1
-                continue
-            queue.popleft()
-            scanned = 0
-            self.running += 1
-            worker.run(job)
-
-    def job_ended(self, job: NodeJob, info: dict, segs) -> None:
-        """A job left its worker (result, crash or cancel); report it, run the next."""
-        self.running -= 1
-        self.jobs_done += 1
-        comp = job.comp
-        comp.jobs_done += 1
-        self.deliver(comp.cid, job.jid, info, segs, comp.session)
-        self.dispatch()
-
-    # -- results owed to clients ------------------------------------------------
-    def deliver(self, cid: str, jid: int, info: dict, segs, session: Session | None) -> None:
-        """Keep a job's end (memory and disk) until its client acknowledges it, and
-        send it now on ``session`` (its computation's client connection, if any)."""
-        entry = dict(info)
-        entry["c"], entry["j"], entry["n"] = cid, jid, len(segs)
-        self.unacked.setdefault(cid, {})[jid] = (entry, segs)
-        if self.store is not None:
-            try:
-                self.store.put(cid, jid, entry, segs)
-            except StoreError as exc:
-                logger.error("result of job %s not kept on disk: %s", jid, exc)
-        if session is not None:
-            session.queue_result(entry, segs)
-
-    def ack(self, cid: str, jids: list) -> None:
-        owed = self.unacked.get(cid)
-        if owed is not None:
-            for jid in jids:
-                owed.pop(jid, None)
-            if not owed and cid not in self.computations:
-                del self.unacked[cid]
-        if self.store is not None:
-            self.store.ack(cid, [j for j in jids if isinstance(j, int)])
-
-    def forget(self, cid: str) -> None:
-        owed = self.unacked.pop(cid, None)
-        if owed and self.store is not None:
-            self.store.ack(cid, list(owed))
-
-    async def restore(self, cid: str) -> None:
-        """Results of ``cid`` that an earlier run of this node left on disk, into memory."""
-        if self.store is None or self._stored_cids.pop(cid, None) is None:
-            return
-        rows = await asyncio.to_thread(self.store.pending, cid)
-        owed = self.unacked.setdefault(cid, {})
-        for jid, entry, segs in rows:
-            owed.setdefault(jid, (entry, segs))
-
     async def _reap(self) -> None:
         """Close computations whose client has been gone for --zombie_interval (their
         results stay on disk for ``recover_jobs``); expire old results."""
@@ -428,37 +350,6 @@ class NodeServer:
             if self.store is not None and now - last_expire > 3600:
                 last_expire = now
                 await asyncio.to_thread(self.store.expire)
-
-    def cancel(self, comp: Computation, jid: int) -> None:
-        for job in self.queue:
-            if job.comp is comp and job.jid == jid:
-                self.queue.remove(job)
-                self.deliver(
-                    comp.cid,
-                    jid,
-                    {"st": jobstate.Cancelled, "x": "cancelled"},
-                    [b"N."],
-                    comp.session,
-                )
-                return
-        comp.cancel_running(jid)
-
-    def drop_jobs(self, comp: Computation, terminate: bool) -> None:
-        """A computation closes: hand its queued (never started) jobs back to the client,
-        which may run them elsewhere."""
-        keep = collections.deque()
-        for job in self.queue:
-            if job.comp is comp:
-                self.deliver(
-                    comp.cid,
-                    job.jid,
-                    {"st": jobstate.Created, "x": "returned unstarted"},
-                    [b"N."],
-                    comp.session,
-                )
-            else:
-                keep.append(job)
-        self.queue = keep
 
     # -- lifetime -------------------------------------------------------------
     def start_spare(self) -> None:

@@ -19,7 +19,8 @@ from dispy.protocol import Kind, field, job_id, job_ids, join_segments, split_se
 from dispy.protocol.conversation import CompPhase
 from dispy.runtime.session import SessionBase
 
-from .handles import Computation, Worker
+from .handles import Computation
+from .jobs import NodeJob
 from .put_data import link_data, store_data
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)
@@ -33,37 +34,6 @@ DATA_FOLDER = ".dispy_data"
 #: Seconds between a node's pulses to a client (its resources; liveness later).
 DEFAULT_PULSE_INTERVAL = 10.0
 MIN_PULSE_INTERVAL = 0.2
-
-
-class NodeJob:
-    """A job as the node sees it: where it came from, its argument segments, its worker."""
-
-    __slots__ = (
-        "comp",
-        "jid",
-        "payload",
-        "worker",
-        "cancelled",
-        "timeout",
-        "timer",
-        "timed_out",
-        "handed_back",
-        "chunk",
-    )
-
-    def __init__(
-        self, comp: Computation, jid: int, payload: list, timeout: float = 0, chunk: bool = False
-    ) -> None:
-        self.comp = comp
-        self.jid = jid
-        self.payload = payload
-        self.worker: Worker | None = None
-        self.cancelled = False
-        self.timeout = timeout
-        self.timer: asyncio.TimerHandle | None = None
-        self.timed_out = False
-        self.handed_back = ""  # why it is stopped and handed back (service hours ended)
-        self.chunk = chunk  # cluster.map(chunksize=): the job's argument is a list of items
 
 
 class Session(SessionBase):
