@@ -38,8 +38,7 @@ import time
 from dispy import config, discovery, transport
 from dispy.errors import DispyError
 from dispy.keys import read_secret_file, resolve_secret
-from dispy.protocol import Kind, derive_key
-from dispy.protocol._datagram import DatagramKind
+from dispy.protocol import DatagramKind, Kind, derive_key
 from dispy.runtime.daemon import check_ports, run_until_stopped, setup_logging
 from dispy.tls import server_context
 

@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from dispy import discovery
-from dispy.protocol._datagram import DatagramKind
+from dispy.protocol import DatagramKind
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)
     from .server import NodeServer

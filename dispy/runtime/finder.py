@@ -22,7 +22,7 @@ import logging
 
 from .. import config, discovery
 from .._tasks import spawn
-from ..protocol._datagram import DatagramKind
+from ..protocol import DatagramKind
 
 logger = logging.getLogger("dispy")
 
