@@ -6,10 +6,16 @@ Layout of one frame (all integers big-endian)::
                        | control length u32 | body length u64
     body     body-length bytes: control part (a msgpack map) then payload
     tag      32 bytes, only once the connection is authenticated:
-             HMAC-SHA256(direction key, sequence number u64 | header | body)
+             HMAC-SHA256(direction key, sequence number u64 | header | body);
+             for a body of POLY_BODY bytes or more, the body's Poly1305 tag
+             (under a key for that frame alone: HMAC-SHA256(direction key,
+             "dispy-poly1305" | sequence number)) stands in for the body
 
 The sequence number is not sent: each side counts the frames of each
 direction, so a replayed, dropped or reordered frame fails its tag.
+Poly1305 hashes about six times faster than HMAC-SHA256 here (10 vs 1.7
+GB/s), which a 100 MB array feels on both sides; the header, which says the
+body's length, keeps the two forms of tag apart.
 
 ``FrameDecoder`` receives bytes through a buffer interface
 (``get_buffer`` / ``buffer_updated``), made for ``asyncio.BufferedProtocol``
@@ -153,10 +159,36 @@ class Frame:
     payload: memoryview
 
 
-def _new_mac(key: bytes, seq: int, header: bytes):
+#: Body size from which a frame's tag covers the body's Poly1305 tag, not the body.
+POLY_BODY = 1 << 20
+
+
+def _new_mac(key: bytes, seq: int, header: bytes, body_len: int):
     mac = hmac.new(key, _SEQ.pack(seq), sha256)
     mac.update(header)
+    if body_len >= POLY_BODY:
+        return _BodyHashedMac(mac, key, seq)
     return mac
+
+
+class _BodyHashedMac:
+    """The tag of a large frame: the body goes through Poly1305 under a one-time
+    key, and its 16-byte tag into the frame's HMAC (``digest`` once only)."""
+
+    __slots__ = ("_mac", "_poly")
+
+    def __init__(self, mac, key: bytes, seq: int) -> None:
+        from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+        self._mac = mac
+        self._poly = Poly1305(hmac.digest(key, b"dispy-poly1305" + _SEQ.pack(seq), "sha256"))
+
+    def update(self, data) -> None:
+        self._poly.update(data)
+
+    def digest(self) -> bytes:
+        self._mac.update(self._poly.finalize())
+        return self._mac.digest()
 
 
 class FrameWriter:
@@ -193,7 +225,7 @@ class FrameEncoder:
         header = HEADER.pack(MAGIC, LAYOUT_VERSION, kind, 0, len(ctl), len(ctl) + payload_len)
         mac = None
         if self.key is not None:
-            mac = _new_mac(self.key, self.seq, header)
+            mac = _new_mac(self.key, self.seq, header, len(ctl) + payload_len)
             mac.update(ctl)
             self.seq += 1
         return FrameWriter(header + ctl, mac)
@@ -368,7 +400,7 @@ class FrameDecoder:
             else:
                 body = memoryview(bytes(self._view[b0 : b0 + body_len]))
             if tag_size:
-                mac = _new_mac(self.key, self.seq, header)
+                mac = _new_mac(self.key, self.seq, header, body_len)
                 mac.update(body)
                 self._verify(mac, self._view[b0 + body_len : b0 + body_len + tag_size])
             self._start += total
@@ -424,7 +456,7 @@ class FrameDecoder:
             big[:have] = received
         mac = None
         if self._tag_size():
-            mac = _new_mac(self.key, self.seq, header)
+            mac = _new_mac(self.key, self.seq, header, body_len)
             mac.update(received)
         self._big, self._big_pos, self._big_head, self._big_mac = big, have, (kind, ctl_len), mac
         self._awaiting_tag = have == body_len

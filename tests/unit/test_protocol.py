@@ -51,6 +51,7 @@ from dispy.protocol._framing import (
     HEADER_SIZE,
     LAYOUT_VERSION,
     MAGIC,
+    POLY_BODY,
     STAGING_SIZE,
     TAG_SIZE,
 )
@@ -801,9 +802,10 @@ def test_tampered_frame_after_auth(where):
 
 
 @pytest.mark.parametrize("where", ["body-start", "body-middle", "body-end", "tag"])
-def test_tampered_big_frame_after_auth(where):
+@pytest.mark.parametrize("size", [2 * BIG_BODY, POLY_BODY + 4096])  # HMAC; Poly1305 within
+def test_tampered_big_frame_after_auth(where, size):
     server, client = handshake()
-    payload = bytes(range(256)) * (BIG_BODY // 128)
+    payload = bytes(range(256)) * (size // 256)
     client.send(Kind.JOBS, {"s": [len(payload)]}, [payload])
     frame = bytearray(wire(client.take_output()))
     body_end = len(frame) - TAG_SIZE
@@ -816,6 +818,30 @@ def test_tampered_big_frame_after_auth(where):
     frame[pos] ^= 0xFF
     with pytest.raises(ProtocolError, match="failed authentication"):
         feed(server, frame, chunks=(4096, 65536, 10, 100000))
+
+
+@pytest.mark.parametrize("size", [POLY_BODY - 100, POLY_BODY])
+def test_a_frame_tag_as_documented(size):
+    """Bodies below POLY_BODY: HMAC-SHA256 over sequence, header and body; from it
+    on, the body's Poly1305 tag (under a key for that frame) stands in for it."""
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    key = bytes(range(32))
+    enc = FrameEncoder()
+    enc.key = key
+    enc.encode(Kind.PING, b"", [])  # frame 0: the next is frame 1
+    ctl = pack_ctl({"s": [size - 12]})
+    payload = bytes(size - len(ctl))
+    frame = wire(bytes(b) for b in enc.encode(Kind.JOBS, ctl, [payload]))
+    header, body, tag = frame[:HEADER_SIZE], frame[HEADER_SIZE:-TAG_SIZE], frame[-TAG_SIZE:]
+    assert len(body) == size
+    seq = struct.pack("!Q", 1)
+    if size < POLY_BODY:
+        want = hmac.digest(key, seq + header + body, "sha256")
+    else:
+        once = hmac.digest(key, b"dispy-poly1305" + seq, "sha256")
+        want = hmac.digest(key, seq + header + Poly1305.generate_tag(once, body), "sha256")
+    assert tag == want
 
 
 def test_replayed_frame():
