@@ -181,11 +181,17 @@ class Channel:
         t = self._proto.transport
         return t is None or t.is_closing()
 
-    def send(self, kind: int, ctl: dict, payload=()) -> None:
-        """Queue a message; it is written at the end of this loop turn, in order."""
+    def send(
+        self, kind: int, ctl: dict, payload=(), sent: Callable[[], None] | None = None
+    ) -> None:
+        """Queue a message; it is written at the end of this loop turn, in order.
+
+        ``sent()``, if given, is called once the message is handed to the
+        transport (a large payload: once its last byte is), or the connection
+        ended before that."""
         if self.is_closed:
             raise ConnectionClosed(f"connection to {self.peer} is closed")
-        self._queue.append((kind, ctl, payload))
+        self._queue.append((kind, ctl, payload, sent))
         if not self._flush_scheduled and not self._streaming:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -200,28 +206,34 @@ class Channel:
             return
         transport = self._proto.transport
         if transport is None or transport.is_closing():
-            self._queue.clear()
+            self._drop_queue()
             return
         out = []
+        done = []
         while self._queue:
-            kind, ctl, payload = self._queue[0]
+            kind, ctl, payload, sent = self._queue[0]
             size = sum(memoryview(p).nbytes for p in payload)
             if size > STREAM_THRESHOLD:
                 break
             self._queue.popleft()
             self.conn.send(kind, ctl, payload)
             out.extend(self.conn.take_output())
+            if sent is not None:
+                done.append(sent)
         if out:
             data = b"".join(out)
             self.bytes_sent += len(data)
             transport.write(data)
+        for sent in done:
+            _call(sent)
         if self._queue:  # a large payload is next
             self._streaming = True
             spawn(self._stream_next(), f"streaming to {self.peer}", logger)
 
     async def _stream_next(self) -> None:
+        sent = None
         try:
-            kind, ctl, payload = self._queue.popleft()
+            kind, ctl, payload, sent = self._queue.popleft()
             views = [memoryview(p).cast("B") for p in payload]
             writer = self.conn.start_frame(kind, ctl, sum(v.nbytes for v in views))
             transport = self._proto.transport
@@ -243,8 +255,20 @@ class Channel:
             self.close()
         finally:
             self._streaming = False
+            if sent is not None:
+                _call(sent)
             if self._queue and not self.is_closed:
                 self._flush()
+            elif self._queue:
+                self._drop_queue()
+
+    def _drop_queue(self) -> None:
+        """The connection ended: what was queued is not sent (its ``sent`` is told)."""
+        queued = list(self._queue)
+        self._queue.clear()
+        for *_, sent in queued:
+            if sent is not None:
+                _call(sent)
 
     def _deliver(self, msg: Message) -> None:
         if self.on_message is None:
@@ -259,6 +283,8 @@ class Channel:
             self._proto._fail(ProtocolError(f"message {msg.kind} could not be handled"))
 
     def _lost(self, exc) -> None:
+        if not self._streaming:  # (a stream in progress tells its own, then the rest)
+            self._drop_queue()
         cb, self.on_close = self.on_close, None
         if cb is not None:
             cb(self.error or exc)
@@ -278,6 +304,13 @@ class Channel:
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._proto.closed)
+
+
+def _call(sent: Callable[[], None]) -> None:
+    try:
+        sent()
+    except Exception:  # the owner's bug must not break the connection's writing
+        logger.exception("a message's sent() callback failed")
 
 
 def _tune(sock: socket.socket | None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import signal
@@ -33,6 +34,9 @@ if TYPE_CHECKING:  # (annotations only: no import cycle)
 
 logger = logging.getLogger("dispynode")
 
+#: A result this large (bytes) is written to the node's store only once it has been
+#: sent (if it is not acknowledged soon after); smaller ones as they come.
+LARGE_RESULT = 1 << 20
 #: Seconds to wait for a job process's exit status after its socket closed.
 EXIT_STATUS_WAIT = 2.0
 _NONE = b"N."  # pickle of None
@@ -229,13 +233,26 @@ class NodeJobs:
         entry = dict(info)
         entry["c"], entry["j"], entry["n"] = cid, jid, len(segs)
         self.unacked.setdefault(cid, {})[jid] = (entry, segs)
-        if self.store is not None:
-            try:
-                self.store.put(cid, jid, entry, segs)
-            except StoreError as exc:
-                logger.error("result of job %s not kept on disk: %s", jid, exc)
-        if session is not None:
+        if session is None:
+            self._keep(cid, jid)
+        elif sum(memoryview(s).nbytes for s in segs) < LARGE_RESULT:
+            self._keep(cid, jid)
             session.queue_result(entry, segs)
+        else:
+            # its acknowledgment cannot come before its last byte went out: the
+            # store's wait for it starts then (writing it meanwhile slowed the
+            # sending down by half, for nothing, as the client had it soon after)
+            session.queue_result(entry, segs, functools.partial(self._keep, cid, jid))
+
+    def _keep(self, cid: str, jid: int) -> None:
+        """On disk (after the store's short wait for an acknowledgment), if still owed."""
+        owed = self.unacked.get(cid, {}).get(jid)
+        if owed is None or self.store is None:
+            return
+        try:
+            self.store.put(cid, jid, *owed)
+        except StoreError as exc:
+            logger.error("result of job %s not kept on disk: %s", jid, exc)
 
     def ack(self, cid: str, jids: list) -> None:
         owed = self.unacked.get(cid)

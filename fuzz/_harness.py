@@ -297,7 +297,7 @@ class FakeChannel:
     def start(self) -> None:
         pass
 
-    def send(self, kind: int, ctl: dict, payload=()) -> None:
+    def send(self, kind: int, ctl: dict, payload=(), sent=None) -> None:
         if self._closed:
             raise self._closed_error(f"connection to {self.peer} is closed")
         if kind not in self._replies:
@@ -309,6 +309,8 @@ class FakeChannel:
         except Exception as exc:
             raise Finding(f"sent a message that cannot be encoded: {exc!r}: {ctl!r}") from exc
         self.sent.append((kind, ctl))
+        if sent is not None:  # (the real channel: once it handed the message over)
+            sent()
 
     def close(self) -> None:
         self._closed = True

@@ -25,6 +25,7 @@ and CANCEL in ``_at_once``, then ``chan.start()``, and provide
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -162,10 +163,14 @@ class SessionBase:
             self.chan.send(Kind.ERROR, error)
 
     # -- results to the client --------------------------------------------------------
-    def queue_result(self, entry: dict, segs) -> None:
+    def queue_result(self, entry: dict, segs, sent=None) -> None:
+        """Send a job's end in this loop turn's RESULTS frame; ``sent()`` (if given)
+        once that frame is handed to the connection, or it ended first."""
         if self.chan.is_closed:
+            if sent is not None:
+                sent()
             return
-        self._out.append((entry, segs))
+        self._out.append((entry, segs, sent))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -173,14 +178,23 @@ class SessionBase:
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
-        if self.chan.is_closed or not out:
-            return
-        try:
-            for batch in _result_frames(out):
-                lens, flat = join_segments(segs for _, segs in batch)
-                self.chan.send(Kind.RESULTS, {"r": [e for e, _ in batch], "s": lens}, flat)
-        except ConnectionClosed:
-            pass
+        for batch in _result_frames(out):
+            told = [sent for _, _, sent in batch if sent is not None]
+            if self.chan.is_closed:
+                for sent in told:
+                    sent()
+                continue
+            lens, flat = join_segments(segs for _, segs, _ in batch)
+            ctl = {"r": [e for e, _, _ in batch], "s": lens}
+            if told:
+                self.chan.send(Kind.RESULTS, ctl, flat, sent=functools.partial(_tell, told))
+            else:
+                self.chan.send(Kind.RESULTS, ctl, flat)
+
+
+def _tell(told: list) -> None:
+    for sent in told:
+        sent()
 
 
 def _result_frames(out: list):
@@ -188,14 +202,14 @@ def _result_frames(out: list):
     control part stays well under the peer's limit."""
     batch: list = []
     size = 0
-    for entry, segs in out:
+    for entry, segs, sent in out:
         entry, segs = texts_out(entry, segs)
         # about its msgpack size: texts left inline are short, the rest is small
         cost = 16 + sum(len(v) + 2 if isinstance(v, str | bytes) else 9 for v in entry.values())
         if batch and (len(batch) >= RESULTS_PER_FRAME or size + cost > RESULTS_CTL_BYTES):
             yield batch
             batch, size = [], 0
-        batch.append((entry, segs))
+        batch.append((entry, segs, sent))
         size += cost
     if batch:
         yield batch

@@ -1433,13 +1433,15 @@ def test_results_batches_are_cut_to_keep_control_parts_small():
     from dispy.protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME
     from dispy.runtime.session import _result_frames
 
-    out = [({"c": "c" * 32, "j": i, "n": 1, "o": "p" * 100}, [b"N."]) for i in range(20_000)]
+    out = [({"c": "c" * 32, "j": i, "n": 1, "o": "p" * 100}, [b"N."], None) for i in range(20_000)]
     frames = list(_result_frames(out))
     assert sum(len(f) for f in frames) == 20_000
-    assert [e["j"] for f in frames for e, _ in f] == list(range(20_000))
+    assert [e["j"] for f in frames for e, _, _ in f] == list(range(20_000))
     for f in frames:
         assert len(f) <= RESULTS_PER_FRAME
-        assert len(pack_ctl({"r": [e for e, _ in f], "s": [2] * len(f)})) <= RESULTS_CTL_BYTES * 1.2
+        assert (
+            len(pack_ctl({"r": [e for e, _, _ in f], "s": [2] * len(f)})) <= RESULTS_CTL_BYTES * 1.2
+        )
 
 
 def test_control_part_budget_of_containers():

@@ -1,0 +1,81 @@
+"""A large result's custody on the node: the node's result store takes it once it
+has been sent (its acknowledgment cannot come before), or once its client is gone
+before it could be; never lost in between.  Raw client connections to a real
+``dispynode``, so that the test decides when to read, acknowledge or hang up."""
+
+import os
+import time
+
+from dispy import serialize
+from dispy.protocol import Kind
+
+from .test_bad_input import authenticated, recv_messages
+
+BIG = 9 << 20  # above the store's FILE_ABOVE: kept as a file of its own, which we can see
+WAIT_S = 15.0
+
+
+def _kept(node) -> list:
+    folder = os.path.join(node.dest_path, "results.db.files")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _until(cond, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"not within {WAIT_S} s: {what}"
+        time.sleep(0.02)  # polling the node's folder for a condition, with a deadline
+
+
+def _send(sock, conn, kind, ctl, payload=()):
+    conn.send(kind, ctl, payload)
+    sock.sendall(b"".join(bytes(b) for b in conn.take_output()))
+
+
+def _set_up(sock, conn, cid: str) -> None:
+    spec = serialize.package_computation(os.urandom).spec_bytes  # importable everywhere
+    _send(sock, conn, Kind.COMPUTE, {"c": cid, "n": "urandom", "sa": 0}, [spec])
+    [msg] = recv_messages(sock, conn)
+    assert msg.kind == Kind.COMPUTE_REPLY and msg.ctl["ok"] is True, msg.ctl
+
+
+def _job(sock, conn, cid: str, jid: int) -> None:
+    segs = serialize.dumps_args((BIG,), {})
+    _send(sock, conn, Kind.JOBS, {"c": cid, "j": [[jid, len(segs)]], "s": [len(s) for s in segs]},
+          segs)  # fmt: skip
+
+
+def test_a_large_result_is_kept_once_sent_until_acknowledged(node_factory):
+    node = node_factory(cpus=2)
+    sock, conn = authenticated(node)
+    with sock:
+        _set_up(sock, conn, "big1")
+        _job(sock, conn, "big1", 1)
+        [msg] = recv_messages(sock, conn)
+        assert msg.kind == Kind.RESULTS and [e["j"] for e in msg.ctl["r"]] == [1]
+        assert len(msg.payload) >= BIG
+        _until(lambda: len(_kept(node)) == 1, "the result sent, not acknowledged, on disk")
+        _send(sock, conn, Kind.ACK, {"c": "big1", "j": [1]})
+        _until(lambda: not _kept(node), "the acknowledged result gone from the disk")
+
+
+def test_a_large_result_whose_client_hangs_up_while_it_is_sent_is_kept(node_factory):
+    node = node_factory(cpus=2)
+    sock, conn = authenticated(node)
+    with sock:
+        _set_up(sock, conn, "big2")
+        _job(sock, conn, "big2", 7)
+        first = sock.recv(4096)  # its RESULTS frame has started; the rest is not read
+        assert first
+    # the client is gone while the node still sends the result: the node keeps it
+    _until(lambda: len(_kept(node)) == 1, "the result its client hung up on, on disk")
+    sock, conn = authenticated(node)
+    with sock:  # and gives it to the client that comes back for it
+        _send(sock, conn, Kind.RESUME, {"c": "big2"})
+        msgs = recv_messages(sock, conn, 2)
+        resumed = next(m for m in msgs if m.kind == Kind.RESUMED)
+        results = next(m for m in msgs if m.kind == Kind.RESULTS)
+        assert resumed.ctl["done"] == [7] and [e["j"] for e in results.ctl["r"]] == [7]
+        assert len(results.payload) >= BIG
+        _send(sock, conn, Kind.ACK, {"c": "big2", "j": [7]})
+        _until(lambda: not _kept(node), "the acknowledged result gone from the disk")
