@@ -35,6 +35,7 @@ import os
 import platform
 import pstats
 import sys
+import threading
 import time
 import traceback
 
@@ -55,6 +56,7 @@ WAIT_S = 120.0
 GROUPS = ("jobs", "latency", "to_node", "from_node", "speedup", "node_start", "local_pool")
 ALIASES = {
     "jobs_per_s": "jobs",
+    "node_pss_mib_peak": "jobs",
     "latency_ms_p50": "latency",
     "latency_ms_p99": "latency",
     "mb_per_s_to_node": "to_node",
@@ -100,6 +102,7 @@ TARGETS = {
     "mb_per_s_from_node": (">=", 400),
     "speedup_2cpu": (">=", 1.9),
     "node_start_to_result_s": ("<=", 0.5),
+    "node_pss_mib_peak": ("<=", 40),
 }
 
 
@@ -147,9 +150,49 @@ def r(x: float, nd: int = 3) -> float:
 # -- measurements ----------------------------------------------------------------------
 
 
+class NodeMemory:
+    """Samples the PSS of a node daemon and every process under it (its
+    computation process and job processes) on a thread, every ``period``
+    seconds while in a ``with``; ``peak`` is the largest sum seen, with its parts."""
+
+    def __init__(self, pid: int, period: float = 0.25) -> None:
+        self.pid, self.period = pid, period
+        self.peak, self.parts = 0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-memory", daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            daemon = psutil.Process(self.pid)
+            procs = [daemon, *daemon.children(recursive=True)]
+        except psutil.Error:
+            return
+        parts = {}
+        for p in procs:
+            try:
+                role = "daemon" if p.pid == self.pid else p.cmdline()[-1]
+                parts[f"{p.pid} {role}"] = p.memory_full_info().pss
+            except (psutil.Error, IndexError):
+                continue
+        if sum(parts.values()) > self.peak:
+            self.peak, self.parts = sum(parts.values()), parts
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):  # a sampling period, not a wait for a condition
+            self._sample()
+
+    def __enter__(self) -> NodeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def bench_jobs(cfg) -> dict:
     n, rounds = cfg["jobs"], cfg["jobs_rounds"]
-    with node_cluster(_bench_jobs.double) as (_node, cluster):
+    with node_cluster(_bench_jobs.double) as (node, cluster):
         w = run_round(cluster, cfg["jobs_warmup"])
         log.info("jobs: warm-up %d jobs in %.3f s", cfg["jobs_warmup"], w)
         rates = []
@@ -157,10 +200,16 @@ def bench_jobs(cfg) -> dict:
             dt = run_round(cluster, n)
             rates.append(n / dt)
             log.info("jobs: round %d: %d jobs in %.3f s = %.0f jobs/s", i + 1, n, dt, n / dt)
+        with NodeMemory(node.proc.pid) as mem:  # one more round, untimed: sampling costs CPU
+            run_round(cluster, n)
+        log.info("jobs: node PSS peak %.1f MiB: %s", mem.peak / MB, mem.parts)
     return {
         "jobs_per_s": r(max(rates), 1),
         "jobs_per_s_runs": [r(x, 1) for x in rates],
         "jobs_per_round": n,
+        # the node's daemon, computation process and job processes while the jobs ran
+        "node_pss_mib_peak": r(mem.peak / MB, 1),
+        "node_pss_mib_parts": {k: r(v / MB, 1) for k, v in sorted(mem.parts.items())},
     }
 
 
