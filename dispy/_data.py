@@ -26,7 +26,6 @@ import stat
 import struct
 
 import msgpack
-import psutil
 
 from ._paths import private_dir
 from .errors import DispyError
@@ -146,6 +145,20 @@ def load(path: str):
 SHM_BASE = "/dev/shm"
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 tests it; psutil is not imported for
+    this, so that job processes, which import this module, stay small)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return pid > 0
+
+
 def shared_memory_folder(role: str) -> str | None:
     """This process's private folder in shared memory, ``dispy-<role>-<uid>-<pid>``
     (None if there is none to use); the folders of this user's processes of the
@@ -155,7 +168,7 @@ def shared_memory_folder(role: str) -> str | None:
     prefix = f"dispy-{role}-{os.geteuid()}-"
     for entry in os.listdir(SHM_BASE):
         pid = entry[len(prefix) :]
-        if entry.startswith(prefix) and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if entry.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
             path = os.path.join(SHM_BASE, entry)
             try:  # (another process starting now may be removing it too)
                 st = os.lstat(path)

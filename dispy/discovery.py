@@ -39,8 +39,6 @@ import socket
 import time
 from collections.abc import Callable
 
-import psutil
-
 from .errors import AuthenticationFailed, DispyError, ProtocolError
 from .protocol._datagram import DatagramDecoder, DatagramKind, encode_datagram
 
@@ -114,6 +112,8 @@ def is_wildcard(host: str) -> bool:
 def interfaces(bind: list[str] | None = None) -> list[ipaddress.IPv4Interface]:
     """The non-loopback IPv4 interfaces of this host (those holding a ``bind``
     address, when given and not a wildcard address)."""
+    import psutil  # (here: a client that discovers no nodes does without it)
+
     want = {b for b in (bind or []) if b not in ("", "0.0.0.0", "::")}
     out = []
     for addrs in psutil.net_if_addrs().values():
@@ -306,6 +306,8 @@ def device_of(ips: list[str]) -> str | None:
     want = {ip for ip in ips if ip not in ("", "0.0.0.0", "::")}
     if not want:
         return None
+    import psutil
+
     names = {
         name
         for name, addrs in psutil.net_if_addrs().items()

@@ -192,3 +192,26 @@ def test_handed_files_are_checked(tmp_path):
     ]:
         with pytest.raises(ValueError, match=why):
             data.open_handed_file(path, n)
+
+
+@pytest.mark.skipif(not os.access(data.SHM_BASE, os.W_OK), reason="no writable /dev/shm")
+def test_shared_memory_folders_of_gone_processes_are_removed():
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    prefix = os.path.join(data.SHM_BASE, f"dispy-testrole-{os.geteuid()}-")
+    stale, alive = prefix + str(gone.pid), prefix + str(os.getppid())
+    mine = None
+    try:
+        os.mkdir(stale)
+        os.mkdir(alive)
+        mine = data.shared_memory_folder("testrole")
+        assert mine == prefix + str(os.getpid())
+        assert not os.path.exists(stale)
+        assert os.path.isdir(alive)  # its process (our parent) is still there
+    finally:
+        for path in (stale, alive, mine):
+            if path and os.path.isdir(path):
+                os.rmdir(path)

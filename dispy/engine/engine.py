@@ -14,8 +14,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-import psutil
-
 from .. import serialize
 from .._data import client_shm_folder as data_client_shm_folder
 from .._data import data_path
@@ -473,6 +471,8 @@ def _on_this_host(host: str) -> bool:
     """Whether ``host`` (as given in nodes=) is a loopback address or one of this host's."""
     if host == "localhost" or host.startswith("127."):
         return True
+    import psutil  # (only for a host name: a client on loopback does without it)
+
     return host in {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
 
 
