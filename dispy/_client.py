@@ -49,8 +49,7 @@ from ._report import PROGRESS_REFRESH, Progress
 from .core import jobstate
 from .engine import Engine, parse_nodes
 from .errors import ComputationError, SubmitError
-from .keys import resolve_secret
-from .protocol import derive_key
+from .keys import derive_key_soon, resolve_secret
 from .tls import client_context
 
 logger = logging.getLogger("dispy")
@@ -168,7 +167,9 @@ class JobCluster(NodeControl):
             self._local = LocalNode(secret=secret, extra_args=extra).start()
             secret = self._local.secret
             specs.append(("127.0.0.1", self._local.port, None))
-        self._key = derive_key(secret)
+        # scrypt takes ~20 ms with the GIL released: it runs while the recover file
+        # is made, and the key is needed only from the first connection on
+        key_of = derive_key_soon(secret)
         self._lock = threading.Lock()
         self._incoming: collections.deque = collections.deque()
         self._wake_scheduled = False
@@ -185,7 +186,7 @@ class JobCluster(NodeControl):
         callback = callback or job_status
         if callback is not None or cluster_status is not None:
             self._callbacks = Callbacks(self.name, callback, cluster_status)
-        self._engine = Engine(self, package, self._key, specs, reentrant, patterns)
+        self._engine = Engine(self, package, b"", specs, reentrant, patterns)
         self._engine_created(self._engine)
         #: the recover file's path (None: not kept, e.g. for nodes='local' only)
         self.recover_file = None
@@ -198,14 +199,16 @@ class JobCluster(NodeControl):
                 {
                     "cid": self._engine.cid,
                     "name": self.name,
-                    "key": self._key,  # derived from the secret; never the secret itself
-                    "nodes": [],
+                    "nodes": [],  # ("key": below, before any node is named here)
                     "created": time.time(),
                     "certfile": os.path.abspath(certfile) if certfile else None,
                     "keyfile": os.path.abspath(keyfile) if keyfile else None,
                     "cafile": os.path.abspath(cafile) if cafile else None,
                 },
             )
+        self._key = self._engine.key = key_of()
+        if self._engine.recover is not None:  # derived from the secret; never the secret itself
+            self._engine.recover.set_meta("key", self._key)
         self._loop = _loop.get_loop()
         _loop.run(self._engine.start()).result()
         _open_clusters.add(self)

@@ -17,8 +17,11 @@ import logging
 import os
 import secrets
 import stat
+import threading
+from collections.abc import Callable
 
 from .errors import DispyError
+from .protocol import derive_key
 
 logger = logging.getLogger("dispy")
 
@@ -104,3 +107,19 @@ def resolve_secret(secret: str | None = None, insecure: bool = False) -> tuple[s
         return read_secret_file(path), f"secret file {path}"
     path = key_file_path()
     return load_or_create_key(path), f"key file {path}"
+
+
+def derive_key_soon(secret: str | None) -> Callable[[], bytes]:
+    """Start ``derive_key(secret)`` (scrypt: ~20 ms, with the GIL released) in a
+    thread; returns a function that waits for the key."""
+    out: list = []
+    thread = threading.Thread(
+        target=lambda: out.append(derive_key(secret)), name="dispy-key", daemon=True
+    )
+    thread.start()
+
+    def key() -> bytes:
+        thread.join()
+        return out[0] if out else derive_key(secret)  # (its error, raised here)
+
+    return key
