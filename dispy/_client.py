@@ -22,7 +22,6 @@ authenticated connection per node (``dispy.engine.link.NodeLink``).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import concurrent.futures
@@ -33,8 +32,9 @@ import threading
 import time
 import uuid
 import weakref
+from typing import TYPE_CHECKING
 
-from . import _loop, _report, config, serialize
+from . import _report, config, serialize
 from ._callbacks import Callbacks
 from ._data import NodeData, check_name
 from ._data import _local as data_local
@@ -43,14 +43,14 @@ from ._job_options import job_options
 from ._local_node import LocalNode
 from ._map import map_jobs
 from ._node_control import NodeControl
-from ._recover_file import RecoverFile
-from ._recover_jobs import default_path as _default_recover_path
 from ._report import PROGRESS_REFRESH, Progress
 from .core import jobstate
-from .engine import Engine, parse_nodes
+from .engine import parse_nodes
 from .errors import ComputationError, SubmitError
 from .keys import derive_key_soon, resolve_secret
-from .tls import client_context
+
+if TYPE_CHECKING:  # (annotations only: the engine side is imported by the first cluster)
+    from .engine import Engine
 
 logger = logging.getLogger("dispy")
 
@@ -136,7 +136,11 @@ class JobCluster(NodeControl):
         self.name = getattr(computation, "__name__", None) or os.path.basename(str(computation))
         package = serialize.package_computation(computation, depends, setup, cleanup)
         self._node_port = node_port or config.NODE_PORT
-        self._ssl = client_context(certfile, keyfile, cafile)
+        self._ssl = None
+        if certfile or keyfile or cafile:
+            from .tls import client_context
+
+            self._ssl = client_context(certfile, keyfile, cafile)
         self._ip_addrs = [ip_addr] if isinstance(ip_addr, str) else list(ip_addr or [])
         self._ext_ip_addr = ext_ip_addr[0] if isinstance(ext_ip_addr, list | tuple) else ext_ip_addr
         self._client_port = port or config.CLIENT_PORT
@@ -167,9 +171,13 @@ class JobCluster(NodeControl):
             self._local = LocalNode(secret=secret, extra_args=extra).start()
             secret = self._local.secret
             specs.append(("127.0.0.1", self._local.port, None))
-        # scrypt takes ~20 ms with the GIL released: it runs while the recover file
-        # is made, and the key is needed only from the first connection on
+        # scrypt (~20 ms, the GIL released) runs while this imports the engine side
+        # (asyncio: ~25 ms) and makes the recover file: the key is needed only later
         key_of = derive_key_soon(secret)
+        from . import _loop
+        from ._recover_jobs import create_recover_file
+        from .engine import Engine
+
         self._lock = threading.Lock()
         self._incoming: collections.deque = collections.deque()
         self._wake_scheduled = False
@@ -191,21 +199,10 @@ class JobCluster(NodeControl):
         #: the recover file's path (None: not kept, e.g. for nodes='local' only)
         self.recover_file = None
         if recover_file is not False and (specs or patterns):
-            self.recover_file = os.path.abspath(
-                recover_file or _default_recover_path(self._engine.cid)
+            self._engine.recover = create_recover_file(
+                recover_file, self._engine.cid, self.name, certfile, keyfile, cafile
             )
-            self._engine.recover = RecoverFile.create(
-                self.recover_file,
-                {
-                    "cid": self._engine.cid,
-                    "name": self.name,
-                    "nodes": [],  # ("key": below, before any node is named here)
-                    "created": time.time(),
-                    "certfile": os.path.abspath(certfile) if certfile else None,
-                    "keyfile": os.path.abspath(keyfile) if keyfile else None,
-                    "cafile": os.path.abspath(cafile) if cafile else None,
-                },
-            )
+            self.recover_file = self._engine.recover.path
         self._key = self._engine.key = key_of()
         if self._engine.recover is not None:  # derived from the secret; never the secret itself
             self._engine.recover.set_meta("key", self._key)
@@ -273,6 +270,10 @@ class JobCluster(NodeControl):
 
     def _on_loop(self, fn, *args):
         """Run ``fn(*args)`` (a coroutine function or plain) on the loop; return its result."""
+
+        import asyncio
+
+        from . import _loop
 
         async def call():
             out = fn(*args)
@@ -443,6 +444,8 @@ class JobCluster(NodeControl):
             self.wait(timeout)
         self._closed = True
         _open_clusters.discard(self)
+        from . import _loop
+
         try:
             _loop.run(self._engine.close(terminate or timeout is not None)).result()
         finally:

@@ -48,6 +48,24 @@ def default_path(cid: str) -> str:
     return os.path.abspath(f"{DEFAULT_PREFIX}{time.strftime('%Y%m%d%H%M%S')}_{cid[:8]}")
 
 
+def create_recover_file(path, cid: str, name: str, certfile, keyfile, cafile) -> RecoverFile:
+    """A cluster's new recover file (at ``path``, else ``default_path(cid)``): what
+    ``recover_jobs`` needs to reach its nodes again.  The cluster's key (derived from
+    its secret, never the secret itself) is set in it before any node is named."""
+    return RecoverFile.create(
+        os.path.abspath(path or default_path(cid)),
+        {
+            "cid": cid,
+            "name": name,
+            "nodes": [],
+            "created": time.time(),
+            "certfile": os.path.abspath(certfile) if certfile else None,
+            "keyfile": os.path.abspath(keyfile) if keyfile else None,
+            "cafile": os.path.abspath(cafile) if cafile else None,
+        },
+    )
+
+
 def job_blob(job: DispyJob, node: str) -> bytes:
     """What the recover file keeps of a job sent to ``node``: its id, the node, and
     its pickled arguments (unless larger than MAX_ARGS_BYTES)."""

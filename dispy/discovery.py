@@ -105,10 +105,6 @@ def sender_ip(body: dict) -> str:
     return str(ipaddress.ip_address(ip))
 
 
-def is_wildcard(host: str) -> bool:
-    return "*" in host or "?" in host or "[" in host
-
-
 def interfaces(bind: list[str] | None = None) -> list[ipaddress.IPv4Interface]:
     """The non-loopback IPv4 interfaces of this host (those holding a ``bind``
     address, when given and not a wildcard address)."""

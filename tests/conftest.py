@@ -142,10 +142,10 @@ def _recover_files_in_the_tests_folder(monkeypatch, tmp_path):
     folder, as dispy's) goes to the test's own folder, not the checkout: the
     3.11 and 3.13 suites share the checkout in CI, and one's files vanishing
     under the other's copy of it once failed a run."""
-    from dispy import _client
+    from dispy import _recover_jobs
 
     monkeypatch.setattr(
-        _client, "_default_recover_path", lambda cid: str(tmp_path / f"_dispy_{cid[:8]}")
+        _recover_jobs, "default_path", lambda cid: str(tmp_path / f"_dispy_{cid[:8]}")
     )
 
 

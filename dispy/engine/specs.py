@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 import os
 
-from .. import discovery
 from .._job import DispyNode, NodeAllocate
 
 logger = logging.getLogger("dispy")
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether a node spec names nodes to discover (``'*'``, ``'10.0.0.?'``)."""
+    return "*" in host or "?" in host or "[" in host
 
 
 def parse_nodes(nodes, node_port: int):
@@ -45,7 +49,7 @@ def parse_nodes(nodes, node_port: int):
             raise ValueError(f"node {spec!r}: empty host name")
         if host == "local":
             local = True
-        elif discovery.is_wildcard(host):
+        elif is_wildcard(host):
             patterns.append((host, port, alloc))
         else:
             out.append((host, port, alloc))
