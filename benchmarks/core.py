@@ -11,7 +11,7 @@ Logs go to stderr; stdout carries only the JSON.  This is a measurement,
 not a pass/fail test: ``targets`` says which figures meet their goal.
 
 Groups (for ``--only``): jobs, latency, to_node, from_node, speedup,
-node_start, local_pool.  Sizes: MB = 2**20 bytes.
+node_start, new_client, local_pool.  Sizes: MB = 2**20 bytes.
 
 The machine may be shared: before each group the script waits (``--settle``
 seconds at most) for other programs to go quiet, and reports the CPUs they
@@ -44,7 +44,8 @@ import psutil
 
 import dispy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
 import _bench_jobs  # noqa: E402  (a user module: dispy ships it to the node)
 
 log = logging.getLogger("bench")
@@ -53,7 +54,16 @@ MB = 1 << 20
 #: Longest any single wait may block (a job, a round, a node start).
 WAIT_S = 120.0
 
-GROUPS = ("jobs", "latency", "to_node", "from_node", "speedup", "node_start", "local_pool")
+GROUPS = (
+    "jobs",
+    "latency",
+    "to_node",
+    "from_node",
+    "speedup",
+    "node_start",
+    "new_client",
+    "local_pool",
+)
 ALIASES = {
     "jobs_per_s": "jobs",
     "node_pss_mib_peak": "jobs",
@@ -63,6 +73,7 @@ ALIASES = {
     "mb_per_s_from_node": "from_node",
     "speedup_2cpu": "speedup",
     "node_start_to_result_s": "node_start",
+    "new_client_to_result_s": "new_client",
     "local_pool_jobs_per_s": "local_pool",
     "local_pool_latency_ms_p50": "local_pool",
 }
@@ -79,6 +90,7 @@ FULL = {
     "speedup_jobs": 40,
     "speedup_job_s": 0.25,
     "start_rounds": 3,
+    "client_rounds": 5,
 }
 QUICK = {
     "jobs": 500,
@@ -92,6 +104,7 @@ QUICK = {
     "speedup_jobs": 8,
     "speedup_job_s": 0.05,
     "start_rounds": 1,
+    "client_rounds": 1,
 }
 
 TARGETS = {
@@ -103,6 +116,7 @@ TARGETS = {
     "speedup_2cpu": (">=", 1.9),
     "node_start_to_result_s": ("<=", 0.5),
     "node_pss_mib_peak": ("<=", 40),
+    "new_client_to_result_s": ("<=", 0.1),
 }
 
 
@@ -446,6 +460,75 @@ def bench_node_start(cfg) -> dict:
     }
 
 
+#: A new client program: import dispy, make a cluster on a node that is up, one job.
+#: argv: address secret; prints the wall-clock time of the result and each part's seconds.
+_NEW_CLIENT = """
+import sys, time
+t0 = time.perf_counter()
+import dispy
+from _bench_jobs import double
+t1 = time.perf_counter()
+with dispy.JobCluster(double, nodes=[sys.argv[1]], secret=sys.argv[2]) as cluster:
+    t2 = time.perf_counter()
+    assert cluster.submit(21)(timeout=60) == 42
+    t3 = time.perf_counter()
+    print(time.time(), t1 - t0, t2 - t1, t3 - t2, flush=True)
+"""
+#: The same for a local process pool: start it, one job.
+_NEW_POOL = """
+import concurrent.futures, time
+from _bench_jobs import double
+with concurrent.futures.ProcessPoolExecutor(2) as pool:
+    assert pool.submit(double, 21).result(timeout=60) == 42
+    print(time.time(), flush=True)
+"""
+
+
+def _timed_program(code: str, *args: str) -> tuple[float, list[float]]:
+    """Run ``python -c code args``: seconds from its start to the time it prints
+    first (its first result), and the rest it prints."""
+    import subprocess
+
+    path = [_HERE, os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+    t0 = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+        timeout=WAIT_S,
+    )  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"program failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    at, *rest = (float(x) for x in done.stdout.split())
+    return at - t0, rest
+
+
+def bench_new_client(cfg) -> dict:
+    """A new client process's first result with the node up (from the process's
+    start: Python's start included), and the same program on a local process pool."""
+    runs, parts, pool_runs = [], [], []
+    with dispy.LocalNode(cpus=2).start(timeout=WAIT_S) as node:
+        _timed_program(_NEW_CLIENT, node.address, node.secret)  # (the page cache warm)
+        for i in range(cfg["client_rounds"]):
+            dt, (imp, ctor, first) = _timed_program(_NEW_CLIENT, node.address, node.secret)
+            runs.append(dt)
+            parts.append({"import_s": r(imp), "cluster_s": r(ctor), "first_result_s": r(first)})
+            log.info("new_client: round %d: %.3f s (%s)", i + 1, dt, parts[-1])
+    _timed_program(_NEW_POOL)
+    for _ in range(cfg["client_rounds"]):
+        pool_runs.append(_timed_program(_NEW_POOL)[0])
+    mid = sorted(range(len(runs)), key=runs.__getitem__)[len(runs) // 2]
+    return {
+        "new_client_to_result_s": r(runs[mid]),
+        "new_client_to_result_s_runs": [r(x) for x in runs],
+        "new_client_parts_median": parts[mid],
+        "new_client_local_pool_s": r(sorted(pool_runs)[len(pool_runs) // 2]),
+        # what the interpreter's own start costs here (its .pth files, site packages)
+        "python_start_s": r(
+            min(_timed_program("import time; print(time.time())")[0] for _ in range(3))
+        ),
+    }
+
+
 def bench_local_pool(cfg) -> dict:
     n = cfg["jobs"]
     rates = []
@@ -483,6 +566,7 @@ BENCHES = {
     "from_node": bench_from_node,
     "speedup": bench_speedup,
     "node_start": bench_node_start,
+    "new_client": bench_new_client,
     "local_pool": bench_local_pool,
 }
 
