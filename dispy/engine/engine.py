@@ -281,6 +281,7 @@ class Engine:
             t0, t1 = entry.get("t0"), entry.get("t1")
             if t0 and t1:
                 node.cpu_time += t1 - t0
+                self.sched.observe(link.key, t1 - t0)
             self._finish(job, node)
         node.busy = self.sched.nodes[link.key].busy() if link.key in self.sched.nodes else 0
         self.dispatch()

@@ -90,3 +90,31 @@ def test_adopt_marks_queued_or_held_jobs_running_on_the_reporting_node():
     assert not s.adopt(queued, "a")  # running already: nothing changes
     assert not s.adopt(J(3), "unknown-node")
     assert s.ended(held, jobstate.FINISH) and set(s.nodes["a"].running) == {1}
+
+
+def test_a_node_of_tiny_jobs_is_sent_more_ahead_and_of_long_ones_less():
+    s = Scheduler()
+    s.add_node("a", 2)
+    for uid in range(20):
+        s.submit(J(uid))
+    (node, batch), = s.assign()
+    assert len(batch) == 4  # 2 per CPU before any job time is known
+    for job in batch:
+        assert s.ended(job, jobstate.FINISH)
+        s.observe("a", 0.00005)  # 50 us jobs: a round trip to the client is longer
+    assert len(s.assign()[0][1]) == 8 and len(node.running) == 8
+    for job in list(node.running.values()):
+        assert s.ended(job, jobstate.FINISH)
+        s.observe("a", 0.5)  # long jobs now: no more ahead than before
+    for _ in range(60):
+        s.observe("a", 0.5)
+    assert node.capacity == 4 and len(s.assign()[0][1]) == 4
+    s.set_cpus("a", 2, limited=True)  # a limit is a limit, however short the jobs
+    for _ in range(60):
+        s.observe("a", 0.00005)
+    assert node.capacity == 2
+    shared = Scheduler(prefetch=8)  # a prefetch given is the least
+    shared.add_node("b", 2)
+    shared.observe("b", 0.5)
+    assert shared.nodes["b"].capacity == 16
+    s.observe("gone", 0.1)  # a node no longer known: nothing happens
