@@ -57,5 +57,22 @@ class BlockingChannel:
         self._events.clear()
         return events
 
+    def recv_nowait(self) -> list:
+        """The messages received and not yet returned, reading what the socket holds
+        now without waiting for more (maybe none)."""
+        events = list(self._events)
+        self._events.clear()
+        while True:
+            buf = self.conn.get_buffer()
+            try:
+                n = self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return events
+            finally:
+                del buf
+            if n == 0:
+                raise ConnectionClosed("local channel closed")
+            events.extend(self.conn.buffer_updated(n))
+
     def close(self) -> None:
         self.sock.close()

@@ -21,6 +21,7 @@ daemon only forwards; they are unpickled here, in the job process.
 from __future__ import annotations
 
 import builtins
+import collections
 import importlib.util
 import io
 import logging
@@ -188,13 +189,19 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
         _CTX.chan, _CTX.comp_dir = chan, comp_dir
         _CTX.max_file_size = load.get("max_file_size", 0)
         real_out, real_err = sys.stdout, sys.stderr
+        # Jobs the daemon sent ahead wait here; each starts as soon as the one before
+        # ended.  A W_SKIP drops one only if it came before that one's result went
+        # out (the skip is said first): so when the daemon reads a result, the job
+        # this process runs now is the next one it sent and did not see skipped.
+        pending: collections.deque = collections.deque()
         while True:
-            try:
-                msg = chan.recv()
-            except ConnectionClosed:
-                break
-            if msg.kind != Kind.W_JOB:
+            if not pending:
+                try:
+                    _take(chan, [chan.recv()], pending, skips=False)
+                except ConnectionClosed:
+                    break
                 continue
+            msg = pending.popleft()
             ctl = msg.ctl
             jid = _CTX.jid = ctl["j"]
             out, err = io.StringIO(), io.StringIO()
@@ -243,6 +250,10 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
             del out, err
             reply, segs = texts_out(reply, segs)  # a long output goes as a segment
             reply["s"], segs = join_segments([segs])
+            try:  # skipped jobs are said first: the daemon then knows which one runs next
+                _take(chan, chan.recv_nowait(), pending, skips=True)
+            except ConnectionClosed:
+                break
             chan.send(Kind.W_RESULT, reply, segs)
             del result, segs
     except BaseException:  # report anything on the node's stderr, then die quietly
@@ -254,6 +265,21 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _take(chan: BlockingChannel, msgs: list, pending: collections.deque, skips: bool) -> None:
+    """Queue the jobs among ``msgs``; with ``skips``, drop those a W_SKIP names (and
+    say so); a W_SKIP otherwise comes too late (its job runs) and is ignored."""
+    for msg in msgs:
+        if msg.kind == Kind.W_JOB:
+            pending.append(msg)
+        elif msg.kind == Kind.W_SKIP and skips:
+            jid = msg.ctl.get("j")
+            for job in pending:
+                if job.ctl["j"] == jid:
+                    pending.remove(job)
+                    chan.send(Kind.W_RESULT, {"j": jid, "st": jobstate.Cancelled, "k": 1, "s": []})
+                    break
 
 
 def _die_with_parent() -> None:

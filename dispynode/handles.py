@@ -83,6 +83,7 @@ class Computation:
         self.phase = CompPhase.NEW
         self.error = ""  # why it is FAILED
         self.jobs_done = 0
+        self.job_s: float | None = None  # its jobs' run time, a moving average
         self.workers: dict[int, Worker] = {}
         self._idle: list[Worker] = []
         self._dying: dict[int, Worker] = {}
@@ -206,6 +207,21 @@ class Computation:
     def idle_worker(self) -> Worker | None:
         return self._idle.pop() if self._idle else None
 
+    def observe(self, t0, t1) -> None:
+        """A job ran from ``t0`` to ``t1`` (its process's clock)."""
+        if isinstance(t0, float) and isinstance(t1, float) and t1 >= t0:
+            d = t1 - t0
+            self.job_s = d if self.job_s is None else self.job_s + 0.1 * (d - self.job_s)
+
+    def skip_ahead(self, why: str) -> None:
+        """Drop the jobs sent ahead to the job processes (not started), handing them
+        back to the client with ``why``."""
+        for w in self.workers.values():
+            for job in list(w.jobs)[1:]:
+                if not job.handed_back and not job.cancelled:
+                    job.handed_back = why
+                    w.skip(job)
+
     def worker_idle(self, worker: Worker) -> None:
         if not worker.gone:
             self._idle.append(worker)
@@ -218,11 +234,16 @@ class Computation:
             self._idle.remove(worker)
 
     def cancel_running(self, jid: int) -> None:
+        """Stop job ``jid`` if it runs; drop it unstarted if it was sent ahead."""
         for w in self.workers.values():
-            if w.job is not None and w.job.jid == jid:
-                w.job.cancelled = True
-                w.stop()
-                return
+            for i, job in enumerate(w.jobs):
+                if job.jid == jid and not job.cancelled:
+                    job.cancelled = True
+                    if i == 0:
+                        w.stop()
+                    else:
+                        w.skip(job)
+                    return
 
     def hand_back_running(self, why: str) -> int:
         """Stop the running jobs; each goes back to the client (to run again) with
@@ -232,7 +253,7 @@ class Computation:
             if w.job is not None and not w.job.handed_back:
                 w.job.handed_back = why
                 self.node.jobs_handed_back += 1
-                w.stop()
+                w.stop()  # (those sent ahead to it go back when it is gone)
                 n += 1
         return n
 

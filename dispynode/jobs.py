@@ -1,10 +1,18 @@
 """A job's way through the node daemon, in one place::
 
     Session._jobs (JOBS from the client) --> enqueue --> dispatch (at most cpus at once)
-        --> Worker.run: W_JOB to an idle job process of its computation
-    job process: runs it (``_process_main``) --W_RESULT--> Worker._on_message
+        --> Worker.run: W_JOB to an idle job process of its computation (it starts:
+            the client is told, ``job_started``), or sent ahead to a busy one
+    job process: runs its jobs in the order sent (``_process_main``) --W_RESULT-->
+        Worker._on_message --> the next one sent ahead starts
         --> job_ended --> deliver: kept (memory, and the node's result store)
             until the client's ACK, and sent in the session's next RESULTS frame
+
+Jobs are sent ahead (about AHEAD_WORK_S of them) only while the node runs one computation
+and its jobs are short (AHEAD_JOB_S): each then starts as the one before ends,
+with no round trip to the daemon between.  One sent ahead has not started: a
+W_SKIP drops it unrun when it is cancelled or handed back, and if it started
+meanwhile it is stopped as a running one is.
 
 A job that does not end by its result (its process died, it was cancelled or
 timed out, the node's service hours ended) ends the same way, with a status
@@ -17,6 +25,7 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 import os
 import signal
 from typing import TYPE_CHECKING
@@ -37,9 +46,23 @@ logger = logging.getLogger("dispynode")
 #: A result this large (bytes) is written to the node's store only once it has been
 #: sent (if it is not acknowledged soon after); smaller ones as they come.
 LARGE_RESULT = 1 << 20
+#: Most jobs a job process holds at once: the one it runs and those sent ahead.
+MAX_WORKER_DEPTH = 8
+#: Seconds of work sent ahead to a job process, at most (by its computation's
+#: job times): enough to cover the daemon's turn between two jobs.
+AHEAD_WORK_S = 0.002
+#: Jobs are sent ahead only while their computation's jobs take less than this
+#: (seconds, a moving average): for longer ones a round trip costs little, and a
+#: job waiting behind another may not wait long while a CPU is free.
+AHEAD_JOB_S = 0.01
+#: Arguments this large (bytes) are never sent ahead: such a job waits in the
+#: node's queue until a job process is free for it.
+AHEAD_MAX_BYTES = 1 << 20
 #: Seconds to wait for a job process's exit status after its socket closed.
 EXIT_STATUS_WAIT = 2.0
 _NONE = b"N."  # pickle of None
+#: Why a job goes back to its client unstarted when its computation closes.
+UNSTARTED = "returned unstarted"
 
 
 class NodeJob:
@@ -80,21 +103,41 @@ class Worker:
         self.comp = comp
         self.chan = chan
         self.pid = pid
-        self.job: NodeJob | None = None
+        #: the jobs sent to its process, in order: the first one runs
+        self.jobs: collections.deque[NodeJob] = collections.deque()
         self.exit_code: int | None = None
         self.gone = False
         chan.on_message = self._on_message
         chan.on_close = self._on_close
 
+    @property
+    def job(self) -> NodeJob | None:
+        """The job its process runs now (the first of those sent to it)."""
+        return self.jobs[0] if self.jobs else None
+
     def run(self, job: NodeJob) -> None:
-        self.job = job
+        """Send ``job`` to the process: it starts now if the process is idle, else
+        when the jobs sent before it have ended."""
         job.worker = self
+        self.jobs.append(job)
         lens, flat = join_segments([job.payload])
         ctl = {"j": job.jid, "s": lens, "m": 1} if job.chunk else {"j": job.jid, "s": lens}
         self.chan.send(Kind.W_JOB, ctl, flat)
-        job.payload = None
+        if len(self.jobs) == 1:
+            self._started(job)
+
+    def _started(self, job: NodeJob) -> None:
+        job.payload = None  # (kept while it waited: had this process died, it ran elsewhere)
+        if job.cancelled or job.handed_back:  # its W_SKIP came too late: it runs, stop it
+            self.stop()
+            return
         if job.timeout:
             job.timer = asyncio.get_running_loop().call_later(job.timeout, self._time_out, job)
+        self.comp.node.job_started(job)
+
+    def skip(self, job: NodeJob) -> None:
+        """Drop ``job``, sent ahead, before it starts (the process says whether it did)."""
+        self.chan.send(Kind.W_SKIP, {"j": job.jid})
 
     def _time_out(self, job: NodeJob) -> None:
         if self.job is job:
@@ -122,13 +165,24 @@ class Worker:
         if msg.kind != Kind.W_RESULT:
             return
         ctl = msg.ctl
-        self.job = None
+        if ctl.get("k"):  # a job sent ahead, dropped unstarted (W_SKIP)
+            skipped = next((j for j in self.jobs if j.jid == ctl.get("j") and j is not job), None)
+            if skipped is not None:
+                self.jobs.remove(skipped)
+                self.comp.node.job_skipped(skipped)
+            return
+        self.jobs.popleft()
         if job.timer is not None:
             job.timer.cancel()
         ctl, segs = texts_in(ctl, split_segments(msg.payload, ctl["s"]))
         info = {k: ctl[k] for k in ("st", "t0", "t1", "o", "e", "x") if k in ctl}
-        self.comp.worker_idle(self)
-        self.comp.node.job_ended(job, info, segs)
+        self.comp.observe(info.get("t0"), info.get("t1"))
+        nxt = self.job
+        if nxt is None:
+            self.comp.worker_idle(self)
+        else:  # it runs now: the process took it as this one ended
+            self._started(nxt)
+        self.comp.node.job_ended(job, info, segs, freed=nxt is None)
         self.comp.job_left()
 
     def _on_close(self, exc) -> None:
@@ -146,9 +200,10 @@ class Worker:
             self._end_job()
 
     def _end_job(self) -> None:
-        job, self.job = self.job, None
-        if job is None:
+        if not self.jobs:
             return
+        job = self.jobs.popleft()
+        ahead, self.jobs = list(self.jobs), collections.deque()
         if job.timer is not None:
             job.timer.cancel()
         if job.handed_back:  # not the job's failure: its client runs it again
@@ -168,6 +223,7 @@ class Worker:
                 "x": f"the job's process (pid {self.pid}) {how} while running the job",
             }
         self.comp.node.job_ended(job, info, [_NONE])
+        self.comp.node.requeue(ahead)  # never started: they run elsewhere
         self.comp.job_left()
 
     def stop(self) -> None:
@@ -205,21 +261,78 @@ class NodeJobs:
     def dispatch(self) -> None:
         queue = self.queue
         scanned = 0
-        while queue and self.running < self.cpus and scanned < len(queue):
+        # (with several computations each job waits for a free CPU in the order sent)
+        ahead = len(self.computations) == 1 and not self.paused
+        while queue and scanned < len(queue):
+            free = self.running < self.cpus
+            if not free and not ahead:
+                break
             job = queue[0]
-            worker = job.comp.idle_worker()
+            worker = job.comp.idle_worker() if free else None
+            if worker is None and ahead:
+                worker = self._worker_ahead(job)
             if worker is None:
                 queue.rotate(-1)
                 scanned += 1
                 continue
             queue.popleft()
             scanned = 0
-            self.running += 1
+            if not worker.jobs:
+                self.running += 1
             worker.run(job)
 
-    def job_ended(self, job: NodeJob, info: dict, segs) -> None:
-        """A job left its worker (result, crash or cancel); report it, run the next."""
-        self.running -= 1
+    def _worker_ahead(self, job: NodeJob) -> Worker | None:
+        """A busy job process to send ``job`` ahead to (the least busy one), if its
+        computation's jobs are short and its arguments small; else None."""
+        comp = job.comp
+        if comp.job_s is None or comp.job_s >= AHEAD_JOB_S or not comp.ready:
+            return None
+        if sum(memoryview(p).nbytes for p in job.payload) > AHEAD_MAX_BYTES:
+            return None
+        depth = min(MAX_WORKER_DEPTH, 1 + math.ceil(AHEAD_WORK_S / max(comp.job_s, 1e-6)))
+        best = None
+        for w in comp.workers.values():
+            if 0 < len(w.jobs) < depth and (best is None or len(w.jobs) < len(best.jobs)):
+                best = w
+        return best
+
+    def requeue(self, jobs: list[NodeJob]) -> None:
+        """Jobs sent ahead to a job process that died before it started them (they
+        go back to the front of the queue, in their order)."""
+        for job in reversed(jobs):
+            job.worker = None
+            if job.comp.closed and not job.handed_back:
+                job.handed_back = UNSTARTED
+            if job.handed_back or job.cancelled:
+                self.job_skipped(job)
+            elif self.paused:
+                self._hand_back(job, self.paused)
+            else:
+                self.queue.appendleft(job)
+        self.dispatch()
+
+    def job_started(self, job: NodeJob) -> None:
+        """``job`` runs now: its client is told (its status is Running from now)."""
+        session = job.comp.session
+        if session is not None:
+            session.report_start(job.comp.cid, job.jid)
+
+    def job_skipped(self, job: NodeJob) -> None:
+        """A job sent ahead was dropped before it started: cancelled, or handed back."""
+        if job.handed_back and job.handed_back != UNSTARTED:  # service hours
+            self._hand_back(job, job.handed_back)
+            return
+        if job.handed_back:
+            info = {"st": jobstate.Created, "x": UNSTARTED}
+        else:
+            info = {"st": jobstate.Cancelled, "x": "cancelled before it started"}
+        self.deliver(job.comp.cid, job.jid, info, [b"N."], job.comp.session)
+
+    def job_ended(self, job: NodeJob, info: dict, segs, freed: bool = True) -> None:
+        """A job left its worker (result, crash or cancel); report it, run the next.
+        ``freed``: its CPU is free (no job sent ahead took it over)."""
+        if freed:
+            self.running -= 1
         self.jobs_done += 1
         comp = job.comp
         comp.jobs_done += 1
@@ -295,13 +408,14 @@ class NodeJobs:
     def drop_jobs(self, comp: Computation, terminate: bool) -> None:
         """A computation closes: hand its queued (never started) jobs back to the client,
         which may run them elsewhere."""
+        comp.skip_ahead(UNSTARTED)
         keep = collections.deque()
         for job in self.queue:
             if job.comp is comp:
                 self.deliver(
                     comp.cid,
                     job.jid,
-                    {"st": jobstate.Created, "x": "returned unstarted"},
+                    {"st": jobstate.Created, "x": UNSTARTED},
                     [b"N."],
                     comp.session,
                 )

@@ -191,6 +191,7 @@ class NodeServer(NodeJobs):
             "nid": self.nid,
             "ip": self.ip_addr,
             "cpus": self.cpus,
+            "starts": 1,  # RESULTS say which jobs started ("g"): Running is the node's word
             "platform": platform.platform(),
             "version": __version__,
             # a client with the same id may name put() data files instead of sending them
@@ -312,6 +313,8 @@ class NodeServer(NodeJobs):
         queued, self.queue = self.queue, collections.deque()
         for job in queued:
             self._hand_back(job, why)
+        for comp in list(self.computations.values()):
+            comp.skip_ahead(why)  # sent ahead to its job processes: not started either
         if ended:
             running = sum(c.hand_back_running(why) for c in list(self.computations.values()))
             if running:

@@ -115,6 +115,13 @@ class JobRoute:
             self.links[job._node].cancel(job)
 
     def node_results(self, link: NodeLink, ctl: dict, payload) -> None:
+        if "g" in ctl:  # jobs that started there (read first: some ended since)
+            for cid, jids in field(ctl, "g", dict).items():
+                comp = self.comps.get(cid)
+                for jid in jids if comp is not None and isinstance(jids, list) else ():
+                    job = comp.jobs.get(jid) if type(jid) is int else None
+                    if job is not None:
+                        self.sched.started(link.key, job._uid)
         for entry, part in result_entries(ctl, payload):
             jid = field(entry, "j", int)
             cid = field(entry, "c", str)

@@ -33,6 +33,7 @@ class NodeLink(LinkBase):
         self.ip = host
         self.name = host
         self.cpus = 0
+        self.reports_starts = False  # its RESULTS say which jobs started
         self.paused = False  # the node is outside its service hours (its pulses say)
         self._init_link(logger)
         self._streams.update(
@@ -78,6 +79,7 @@ class NodeLink(LinkBase):
             chan.close()
             return
         self.cpus = field(info, "cpus", int)
+        self.reports_starts = bool(info.get("starts"))
         self.name = field(info, "name", str)
         nid = info.get("nid")
         if isinstance(nid, str) and not server.claim(nid, self):

@@ -247,7 +247,7 @@ class SchedulerServer(Durable, JobRoute):
 
     def node_ready(self, link: NodeLink, on_node=()) -> None:
         """``on_node``: (computation, job ids) the node still has (RESUMED)."""
-        self.sched.add_node(link.key, link.cpus)
+        self.sched.add_node(link.key, link.cpus, reports=link.reports_starts)
         self.sched.set_paused(link.key, link.paused)  # told before it was ready
         logger.info("node %s (%s) ready with %d CPUs", link.name, link, link.cpus)
         for comp, jids in on_node:

@@ -241,3 +241,14 @@ class _LoadsBadly:
 
 def result_the_client_cannot_load():
     return _LoadsBadly()
+
+
+def mark(folder, name, seconds=0.0, crash=False):
+    """Leave a file ``name`` in ``folder`` as it starts (it ran), then sleep
+    ``seconds`` (or die: ``crash``); its process id."""
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(str(os.getpid()))
+    if crash:
+        os._exit(3)
+    time.sleep(seconds)
+    return os.getpid()

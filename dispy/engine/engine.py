@@ -245,7 +245,15 @@ class Engine:
     # -- results ---------------------------------------------------------------------
     def results(self, link: NodeLink, ctl: dict, payload) -> None:
         node = link.node
-        for entry, part in result_entries(ctl, payload):
+        entries = list(result_entries(ctl, payload))
+        # jobs that started there: Running after the ends that freed their CPUs, but
+        # before their own end if they ended too (a tiny job starts and ends at once)
+        starts = field(field(ctl, "g", dict, default={}), self.cid, list, default=[])
+        if starts:
+            starts = [uid for uid in starts if type(uid) is int]
+            ended = {entry.get("j") for entry, _ in entries}
+            self._started_on(link, [uid for uid in starts if uid in ended])
+        for entry, part in entries:
             uid = field(entry, "j", int)
             link.ack(self.cid, uid)
             job = self.live.get(uid)
@@ -283,8 +291,15 @@ class Engine:
                 node.cpu_time += t1 - t0
                 self.sched.observe(link.key, t1 - t0)
             self._finish(job, node)
+        if starts:
+            self._started_on(link, starts)
         node.busy = self.sched.nodes[link.key].busy() if link.key in self.sched.nodes else 0
         self.dispatch()
+
+    def _started_on(self, link: NodeLink, uids: list) -> None:
+        for uid in uids:
+            self.sched.started(link.key, uid)
+        self._report_started()
 
     def provisional(self, link: NodeLink, ctl: dict, payload) -> None:
         uid = field(ctl, "j", int)
@@ -411,7 +426,7 @@ class Engine:
         self.behind = seen
 
     def node_ready(self, link: NodeLink) -> None:
-        self.sched.add_node(link.key, link.node.cpus, link.limited)
+        self.sched.add_node(link.key, link.node.cpus, link.limited, link.reports_starts)
         self.sched.set_paused(link.key, link.paused)  # told before it was ready
         logger.info("node %s (%s) ready with %d CPUs", link.node.name, link.key, link.node.cpus)
         self.cluster._node_status(DispyNode.Initialized, link.node)

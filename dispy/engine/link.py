@@ -55,6 +55,7 @@ class NodeLink(LinkBase):
         self.key = (host, port)
         self.node = DispyNode(host, port)
         self.node_cpus = 0  # the CPUs the node says it has
+        self.reports_starts = False  # its RESULTS say which jobs started (Running)
         self.same_host = False  # put() data is handed over by file name
         self._init_link(logger)
         self._streams.update(
@@ -153,6 +154,7 @@ class NodeLink(LinkBase):
             chan.close()
             return
         cpus = self.node_cpus = field(info, "cpus", int)
+        self.reports_starts = bool(info.get("starts"))
         self.node.name = field(info, "name", str)
         if engine.via_scheduler:
             engine.scheduler_nodes(info.get("nodes"))
@@ -384,7 +386,7 @@ class NodeLink(LinkBase):
         if self.chan is None or self.chan.is_closed:
             raise ConnectionClosed(f"node {self.host}:{self.port} is not connected")
         await self._send_computation()
-        self.engine.sched.add_node(self.key, self.node.cpus, self.limited)
+        self.engine.sched.add_node(self.key, self.node.cpus, self.limited, self.reports_starts)
         self.engine.sched.set_paused(self.key, self.paused)
         self.engine.dispatch()
 

@@ -56,6 +56,7 @@ class Kind(IntEnum):
     W_HELLO = 58  # job process: my pid
     W_PROVISIONAL = 59  # job process: a provisional result of the running job
     W_SENDFILE = 60  # job process: a file for the client (dispy_send_file)
+    W_SKIP = 61  # daemon -> job process: drop this job sent ahead, if not started
 
 
 HANDSHAKE_KINDS = frozenset({Kind.HELLO, Kind.AUTH, Kind.AUTH_OK, Kind.AUTH_FAIL})

@@ -51,6 +51,7 @@ class SessionBase:
         chan.on_message = self.on_message
         chan.on_close = self.on_close
         self._out: list = []
+        self._starts: dict[str, list] = {}  # jobs started since the last RESULTS, per computation
         self._flush_scheduled = False
         self._ops: asyncio.Queue = asyncio.Queue()
         self._current = None  # the request being handled
@@ -175,10 +176,23 @@ class SessionBase:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def report_start(self, cid: str, jid) -> None:
+        """Job ``jid`` of ``cid`` started: said in this loop turn's RESULTS frame (``g``)."""
+        if self.chan.is_closed:
+            return
+        self._starts.setdefault(cid, []).append(jid)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
-        for batch in _result_frames(out):
+        starts, self._starts = self._starts, {}
+        frames = list(_result_frames(out))
+        if starts and not frames:
+            frames = [[]]  # starts only: a frame without results
+        for batch in frames:
             told = [sent for _, _, sent in batch if sent is not None]
             if self.chan.is_closed:
                 for sent in told:
@@ -186,6 +200,8 @@ class SessionBase:
                 continue
             lens, flat = join_segments(segs for _, segs, _ in batch)
             ctl = {"r": [e for e, _, _ in batch], "s": lens}
+            if starts:
+                ctl["g"], starts = starts, None
             if told:
                 self.chan.send(Kind.RESULTS, ctl, flat, sent=functools.partial(_tell, told))
             else:

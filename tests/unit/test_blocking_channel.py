@@ -32,3 +32,18 @@ def test_send_with_empty_segments_completes(payload):
         assert done.is_set(), "send() did not return"
         assert msg.kind == Kind.W_SENDFILE and msg.ctl["p"] == "f.dat"
         assert bytes(msg.payload) == b"".join(payload)
+
+
+def test_recv_nowait_returns_what_is_there_and_never_waits():
+    a, b = socket.socketpair()
+    with a, b:
+        sender, receiver = BlockingChannel(a), BlockingChannel(b)
+        assert receiver.recv_nowait() == []  # nothing sent: returns at once
+        for jid in (1, 2, 3):
+            sender.send(Kind.W_JOB, {"j": jid, "s": [0]}, [b""])
+        assert receiver.recv().ctl["j"] == 1  # (2 and 3 may be read and held already)
+        assert [m.ctl["j"] for m in receiver.recv_nowait()] == [2, 3]
+        assert receiver.recv_nowait() == []
+        a.close()
+        with pytest.raises(Exception, match="closed"):
+            receiver.recv_nowait()

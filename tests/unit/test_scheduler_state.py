@@ -95,14 +95,14 @@ def test_adopt_marks_queued_or_held_jobs_running_on_the_reporting_node():
 def test_a_node_of_tiny_jobs_is_sent_more_ahead_and_of_long_ones_less():
     s = Scheduler()
     s.add_node("a", 2)
-    for uid in range(20):
+    for uid in range(60):
         s.submit(J(uid))
-    (node, batch), = s.assign()
+    ((node, batch),) = s.assign()
     assert len(batch) == 4  # 2 per CPU before any job time is known
     for job in batch:
         assert s.ended(job, jobstate.FINISH)
         s.observe("a", 0.00005)  # 50 us jobs: a round trip to the client is longer
-    assert len(s.assign()[0][1]) == 8 and len(node.running) == 8
+    assert len(s.assign()[0][1]) == 32 and len(node.running) == 32  # 16 per CPU at most
     for job in list(node.running.values()):
         assert s.ended(job, jobstate.FINISH)
         s.observe("a", 0.5)  # long jobs now: no more ahead than before
@@ -118,3 +118,19 @@ def test_a_node_of_tiny_jobs_is_sent_more_ahead_and_of_long_ones_less():
     shared.observe("b", 0.5)
     assert shared.nodes["b"].capacity == 16
     s.observe("gone", 0.1)  # a node no longer known: nothing happens
+
+
+def test_a_node_lost_before_it_confirmed_a_cancel_loses_only_its_open_jobs():
+    s = Scheduler()
+    s.add_node("a", 2, reports=True)
+    for uid in range(3):
+        s.submit(J(uid))
+    ((_, batch),) = s.assign()
+    running, waiting, other = batch
+    assert [j.status for j in batch] == [jobstate.Created] * 3  # until the node says
+    s.started("a", running._uid)
+    assert running.status == jobstate.Running and waiting.status == jobstate.Created
+    assert s.cancel_sent(waiting)  # Cancelled now; its place is kept until the node says
+    lost = dict((j._uid, st) for j, st in s.remove_node("a"))
+    assert lost == {running._uid: jobstate.Abandoned, other._uid: jobstate.Abandoned}
+    assert waiting.status == jobstate.Cancelled
