@@ -123,9 +123,21 @@ TARGETS = {
 # -- helpers ---------------------------------------------------------------------------
 
 
+#: ``--node``: (address, secret) of a running dispynode to use instead of a LocalNode
+#: (benchmarks/core_netns.py: one in another network namespace); None: our own.
+EXTERNAL: tuple[str, str] | None = None
+#: The groups that can use such a node (the others start and stop their own).
+EXTERNAL_GROUPS = ("jobs", "latency", "to_node", "from_node", "local_pool")
+
+
 @contextlib.contextmanager
 def node_cluster(func, cpus: int = 2):
-    """A fresh dispynode with ``cpus`` CPUs on 127.0.0.1 and a JobCluster on it."""
+    """A fresh dispynode with ``cpus`` CPUs on 127.0.0.1 and a JobCluster on it
+    (or the ``--node`` given: node None)."""
+    if EXTERNAL is not None:
+        with dispy.JobCluster(func, nodes=[EXTERNAL[0]], secret=EXTERNAL[1]) as cluster:
+            yield None, cluster
+        return
     with dispy.LocalNode(cpus=cpus).start(timeout=WAIT_S) as node:
         with dispy.JobCluster(func, nodes=[node.address], secret=node.secret) as cluster:
             yield node, cluster
@@ -214,17 +226,20 @@ def bench_jobs(cfg) -> dict:
             dt = run_round(cluster, n)
             rates.append(n / dt)
             log.info("jobs: round %d: %d jobs in %.3f s = %.0f jobs/s", i + 1, n, dt, n / dt)
+        out = {
+            "jobs_per_s": r(max(rates), 1),
+            "jobs_per_s_runs": [r(x, 1) for x in rates],
+            "jobs_per_round": n,
+        }
+        if node is None:  # (--node: its processes are not ours to read)
+            return out
         with NodeMemory(node.proc.pid) as mem:  # one more round, untimed: sampling costs CPU
             run_round(cluster, n)
         log.info("jobs: node PSS peak %.1f MiB: %s", mem.peak / MB, mem.parts)
-    return {
-        "jobs_per_s": r(max(rates), 1),
-        "jobs_per_s_runs": [r(x, 1) for x in rates],
-        "jobs_per_round": n,
-        # the node's daemon, computation process and job processes while the jobs ran
-        "node_pss_mib_peak": r(mem.peak / MB, 1),
-        "node_pss_mib_parts": {k: r(v / MB, 1) for k, v in sorted(mem.parts.items())},
-    }
+    # the node's daemon, computation process and job processes while the jobs ran
+    out["node_pss_mib_peak"] = r(mem.peak / MB, 1)
+    out["node_pss_mib_parts"] = {k: r(v / MB, 1) for k, v in sorted(mem.parts.items())}
+    return out
 
 
 def bench_latency(cfg) -> dict:
@@ -598,6 +613,13 @@ def parse_args(argv=None):
         default=10.0,
         help="before each group, wait up to this many s for other programs to go quiet",
     )
+    p.add_argument(
+        "--node",
+        metavar="HOST:PORT",
+        help="use this running dispynode (2 CPUs) instead of starting one: groups "
+        + ", ".join(EXTERNAL_GROUPS),
+    )
+    p.add_argument("--secret", default="", help="the --node's secret")
     args = p.parse_args(argv)
     groups = []
     for item in args.only:
@@ -608,6 +630,8 @@ def parse_args(argv=None):
             if g not in groups:
                 groups.append(g)
     args.groups = [g for g in GROUPS if g in groups] if groups else list(GROUPS)
+    if args.node:
+        args.groups = [g for g in args.groups if g in EXTERNAL_GROUPS]
     return args
 
 
@@ -617,6 +641,8 @@ def main(argv=None) -> int:
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
     )
     cfg = QUICK if args.quick else FULL
+    global EXTERNAL
+    EXTERNAL = (args.node, args.secret) if args.node else None
     if args.quick:
         args.settle = min(args.settle, 1.0)
     out: dict = {
