@@ -25,7 +25,10 @@ import socket
 from collections.abc import Callable
 
 from . import config
-from ._channel import BlockingChannel  # noqa: F401  (its home before; tests import it here)
+from ._channel import (
+    LOCAL_SNDBUF,
+    BlockingChannel,  # noqa: F401  (its home before; tests import it here)
+)
 from ._peer_guards import GuessDelay, LogThrottle, peer_uid
 from ._tasks import spawn
 from .errors import AuthenticationFailed, ConnectionClosed, DispyError, ProtocolError
@@ -470,7 +473,9 @@ async def serve_unix(
     me = os.geteuid()
 
     def made(proto: ChannelProtocol) -> None:
-        uid = peer_uid(proto.transport.get_extra_info("socket"))
+        sock = proto.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SNDBUF)
+        uid = peer_uid(sock)
         if uid != me:
             proto.transport.abort()
             if on_refused is not None:

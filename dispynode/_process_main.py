@@ -38,7 +38,7 @@ import types
 
 from dispy import _data as dispy_data
 from dispy import serialize
-from dispy._channel import BlockingChannel
+from dispy._channel import LOCAL_SNDBUF, BlockingChannel
 from dispy.core import jobstate
 from dispy.errors import ConnectionClosed
 from dispy.protocol import Kind, join_segments, split_segments, texts_out
@@ -182,6 +182,7 @@ def _job_process(addr: str, token: bytes, cid: str, spec, comp_dir: str, load: d
     try:
         _die_with_parent()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SNDBUF)  # (large results)
         sock.connect(addr)
         chan = BlockingChannel(sock)
         chan.send(Kind.W_HELLO, {"c": cid, "t": token, "p": os.getpid()})
