@@ -8,11 +8,11 @@
         --> job_ended --> deliver: kept (memory, and the node's result store)
             until the client's ACK, and sent in the session's next RESULTS frame
 
-Jobs are sent ahead (about AHEAD_WORK_S of them) only while the node runs one computation
-and its jobs are short (AHEAD_JOB_S): each then starts as the one before ends,
-with no round trip to the daemon between.  One sent ahead has not started: a
-W_SKIP drops it unrun when it is cancelled or handed back, and if it started
-meanwhile it is stopped as a running one is.
+Jobs are sent ahead (about AHEAD_WORK_S of work per job process) only while the
+node runs one computation and its jobs are short (AHEAD_JOB_S): each then
+starts as the one before ends, with no round trip to the daemon between.  One
+sent ahead has not started: a W_SKIP drops it unrun when it is cancelled or
+handed back, and if it started meanwhile it is stopped as a running one is.
 
 A job that does not end by its result (its process died, it was cancelled or
 timed out, the node's service hours ended) ends the same way, with a status
