@@ -122,6 +122,8 @@ class JobRoute:
                     job = comp.jobs.get(jid) if type(jid) is int else None
                     if job is not None:
                         self.sched.started(link.key, job._uid)
+                        if comp.session is not None:  # its client hears it too
+                            comp.session.report_start(cid, jid)
         for entry, part in result_entries(ctl, payload):
             jid = field(entry, "j", int)
             cid = field(entry, "c", str)

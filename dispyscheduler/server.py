@@ -238,6 +238,7 @@ class SchedulerServer(Durable, JobRoute):
             "name": self.name,
             "nid": self.nid,
             "cpus": self.total_cpus(),
+            "starts": 1,  # RESULTS say which jobs started (its nodes' word, passed on)
             "platform": platform.platform(),
             "version": __version__,
             "ip": self.ext_ip_addr or (self.bound[0][0] if self.bound else ""),

@@ -504,3 +504,22 @@ def test_shared_cluster_job_api(scheduler_factory, two_nodes, tmp_path, monkeypa
         bad = cluster.submit_node("10.255.255.1:9", 1)
         assert bad(timeout=60) is None and bad.status == DispyJob.Abandoned
         assert "submit_node" in bad.exception and "10.255.255.1:9" in bad.exception
+
+
+def test_a_shared_job_waiting_behind_another_clients_reads_created(node_factory, tmp_path):
+    """One 1-CPU node, two clients through the scheduler: while A's long job runs
+    there, B's job waits (Created at B, whose own reckoning alone said Running),
+    and it is Running once the node says it started."""
+    node = node_factory(cpus=1, secret=NODE_SECRET)
+    sched = Scheduler([node], tmp_path)
+    try:
+        with sched.cluster(jobs.sleep_for) as a, sched.cluster(jobs.sleep_for) as b:
+            long = a.submit(1.5)
+            assert _wait_for(lambda: long.status == DispyJob.Running, 30)
+            waiting = b.submit(0.01)
+            assert not _wait_for(lambda: waiting.status != DispyJob.Created, 0.5)
+            assert long.status == DispyJob.Running  # (so B's job did wait all that time)
+            assert waiting(timeout=30) == 0.01 and long(timeout=30) == 1.5
+            assert waiting.start_time >= long.end_time - 0.001  # the node's clock, both
+    finally:
+        sched.stop()

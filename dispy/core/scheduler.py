@@ -11,10 +11,10 @@ between two short jobs.  ``prefetch`` follows the node's job times
 ones, so that each CPU has about AHEAD_S of work waiting.
 
 A job sent ahead stays *Created* until it starts.  A node that says which
-jobs started (``reports``: dispynode) makes them *Running* on its word
-(``started``); for other peers (a dispyscheduler) the first ``cpus`` of a
-node's jobs in flight are reckoned *Running*, and as each ends the next one
-is (``take_started``).  A node given fewer CPUs than it has (``NodeAllocate``,
+jobs started (``reports``: dispynode, and dispyscheduler passing its nodes'
+word on) makes them *Running* on its word (``started``); for a peer that
+does not, the first ``cpus`` of a node's jobs in flight are reckoned
+*Running*, and as each ends the next one is (``take_started``).  A node given fewer CPUs than it has (``NodeAllocate``,
 ``set_node_cpus``: ``limited``) gets only ``cpus`` jobs at once, so that it
 never runs more of them.
 """
