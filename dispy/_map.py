@@ -20,18 +20,7 @@ def map_jobs(
     progress: bool | None = False,
     chunksize: int = 1,
 ):
-    """Run the computation on each item of ``iterable``, lazily: at most
-    ``max_pending`` jobs are in flight at once (default 2 x the cluster's
-    CPUs, at least 16), so an endless iterable uses bounded memory.
-
-    Yields results in input order (``ordered=False``: as jobs end).  Each
-    item is one argument, or (``star=True``) a tuple of arguments.  A job
-    that does not finish raises ``JobFailed`` (with ``.job``).  ``progress``:
-    as for ``wait``.  ``chunksize=N`` (as in ``concurrent.futures``): each
-    job runs the computation on N items in turn and returns their results
-    together, for items too small to be worth a job each; a failing item
-    fails its whole chunk (the error says which item).
-    """
+    """``JobCluster.map`` (its docstring says what each argument does)."""
     if not isinstance(chunksize, int) or chunksize < 1:
         raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
     if progress is None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from dispy._tasks import spawn
 from dispy.core import job_end, jobstate
 from dispy.errors import ProtocolError
-from dispy.protocol import Kind, field, job_id, result_entries, split_segments
+from dispy.protocol import Kind, field, job_id, result_entries, split_segments, started_jobs
 
 from .model import Comp, SJob
 
@@ -115,15 +115,14 @@ class JobRoute:
             self.links[job._node].cancel(job)
 
     def node_results(self, link: NodeLink, ctl: dict, payload) -> None:
-        if "g" in ctl:  # jobs that started there (read first: some ended since)
-            for cid, jids in field(ctl, "g", dict).items():
-                comp = self.comps.get(cid)
-                for jid in jids if comp is not None and isinstance(jids, list) else ():
-                    job = comp.jobs.get(jid) if type(jid) is int else None
-                    if job is not None:
-                        self.sched.started(link.key, job._uid)
-                        if comp.session is not None:  # its client hears it too
-                            comp.session.report_start(cid, jid)
+        for cid, jids in started_jobs(ctl).items():  # (read first: some ended since)
+            comp = self.comps.get(cid)
+            for jid in jids if comp is not None else ():
+                job = comp.jobs.get(jid)
+                if job is not None:
+                    self.sched.started(link.key, job._uid)
+                    if comp.session is not None:  # its client hears it too
+                        comp.session.report_start(cid, jid)
         for entry, part in result_entries(ctl, payload):
             jid = field(entry, "j", int)
             cid = field(entry, "c", str)

@@ -27,7 +27,7 @@ from .._tasks import spawn
 from ..core import job_end, jobstate
 from ..core.scheduler import Scheduler
 from ..errors import DispyError
-from ..protocol import field, result_entries, split_segments
+from ..protocol import field, result_entries, split_segments, started_jobs
 from ..runtime.finder import NodeFinder
 from ..runtime.link import NodeIds
 from .link import NodeLink
@@ -248,9 +248,8 @@ class Engine:
         entries = list(result_entries(ctl, payload))
         # jobs that started there: Running after the ends that freed their CPUs, but
         # before their own end if they ended too (a tiny job starts and ends at once)
-        starts = field(field(ctl, "g", dict, default={}), self.cid, list, default=[])
+        starts = started_jobs(ctl).get(self.cid)
         if starts:
-            starts = [uid for uid in starts if type(uid) is int]
             ended = {entry.get("j") for entry, _ in entries}
             self._started_on(link, [uid for uid in starts if uid in ended])
         for entry, part in entries:

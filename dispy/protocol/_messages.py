@@ -260,6 +260,16 @@ def texts_in(entry: dict, segs: list) -> tuple[dict, list]:
     return entry, segs[len(moved) :]
 
 
+def started_jobs(ctl: dict) -> dict[str, list[int]]:
+    """The jobs a RESULTS message says started (``g``): computation id -> job ids
+    (ids that are not integers are left out)."""
+    return {
+        cid: [jid for jid in jids if type(jid) is int]
+        for cid, jids in field(ctl, "g", dict, default={}).items()
+        if isinstance(jids, list)
+    }
+
+
 def result_entries(ctl: dict, payload):
     """The ``(entry, segments)`` pairs of a RESULTS message, in order: each entry is
     a map whose ``n`` says how many of the payload's segments are its result's,
