@@ -238,6 +238,10 @@ class Worker:
             pass
 
 
+def _size(job: NodeJob) -> int:
+    return sum(memoryview(p).nbytes for p in job.payload)
+
+
 class NodeJobs:
     """The node's queue and the results it owes its clients; mixed into
     ``NodeServer`` (its ``queue``, ``running``, ``cpus``, ``paused``, ``unacked``,
@@ -270,7 +274,11 @@ class NodeJobs:
             job = queue[0]
             worker = job.comp.idle_worker() if free else None
             if worker is None and ahead:
-                worker = self._worker_ahead(job)
+                worker = self._worker_ahead(job.comp)
+                if worker is None and not free:
+                    break  # (one computation: no queued job fits anywhere now)
+                if worker is not None and _size(job) > AHEAD_MAX_BYTES:
+                    worker = None
             if worker is None:
                 queue.rotate(-1)
                 scanned += 1
@@ -281,13 +289,10 @@ class NodeJobs:
                 self.running += 1
             worker.run(job)
 
-    def _worker_ahead(self, job: NodeJob) -> Worker | None:
-        """A busy job process to send ``job`` ahead to (the least busy one), if its
-        computation's jobs are short and its arguments small; else None."""
-        comp = job.comp
+    def _worker_ahead(self, comp: Computation) -> Worker | None:
+        """A busy job process of ``comp`` to send a job ahead to (the least busy one
+        with room), if ``comp``'s jobs are short; else None."""
         if comp.job_s is None or comp.job_s >= AHEAD_JOB_S or not comp.ready:
-            return None
-        if sum(memoryview(p).nbytes for p in job.payload) > AHEAD_MAX_BYTES:
             return None
         depth = min(MAX_WORKER_DEPTH, 1 + math.ceil(AHEAD_WORK_S / max(comp.job_s, 1e-6)))
         best = None
