@@ -222,9 +222,14 @@ def test_status_shape_and_counts(cluster, server, node):
 def test_running_jobs_and_cancel(cluster, server):
     job = cluster.submit(60)
     job.id = ("a", 1)  # any id: returned as its repr
-    s = until(server, lambda st: st["nodes"] and st["nodes"][0]["jobs"], what="the job")
+    # listed once sent to its node; Running once the node says it started
+    s = until(
+        server,
+        lambda st: st["nodes"] and [j["status"] for j in st["nodes"][0]["jobs"]] == ["Running"],
+        what="the job Running",
+    )
     (j,) = s["nodes"][0]["jobs"]
-    assert j["uid"] == job._uid and j["id"] == "('a', 1)" and j["status"] == "Running"
+    assert j["uid"] == job._uid and j["id"] == "('a', 1)"
     assert isinstance(j["start_time"], float)
     assert s["counts"]["running"] == 1
 
