@@ -38,7 +38,7 @@ from . import _report, config, serialize
 from ._callbacks import Callbacks
 from ._data import NodeData, check_name
 from ._data import _local as data_local
-from ._job import ClusterStatus, DispyJob, DispyNode
+from ._job import ClusterStatus, DispyJob, DispyNode, resolve_future
 from ._job_options import job_options
 from ._local_node import LocalNode
 from ._map import map_jobs
@@ -183,7 +183,9 @@ class JobCluster(NodeControl):
         self._wake_scheduled = False
         self._done_cond = threading.Condition()
         self._end_cond = threading.Condition()  # every job's end (DispyJob.finish) waits on it
-        self._unfinished = 0
+        self._unfinished = 0  # jobs whose end is not published yet
+        self._open = 0  # jobs not ended for the client (published or not)
+        self._unpublished: dict[int, DispyJob] = {}  # ended, waiting for the callbacks
         self._submitted = self._ended = self._failed = 0
         self._data_versions: dict[str, int] = {}
         #: the last jobs that did not finish (Terminated, Cancelled, Abandoned), newest last
@@ -193,7 +195,7 @@ class JobCluster(NodeControl):
         self._callbacks: Callbacks | None = None
         callback = callback or job_status
         if callback is not None or cluster_status is not None:
-            self._callbacks = Callbacks(self.name, callback, cluster_status)
+            self._callbacks = Callbacks(self.name, callback, cluster_status, self._publish_end)
         self._engine = Engine(self, package, b"", specs, reentrant, patterns)
         self._engine_created(self._engine)
         #: the recover file's path (None: not kept, e.g. for nodes='local' only)
@@ -299,6 +301,7 @@ class JobCluster(NodeControl):
         job.submit_time = time.time()
         with self._done_cond:
             self._unfinished += 1
+            self._open += 1
             self._submitted += 1
         with self._lock:
             self._incoming.append(job)
@@ -368,40 +371,86 @@ class JobCluster(NodeControl):
         """
         if progress is None:
             progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        # every job ended for the client: the ends still queued for the callbacks
+        # are then published here (on the callback thread, they are seen anyway)
         if not progress:
             with self._done_cond:
-                return self._done_cond.wait_for(lambda: self._unfinished == 0, timeout)
+                done = self._done_cond.wait_for(lambda: self._open == 0, timeout)
+        else:
+            done = self._wait_drawing(timeout)
+        if done:
+            self._publish_waited()
+        return done
+
+    def _wait_drawing(self, timeout: float | None) -> bool:
         bar = Progress(self)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._done_cond:
-            while self._unfinished:
+            while self._open:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 step = PROGRESS_REFRESH if left is None else min(left, PROGRESS_REFRESH)
-                if self._done_cond.wait(step) and not self._unfinished:
+                if self._done_cond.wait(step) and not self._open:
                     break  # the final line follows
                 self._done_cond.release()
                 try:
                     bar.draw()
                 finally:
                     self._done_cond.acquire()
-            done = self._unfinished == 0
+            done = self._open == 0
         bar.draw(final=True)
         return done
 
+    def _publish_waited(self) -> None:
+        """Publish the ends not yet published, for a thread that waited for them:
+        it must not wait for the callbacks (they may wait for a lock it holds)."""
+        if self._callbacks is None or self._callbacks.on_thread():
+            return
+        with self._done_cond:
+            waiting = list(self._unpublished.values())
+        for job in waiting:
+            self._publish_end(job)
+
     # -- called on the loop thread ---------------------------------------------------
     def _job_ended(self, job: DispyJob, node) -> None:
+        """The client's end of ``job``: published now or, with callbacks, on their
+        thread just before they are called with it (see DispyJob), unless a
+        thread waiting for it publishes it first."""
+        if self._callbacks is None:
+            self._publish_end(job)
+            return
+        end = job._end
         with self._done_cond:
+            self._open -= 1
+            self._unpublished[job._uid] = job
+            if self._open == 0:
+                self._done_cond.notify_all()
+        with end._cond:
+            end._waiting = job  # for a thread that waits for it: see JobEnd.wait
+            end._over = True
+            end._cond.notify_all()
+        self._callbacks.job_ended(job, node)
+
+    def _publish_end(self, job: DispyJob) -> None:
+        """``job``'s end, to every thread (once): counted, then ``job()``."""
+        with self._done_cond:
+            if self._callbacks is None:
+                self._open -= 1
+            elif self._unpublished.pop(job._uid, None) is None:
+                return  # published already, by a thread that waited for it
             self._unfinished -= 1
             self._ended += 1
-            if job.status != jobstate.Finished:
+            if job._status != jobstate.Finished:
                 self._failed += 1
                 self.recent_failures.append(job)
             if self._unfinished == 0:
                 self._done_cond.notify_all()
-        if self._callbacks is not None:
-            self._callbacks.job_ended(job, node)
+            # under the lock: a thread that found it published already returns
+            # only once it is
+            fut = job._ended()
+        if fut is not None:
+            resolve_future(job, fut)
 
     def _provisional(self, job: DispyJob, node) -> None:
         if self._callbacks is not None:

@@ -20,9 +20,18 @@ class DispyJob:
     ``stderr``, ``exception`` (the remote traceback text), ``ip_addr``,
     ``start_time`` and ``end_time`` are filled in when the job ends.
     ``id`` is free for the user (dispy never reads it); unless set, a
-    number unique in the process, increasing with each job.  ``finish`` is a
-    ``threading.Event`` set at the job's end; ``job()`` waits for the end and
-    returns the result (None if the job failed).
+    number unique in the process, increasing with each job, that tests false:
+    ``if job.id:`` tells whether the program has set one, as dispy's examples
+    expect (``bounded_submit.py``).  ``finish`` is a ``threading.Event`` set at
+    the job's end; ``job()`` waits for the end and returns the result (None if
+    the job failed).
+
+    With callbacks (``callback``, ``cluster_status``), a job's end reaches the
+    program on the callback thread, just before the callbacks are called with
+    it: until then other threads see the job as it was (``status``), so a
+    callback never reports an end that the submitting thread saw first.  A
+    thread that waits for the job (``job()``, ``finish.wait()``, the cluster's
+    ``wait()``) takes the end at once, never waiting for the callbacks.
     """
 
     Created = jobstate.Created
@@ -37,7 +46,8 @@ class DispyJob:
 
     __slots__ = (
         "id",
-        "status",
+        "_status",
+        "_held",
         "result",
         "stdout",
         "stderr",
@@ -60,7 +70,8 @@ class DispyJob:
     )
 
     def __init__(self, args: tuple, kwargs: dict, segs: list, cluster) -> None:
-        self.status = jobstate.Created
+        self._status = jobstate.Created
+        self._held = None  # the status other threads see until the end is published
         self.result = None
         self.stdout = None
         self.stderr = None
@@ -75,7 +86,8 @@ class DispyJob:
         cond = cluster._end_cond if cluster is not None else threading.Condition()
         self._end = JobEnd(cond)
         self._future: concurrent.futures.Future | None = None
-        self._uid = self.id = next(DispyJob._ids)
+        self._uid = next(DispyJob._ids)
+        self.id = JobNumber(self._uid)
         self._args = args
         self._kwargs = kwargs
         self._segs = segs
@@ -83,6 +95,27 @@ class DispyJob:
         self._opts = None
         self._node = None
         self._cluster = cluster
+
+    @property
+    def status(self) -> int:
+        """One of the class constants: Created, Running, ProvisionalResult, then
+        Finished, Terminated, Cancelled or Abandoned."""
+        held = self._held
+        if held is None or threading.get_ident() in SEES_ENDS:
+            return self._status
+        return held
+
+    @status.setter
+    def status(self, value: int) -> None:
+        if (
+            self._held is None
+            and value in jobstate.TERMINAL
+            and self._status not in jobstate.TERMINAL
+            and self._cluster is not None
+            and self._cluster._callbacks is not None
+        ):
+            self._held = self._status  # published with the end, on the callback thread
+        self._status = value
 
     @property
     def finish(self) -> JobEnd:
@@ -108,17 +141,19 @@ class DispyJob:
             fut.add_done_callback(functools.partial(_future_done, weakref.ref(self)))
         return fut
 
-    def _ended(self) -> None:
-        """The client's last word on the job (its status, result...): wake its
-        waiters, resolve its Future if one was made."""
+    def _ended(self) -> concurrent.futures.Future | None:
+        """The client's last word on the job (its status, result...), published:
+        wake its waiters.  Returns its Future, if one was made, to be resolved
+        (``resolve_future``) once the caller holds no lock."""
         self._args = self._kwargs = self._segs = None  # not needed any more
         end = self._end
         with end._cond:
-            end._flag = True
+            self._held = None
+            end._over = end._flag = True
+            end._waiting = None
             end._cond.notify_all()
             fut = self._future
-        if fut is not None and not fut.done():  # a cancelled future is done already
-            resolve_future(self, fut)
+        return None if fut is None or fut.done() else fut  # (cancelled: done already)
 
     def __call__(self, clear: bool = False, timeout: float | None = None):
         """Wait for the job to end (at most ``timeout`` seconds); return its result.
@@ -151,21 +186,49 @@ class DispyJob:
         return f"<DispyJob id={self.id!r} status={jobstate.NAMES.get(self.status, self.status)}>"
 
 
+class JobNumber(int):
+    """A job's id until the program sets one: its number, which tests false, as
+    dispy's unset id (None) does."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: The threads that see a job's end before it is published: the event loop's
+#: (it makes the end) and the callback threads (they publish it).
+SEES_ENDS: set[int] = set()
+
+
 class JobEnd(threading.Event):
     """A job's end: a ``threading.Event`` (as dispy's ``job.finish`` is) whose
     condition its cluster's jobs share; an Event of its own (a condition and a
     lock) cost each job about 0.6 KB.  ``set``, ``is_set`` and ``clear`` are
-    Event's own; ``wait`` checks its own flag, since another job's end wakes it."""
+    Event's own; ``wait`` checks its own flag, since another job's end wakes it.
+
+    ``_over``: the client has ended the job; ``_flag``: its end is published.
+    Between the two (the cluster has callbacks, which get the end first), a
+    thread that waits for it does not wait for the callbacks: the event loop and
+    the callback threads see the end as it is, any other publishes it
+    (``_waiting``, the job, is set for that)."""
 
     def __init__(self, cond: threading.Condition) -> None:  # no Event.__init__: no lock
         self._cond = cond
         self._flag = False
+        self._over = False
+        self._waiting = None
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._flag:
-            return True
-        with self._cond:
-            return self._cond.wait_for(lambda: self._flag, timeout)
+        if not self._flag and not self._over:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._flag or self._over, timeout):
+                    return False
+        if not self._flag and threading.get_ident() not in SEES_ENDS:
+            job = self._waiting
+            if job is not None:
+                job._cluster._publish_end(job)
+        return True
 
 
 def resolve_future(job: DispyJob, fut: concurrent.futures.Future) -> None:

@@ -23,9 +23,16 @@ def get_loop() -> asyncio.AbstractEventLoop:
             started = threading.Event()
 
             def main() -> None:
+                from ._job import SEES_ENDS  # the loop makes jobs' ends: it sees them
+
+                me = threading.get_ident()
+                SEES_ENDS.add(me)
                 asyncio.set_event_loop(loop)
                 loop.call_soon(started.set)
-                loop.run_forever()
+                try:
+                    loop.run_forever()
+                finally:
+                    SEES_ENDS.discard(me)
 
             threading.Thread(target=main, name="dispy-loop", daemon=True).start()
             started.wait()

@@ -416,6 +416,113 @@ def test_callbacks_get_what_dispy_gives_and_when(node):
     assert [st for st, _ in about_job].count(DispyJob.Finished) == 1
 
 
+def test_bounded_submit_holds_when_jobs_end_before_the_program_looks(node):
+    """dispy's bounded_submit.py, under its lock: submit, set ``job.id``, keep the
+    job as pending if its status is Created or Running; its callback, under the
+    same lock, pops ``job.id`` from the pending jobs ``if job.id``.  Both ways a
+    job can end before the program looks are forced here, each for several jobs:
+    its callback has run already (an id never set must test false), or the job
+    has ended but its callback waits behind another (the program must not see the
+    end before the callback).  Either way exactly the jobs kept are popped."""
+    cond = threading.Condition()
+    pending: dict = {}
+    errors: list = []
+    called = threading.Semaphore(0)
+    gate = threading.Event()
+    gate.set()
+
+    def callback(job):
+        if job.status in (DispyJob.Finished, DispyJob.Terminated, DispyJob.Abandoned):
+            gate.wait(60)  # the callback thread held up, while later jobs end
+            with cond:
+                if job.id:
+                    if pending.pop(job.id, None) is None:
+                        errors.append(f"callback: job {job.id} ended but was not kept")
+            called.release()
+
+    def keep(job, i):
+        with cond:
+            job.id = i
+            if job.status in (DispyJob.Created, DispyJob.Running):
+                pending[i] = job
+
+    with dispy.JobCluster(
+        jobs.double, nodes=[node.address], secret=node.secret, callback=callback
+    ) as cluster:
+        # 1. each job's callback has run before the program sets its id
+        for i in range(1, 6):
+            job = cluster.submit(i)
+            assert called.acquire(timeout=60)
+            assert not job.id, job.id  # a number, but not one the program set
+            keep(job, i)
+        assert pending == {} and errors == []
+        # 2. each job has ended (for the client) while its callback waits behind
+        #    the first one's, held up
+        gate.clear()
+        try:
+            first = cluster.submit(0)
+            with cluster._end_cond:
+                assert cluster._end_cond.wait_for(lambda: first._end._over, 60)
+            for i in range(6, 11):
+                job = cluster.submit(i)
+                with cluster._end_cond:
+                    assert cluster._end_cond.wait_for(lambda j=job: j._end._over, 60)
+                keep(job, i)
+            assert sorted(pending) == list(range(6, 11))
+        finally:
+            gate.set()
+        assert cluster.wait(60)
+    assert errors == [] and pending == {}
+
+
+def test_a_callback_can_wait_for_ends_it_has_yet_to_be_given(node):
+    """A job's end is published on the callback thread, so a callback waiting for
+    a later job (``job()``, ``finish.wait()``, ``cluster.wait()``) must not wait
+    for itself: it sees the ends the client has, published or not."""
+    got = {}
+    ready = threading.Event()
+    later = []
+
+    def callback(job):
+        if job.id == "first":
+            ready.wait(60)
+            got["result"] = later[0](timeout=20)
+            got["finish"] = later[0].finish.wait(20)
+            got["wait"] = cluster.wait(20)
+            got["status"] = later[0].status
+
+    with dispy.JobCluster(
+        jobs.sleep_for, nodes=[node.address], secret=node.secret, callback=callback
+    ) as cluster:
+        first = cluster.submit_job_id("first", 0)
+        later.append(cluster.submit(0.3))  # ends while the first's callback runs
+        ready.set()
+        assert first(timeout=60) == 0 and later[0](timeout=60) == 0.3
+    assert got == {"result": 0.3, "finish": True, "wait": True, "status": DispyJob.Finished}
+
+
+def test_waiting_for_a_job_holding_the_lock_its_callback_takes(node):
+    """A thread that waits for a job (``job()``, ``cluster.wait()``) gets its end
+    though the callback that gets it first waits for a lock that thread holds."""
+    lock = threading.Lock()
+    seen = []
+
+    def callback(job):
+        with lock:
+            seen.append((job.id, job.status))
+
+    with dispy.JobCluster(
+        jobs.sleep_for, nodes=[node.address], secret=node.secret, callback=callback
+    ) as cluster:
+        with lock:  # a's callback waits for it; b's and c's ends wait behind
+            a, b, c = (
+                cluster.submit_job_id(name, t) for name, t in (("a", 0), ("b", 0.1), ("c", 0.2))
+            )
+            assert b(timeout=20) == 0.1 and b.status == DispyJob.Finished
+            assert cluster.wait(20) and c.status == DispyJob.Finished and c.finish.is_set()
+    assert seen == [(name, DispyJob.Finished) for name in "abc"]
+
+
 def test_names_a_job_sees(node):
     """dispy_node_name, dispy_node_ip_addr, dispy_job_path, dispynode_logger (to
     job.stderr).  (Modules such as os without an import: dispy's 6.5, run as

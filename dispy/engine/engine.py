@@ -368,15 +368,15 @@ class Engine:
         spawn(later(), f"completing job {job.id!r} once its files are written")
 
     def _complete(self, job: DispyJob, node) -> None:
-        """The job's one end: resolve its future, count it, queue its callbacks."""
-        if job._end.is_set():
+        """The job's one end: to the cluster, which publishes it (counts it,
+        resolves job() and its Future) and calls its callbacks."""
+        if job._end._over:  # (the cluster sets it)
             return
         self.live.pop(job._uid, None)
         if self.recover is not None:
             self.recover.jobs_done((job._uid,))
         job._segs = None
-        self.cluster._job_ended(job, node)  # counts first: job() returns after them
-        job._ended()
+        self.cluster._job_ended(job, node)
 
     def _abandon(self, job: DispyJob, reason: str) -> None:
         if job.status not in jobstate.TERMINAL:
