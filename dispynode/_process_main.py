@@ -9,7 +9,9 @@
       |                                          inherit setup's globals (copy-on-write)
       |                                               |
       |<== unix socket per job process ==============/  W_HELLO (token), then
-            W_JOB (arguments, not unpickled by the daemon) / W_RESULT
+            W_JOB (arguments, not unpickled by the daemon) / W_RESULT;
+            W_SKIP: drop a job sent ahead, if it has not started (the
+            reply says which, before the next result)
 
 Job processes are warm: each runs jobs one after another, so a tiny job
 costs a message, not a process start.  A job that crashes its process ends as

@@ -27,9 +27,11 @@ To a node::
 in arrival order.  A request refused outright is answered with ERROR carrying
 the request's kind (``k``), which fails whoever waits for its reply.
 
-To a client: RESULTS, STATUS (a pulse, or a provisional result) and FILE (from
-a job) arrive unasked (``STREAM``); the others answer a request (``REPLY``) and
-go to the waiter filed under ``reply_key``.
+To a client: RESULTS (jobs' ends; and ``g``, the jobs that started since the
+last frame, from a node whose INFO says ``starts``), STATUS (a pulse, or a
+provisional result) and FILE (from a job) arrive unasked (``STREAM``); the
+others answer a request (``REPLY``) and go to the waiter filed under
+``reply_key``.
 
 A computation on the serving side (``CompPhase``)::
 
