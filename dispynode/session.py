@@ -252,6 +252,7 @@ class Session(SessionBase):
 
     def send_provisional(self, cid: str, jid: int, segs) -> None:
         if not self.chan.is_closed:
+            self.say_starts()  # Running before its provisional results
             lens, flat = join_segments([segs])
             self.chan.send(
                 Kind.STATUS, {"c": cid, "j": jid, "st": jobstate.ProvisionalResult, "s": lens}, flat
@@ -263,6 +264,7 @@ class Session(SessionBase):
             logger.warning("file from job %s refused (bad name or over --max_file_size)", jid)
             return
         if not self.chan.is_closed:
+            self.say_starts()
             self.chan.send(Kind.FILE, {"c": cid, "j": jid, "p": path, "m": mode}, [data])
 
     def _zombie_interval(self) -> float:

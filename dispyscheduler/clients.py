@@ -171,7 +171,10 @@ class ClientSession(SessionBase):
 
     # -- to the client ----------------------------------------------------------------
     def forward(self, kind: Kind, ctl: dict, payload=()) -> None:
+        """A node's STATUS (provisional result) or FILE for this client's job: after
+        the starts not said yet (the job's among them)."""
         if not self.chan.is_closed:
+            self.say_starts()
             self.chan.send(kind, ctl, payload)
 
     def _zombie_interval(self) -> float:

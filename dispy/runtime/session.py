@@ -34,6 +34,11 @@ from ..errors import ConnectionClosed, ProtocolError
 from ..protocol import RESULTS_CTL_BYTES, RESULTS_PER_FRAME, Kind, join_segments, texts_out
 from ..protocol.conversation import Take, taken_by_node
 
+#: A job's start is said at most this long after it, in the RESULTS frame of its
+#: end if it ends by then: a tiny job's start then costs no frame of its own (a
+#: frame more per job: a wake-up more of the client, and of this daemon).
+START_REPORT_DELAY = 0.002
+
 
 class SessionBase:
     #: errors that refuse one request (logged as a warning, answered with the reason)
@@ -53,6 +58,7 @@ class SessionBase:
         self._out: list = []
         self._starts: dict[str, list] = {}  # jobs started since the last RESULTS, per computation
         self._flush_scheduled = False
+        self._start_timer: asyncio.TimerHandle | None = None  # a starts-only flush, later
         self._ops: asyncio.Queue = asyncio.Queue()
         self._current = None  # the request being handled
         self._stop_after = False  # stop once the request being handled is done
@@ -177,16 +183,27 @@ class SessionBase:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def report_start(self, cid: str, jid) -> None:
-        """Job ``jid`` of ``cid`` started: said in this loop turn's RESULTS frame (``g``)."""
+        """Job ``jid`` of ``cid`` started: said in the next RESULTS frame (``g``), at
+        most START_REPORT_DELAY from now."""
         if self.chan.is_closed:
             return
         self._starts.setdefault(cid, []).append(jid)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if not self._flush_scheduled and self._start_timer is None:
+            self._start_timer = asyncio.get_running_loop().call_later(
+                START_REPORT_DELAY, self._flush
+            )
+
+    def say_starts(self) -> None:
+        """Send the starts not said yet, now: before what shows a job started (its
+        provisional result, a file it sent)."""
+        if self._start_timer is not None:
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+            self._start_timer = None
         out, self._out = self._out, []
         starts, self._starts = self._starts, {}
         frames = list(_result_frames(out))
