@@ -38,12 +38,13 @@ from . import _report, config, serialize
 from ._callbacks import Callbacks
 from ._data import NodeData, check_name
 from ._data import _local as data_local
-from ._job import ClusterStatus, DispyJob, DispyNode, resolve_future
+from ._ends import Ends
+from ._job import ClusterStatus, DispyJob, DispyNode
 from ._job_options import job_options
 from ._local_node import LocalNode
 from ._map import map_jobs
 from ._node_control import NodeControl
-from ._report import PROGRESS_REFRESH, Progress
+from ._report import Progress
 from .core import jobstate
 from .engine import parse_nodes
 from .errors import ComputationError, SubmitError
@@ -181,21 +182,18 @@ class JobCluster(NodeControl):
         self._lock = threading.Lock()
         self._incoming: collections.deque = collections.deque()
         self._wake_scheduled = False
-        self._done_cond = threading.Condition()
         self._end_cond = threading.Condition()  # every job's end (DispyJob.finish) waits on it
-        self._unfinished = 0  # jobs whose end is not published yet
-        self._open = 0  # jobs not ended for the client (published or not)
-        self._unpublished: dict[int, DispyJob] = {}  # ended, waiting for the callbacks
-        self._submitted = self._ended = self._failed = 0
+        self._ends = Ends()  # the counts, and the publication of each job's end
         self._data_versions: dict[str, int] = {}
         #: the last jobs that did not finish (Terminated, Cancelled, Abandoned), newest last
-        self.recent_failures: collections.deque = collections.deque(maxlen=50)
+        self.recent_failures: collections.deque = self._ends.recent_failures
         self._closed = False
         self._start_time = time.time()
         self._callbacks: Callbacks | None = None
         callback = callback or job_status
         if callback is not None or cluster_status is not None:
-            self._callbacks = Callbacks(self.name, callback, cluster_status, self._publish_end)
+            self._callbacks = Callbacks(self.name, callback, cluster_status, self._ends.publish)
+            self._ends.callbacks = self._callbacks
         self._engine = Engine(self, package, b"", specs, reentrant, patterns)
         self._engine_created(self._engine)
         #: the recover file's path (None: not kept, e.g. for nodes='local' only)
@@ -299,10 +297,7 @@ class JobCluster(NodeControl):
         job._pinned = node_key
         job._opts = opts
         job.submit_time = time.time()
-        with self._done_cond:
-            self._unfinished += 1
-            self._open += 1
-            self._submitted += 1
+        self._ends.added()
         with self._lock:
             self._incoming.append(job)
             wake = not self._wake_scheduled
@@ -352,13 +347,7 @@ class JobCluster(NodeControl):
     def counts(self) -> dict:
         """Job counts: submitted, ended, failed (ended but not Finished), pending
         (not ended), running (sent to nodes)."""
-        with self._done_cond:
-            out = {
-                "submitted": self._submitted,
-                "ended": self._ended,
-                "failed": self._failed,
-                "pending": self._unfinished,
-            }
+        out = self._ends.counts()
         out["running"] = sum(lk.node.busy for lk in list(self._engine.links.values()))
         return out
 
@@ -371,86 +360,11 @@ class JobCluster(NodeControl):
         """
         if progress is None:
             progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        # every job ended for the client: the ends still queued for the callbacks
-        # are then published here (on the callback thread, they are seen anyway)
-        if not progress:
-            with self._done_cond:
-                done = self._done_cond.wait_for(lambda: self._open == 0, timeout)
-        else:
-            done = self._wait_drawing(timeout)
-        if done:
-            self._publish_waited()
-        return done
-
-    def _wait_drawing(self, timeout: float | None) -> bool:
-        bar = Progress(self)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._done_cond:
-            while self._open:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                step = PROGRESS_REFRESH if left is None else min(left, PROGRESS_REFRESH)
-                if self._done_cond.wait(step) and not self._open:
-                    break  # the final line follows
-                self._done_cond.release()
-                try:
-                    bar.draw()
-                finally:
-                    self._done_cond.acquire()
-            done = self._open == 0
-        bar.draw(final=True)
-        return done
-
-    def _publish_waited(self) -> None:
-        """Publish the ends not yet published, for a thread that waited for them:
-        it must not wait for the callbacks (they may wait for a lock it holds)."""
-        if self._callbacks is None or self._callbacks.on_thread():
-            return
-        with self._done_cond:
-            waiting = list(self._unpublished.values())
-        for job in waiting:
-            self._publish_end(job)
+        return self._ends.wait(timeout, Progress(self) if progress else None)
 
     # -- called on the loop thread ---------------------------------------------------
     def _job_ended(self, job: DispyJob, node) -> None:
-        """The client's end of ``job``: published now or, with callbacks, on their
-        thread just before they are called with it (see DispyJob), unless a
-        thread waiting for it publishes it first."""
-        if self._callbacks is None:
-            self._publish_end(job)
-            return
-        end = job._end
-        with self._done_cond:
-            self._open -= 1
-            self._unpublished[job._uid] = job
-            if self._open == 0:
-                self._done_cond.notify_all()
-        with end._cond:
-            end._waiting = job  # for a thread that waits for it: see JobEnd.wait
-            end._over = True
-            end._cond.notify_all()
-        self._callbacks.job_ended(job, node)
-
-    def _publish_end(self, job: DispyJob) -> None:
-        """``job``'s end, to every thread (once): counted, then ``job()``."""
-        with self._done_cond:
-            if self._callbacks is None:
-                self._open -= 1
-            elif self._unpublished.pop(job._uid, None) is None:
-                return  # published already, by a thread that waited for it
-            self._unfinished -= 1
-            self._ended += 1
-            if job._status != jobstate.Finished:
-                self._failed += 1
-                self.recent_failures.append(job)
-            if self._unfinished == 0:
-                self._done_cond.notify_all()
-            # under the lock: a thread that found it published already returns
-            # only once it is
-            fut = job._ended()
-        if fut is not None:
-            resolve_future(job, fut)
+        self._ends.ended(job, node)  # (published now, or by the callbacks: see _ends)
 
     def _provisional(self, job: DispyJob, node) -> None:
         if self._callbacks is not None:
@@ -469,7 +383,7 @@ class JobCluster(NodeControl):
         """``ClusterStatus(nodes, jobs_pending)``: the nodes (``DispyNode``) and the
         number of jobs not yet ended."""
         nodes = [lk.node for lk in self._engine.links.values() if lk.ready or lk.node.jobs_done]
-        return ClusterStatus(nodes, self._unfinished)
+        return ClusterStatus(nodes, self._ends.unfinished)
 
     def stats(self) -> dict:
         """Per node (key 'ip:port'): name, cpus, jobs, sec_per_job, node_time,

@@ -227,7 +227,7 @@ class JobEnd(threading.Event):
         if not self._flag and threading.get_ident() not in SEES_ENDS:
             job = self._waiting
             if job is not None:
-                job._cluster._publish_end(job)
+                job._cluster._ends.publish(job)
         return True
 
 

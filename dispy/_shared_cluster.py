@@ -117,7 +117,7 @@ class SharedJobCluster(JobCluster):
         nodes = list(self._engine.behind.values())
         if not nodes:  # an older scheduler: itself, as one node
             return super().status()
-        return ClusterStatus(nodes, self._unfinished)
+        return ClusterStatus(nodes, self._ends.unfinished)
 
     def _engine_created(self, engine) -> None:
         engine.compute_opts = self._compute_opts
