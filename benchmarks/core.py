@@ -605,6 +605,16 @@ def prefault(gib: float) -> float:
     return time.perf_counter() - t0
 
 
+def add_prefault_argument(p: argparse.ArgumentParser) -> None:
+    """``--prefault-gib`` (see ``prefault``), for this and the other benchmarks."""
+    p.add_argument(
+        "--prefault-gib",
+        type=float,
+        default=2.0,
+        help="first touch this many GiB of memory in a child process (0: do not)",
+    )
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer jobs: a smoke run of a few seconds")
@@ -636,12 +646,7 @@ def parse_args(argv=None):
         + ", ".join(EXTERNAL_GROUPS),
     )
     p.add_argument("--secret", default="", help="the --node's secret")
-    p.add_argument(
-        "--prefault-gib",
-        type=float,
-        default=2.0,
-        help="first touch this many GiB of memory in a child process (0: do not)",
-    )
+    add_prefault_argument(p)
     args = p.parse_args(argv)
     groups = []
     for item in args.only:

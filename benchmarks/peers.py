@@ -330,13 +330,12 @@ def ratios(ours: dict, peer: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    import core  # its --prefault-gib: this VM backs memory at first touch (see there)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds each")
     p.add_argument("--only", action="append", choices=SYSTEMS, help="these systems (repeatable)")
-    p.add_argument(
-        "--prefault-gib", type=float, default=2.0,
-        help="first touch this many GiB of memory in a child process (0: do not)",
-    )  # fmt: skip
+    core.add_prefault_argument(p)
     p.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)  # a child's work
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
@@ -345,9 +344,7 @@ def main(argv=None) -> int:
         json.dump(RUNS[args.one](cfg), sys.stdout)
         return 0
     os.environ.setdefault("DISPY_BROADCAST_ONLY_IN_NETNS", "all")  # never broadcast here
-    from core import prefault  # (this VM backs memory at first touch: see there)
-
-    prefault_s = prefault(args.prefault_gib) if args.prefault_gib > 0 else 0.0
+    prefault_s = core.prefault(args.prefault_gib) if args.prefault_gib > 0 else 0.0
     report: dict = {
         "machine": {
             "python": platform.python_version(),

@@ -196,7 +196,7 @@ class SessionBase:
     def say_starts(self) -> None:
         """Send the starts not said yet, now: before what shows a job started (its
         provisional result, a file it sent)."""
-        if self._start_timer is not None:
+        if self._starts:  # (waiting for the timer, or for this turn's flush)
             self._flush()
 
     def _flush(self) -> None:
