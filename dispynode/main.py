@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import os
+import stat
 import sys
 
 from dispy import config, discovery
@@ -277,16 +278,41 @@ _NOT_SAVED = {"config", "save_config", "secret", "make_certs", "quit_on_eof", "s
 }
 
 
+def _watchable(stream) -> bool:
+    """Whether the event loop can wait for ``stream``'s input: a terminal, a pipe or
+    a socket.  Not a file, nor ``/dev/null`` (what a program started in the background
+    or by a service manager gets), whose reads never wait anyway."""
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, ValueError, OSError):
+        return False
+    return os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 async def _stdin_commands(node: NodeServer, quit_on_eof: bool) -> None:
     """Read ``status`` / ``quit`` from standard input (dispy's interactive node)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    except (ValueError, OSError):
-        return  # stdin is not a pipe or terminal we can watch
+    if sys.stdin is None:
+        return
+    if _watchable(sys.stdin):
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        except (ValueError, OSError):
+            return
+        readline = reader.readline
+    else:  # a file, or /dev/null: read at once, in a thread (no such read waits long)
+        stdin = sys.stdin.buffer
+
+        async def readline() -> bytes:
+            try:
+                return await asyncio.to_thread(stdin.readline)
+            except (OSError, ValueError):
+                return b""
+
     while True:
-        line = await reader.readline()
+        line = await readline()
         if not line:
             if quit_on_eof:
                 node.stopped.set()

@@ -209,3 +209,57 @@ def test_config_takes_an_integer_for_a_float_option(tmp_path):
     cfg.write_text('zombie_interval = 5\nip_addr = ["127.0.0.1"]\n')
     args = parse_args(["--config", str(cfg)])
     assert args.zombie_interval == 5.0 and args.ip_addr == ["127.0.0.1"]
+
+
+def _secret_file(tmp_path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("a-secret-of-twenty-chars-or-more\n")
+    path.chmod(0o600)  # (dispynode refuses a secret file others can read)
+
+
+def _start_foreground_node(tmp_path, stdin):
+    """The installed ``dispynode`` without --daemon (so it reads commands from its
+    standard input), on a port of its own; returns (process, address)."""
+    proc = subprocess.Popen(
+        [*program("dispynode"), "-i", "127.0.0.1", "--node_port", "0", "-c", "1",
+         "--no_discovery", "--dest_path", str(tmp_path / "node"), "--secret_file",
+         str(tmp_path / "secret")],
+        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = proc.stdout.readline()  # (it prints this line first, or exits)
+    assert line.startswith("dispynode ready:"), (line, proc.stderr.read())
+    return proc, line.split("addr=")[1].strip()
+
+
+def test_dispynode_started_in_the_background_serves_without_a_traceback(tmp_path):
+    """Started by a shell in the background, by nohup or by a service manager, a
+    node's standard input is /dev/null, which the event loop cannot watch: it
+    logged a traceback from the loop (EPERM) before; now it serves quietly."""
+    _secret_file(tmp_path)
+    proc, address = _start_foreground_node(tmp_path, subprocess.DEVNULL)
+    try:
+        with dispy.JobCluster(
+            jobs.double, nodes=[address], secret="a-secret-of-twenty-chars-or-more"
+        ) as cluster:
+            assert cluster.submit(21)(timeout=60) == 42
+    finally:
+        proc.terminate()  # (by its PID)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "ERROR" not in err, err
+
+
+def test_dispynode_reads_commands_from_a_file_on_its_standard_input(tmp_path):
+    """``dispynode < commands``: a file is read too (status, then quit)."""
+    _secret_file(tmp_path)
+    (tmp_path / "commands").write_text("status\nquit\n")
+    with open(tmp_path / "commands") as commands:
+        proc, _ = _start_foreground_node(tmp_path, commands)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
+    assert "1 CPUs, 0 running" in out and "Traceback" not in err, (out, err)
