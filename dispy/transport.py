@@ -199,6 +199,13 @@ class Channel:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what is queued now, not at the end of this loop turn: for a caller
+        that has just sent its whole batch (a turn's results, jobs), it saves the
+        peer waiting one more turn of this loop."""
+        if self._queue and not self._streaming:
+            self._flush()
+
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""
         await self._proto._can_write.wait()

@@ -209,6 +209,8 @@ class Engine:
                 except DispyError as exc:
                     logger.error("recover file: %s", exc)
             link.send_jobs(batch)
+            if link.chan is not None:
+                link.chan.flush()  # (the batch is whole: no need to wait for the turn's end)
         self._report_started()
 
     def _report_started(self) -> None:

@@ -223,6 +223,8 @@ class SessionBase:
                 self.chan.send(Kind.RESULTS, ctl, flat, sent=functools.partial(_tell, told))
             else:
                 self.chan.send(Kind.RESULTS, ctl, flat)
+        if frames and not self.chan.is_closed:
+            self.chan.flush()  # (this turn's results are all in: no need to wait for its end)
 
 
 def _tell(told: list) -> None:
