@@ -101,15 +101,17 @@ def unpack_map(data: bytes, what: str) -> dict:
     data could hold, so what a message costs once decoded stays in proportion
     to its size (at most about 20 bytes per byte, on top of the containers).
     """
-    budget = _Budget(MAX_CONTAINERS)
     n = len(data)
+    # each map or array takes a byte at least: data this short cannot hold too many,
+    # and is decoded without counting them (a Python call per container)
+    hooks = {} if n <= MAX_CONTAINERS else dict.fromkeys(("object_hook", "list_hook"),
+                                                          _Budget(MAX_CONTAINERS))  # fmt: skip
     try:
         value = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
-            object_hook=budget,
-            list_hook=budget,
+            **hooks,
             max_str_len=n,
             max_bin_len=n,
             max_array_len=n,
