@@ -41,6 +41,10 @@ def array_double(arr):
     return arr * 2
 
 
+def big_bytes(n):
+    return b"\x07" * n
+
+
 def make_array(n):
     import numpy as np
 
