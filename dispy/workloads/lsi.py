@@ -90,25 +90,42 @@ class LsiResult:
     pass_seconds: list = field(default_factory=list)
 
 
+#: One Cholesky QR pass leaves the columns orthonormal to about cond(R)^2 x 1e-16;
+#: above this estimate of cond(R) a second pass follows (CholeskyQR2).  LSI's
+#: passes measured 60-900 on corpora from 20,000 x 5,000 to 30,000 x 10,000.
+COND_ONE_PASS = 1e4
+
+
 def orthonormalize(y: np.ndarray) -> np.ndarray:
     """An orthonormal basis of the columns of the tall ``y`` (terms x l).
 
-    Cholesky QR twice: two Gram products, two Cholesky factorisations and two
-    triangular solves, about 40% faster than Householder QR for a terms x l
-    matrix (the client does this between passes while the nodes wait).  The
-    second pass's factor tells how orthonormal the first pass made the
-    columns; when it is far from the identity (``y``'s condition number above
-    about 1e7) or the factorisation fails, Householder QR instead."""
+    Cholesky QR: the Gram matrix ``Y^T Y`` (syrk), its Cholesky factor ``R``,
+    then ``Q = Y R^-1`` with ``R`` inverted (l x l) and applied by a triangular
+    product, three times faster here than a triangular solve; all on the
+    Fortran-ordered view of ``y``'s transpose, so BLAS copies nothing.  The
+    client does this between passes while the nodes wait (5,000 x 200: 11 ms,
+    against 32 ms for two passes with solves).  A second pass follows when ``R``
+    is ill-conditioned (``COND_ONE_PASS``); when the second pass's factor is far
+    from the identity, or a factorisation fails, Householder QR instead."""
     from scipy.linalg import LinAlgError, cholesky
-    from scipy.linalg.blas import dtrsm
+    from scipy.linalg.blas import dsyrk, dtrmm
+    from scipy.linalg.lapack import dtrcon, dtrtri
 
     try:
-        q = np.asarray(y, dtype=np.float64)
+        q = np.ascontiguousarray(y, dtype=np.float64)
         for second in (False, True):
-            r = cholesky(q.T @ q, lower=False, check_finite=False)
+            qt = q.T  # l x n, Fortran order: the same memory
+            r = cholesky(
+                dsyrk(1.0, qt, trans=0, lower=0), lower=False, check_finite=False, overwrite_a=True
+            )
             if second and np.max(np.abs(r - np.eye(r.shape[0]))) > 0.1:
                 raise LinAlgError("ill-conditioned")
-            q = dtrsm(1.0, r, q, side=1, lower=0)  # q R^-1
+            rinv, info = dtrtri(r, lower=0)
+            if info != 0:
+                raise LinAlgError("singular factor")
+            q = dtrmm(1.0, rinv, qt, side=0, lower=0, trans_a=1).T  # (R^-T Y^T)^T = Y R^-1
+            if not second and dtrcon(r, norm="1", uplo="U")[0] * COND_ONE_PASS >= 1.0:
+                break
         return np.ascontiguousarray(q)
     except LinAlgError:
         q, _ = np.linalg.qr(y)
