@@ -388,3 +388,31 @@ def test_example_scripts(tmp_path):
     topics = np.load(tmp_path / "t.npy")
     assert topics.shape == (4, 300)
     np.testing.assert_allclose(topics.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("case", ["scaled", "nearly dependent", "dependent"])
+def test_orthonormalize_keeps_the_span_with_orthonormal_columns(case):
+    """One Cholesky QR pass for a well-conditioned matrix (its columns' scales may
+    differ by 1e6), a second for a nearly dependent one, Householder QR for a
+    dependent one: orthonormal columns spanning the input's columns each time."""
+    from dispy.workloads.lsi import orthonormalize
+
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal((3000, 60))
+    if case == "scaled":
+        y *= np.logspace(0, 6, 60)
+    elif case == "nearly dependent":
+        y[:, 1] = y[:, 0] + 1e-7 * y[:, 1]
+    else:
+        y[:, 2] = y[:, 0]
+    q = orthonormalize(y)
+    assert q.shape == y.shape
+    if case != "dependent":  # (the span of a dependent y has fewer dimensions)
+        np.testing.assert_allclose(q.T @ q, np.eye(60), atol=1e-12)
+        # y lies in q's span
+        resid = y - q @ (q.T @ y)
+        assert np.linalg.norm(resid) <= 1e-10 * np.linalg.norm(y)
+    else:
+        assert np.all(np.isfinite(q))
+        resid = y - q @ (q.T @ y)
+        assert np.linalg.norm(resid) <= 1e-10 * np.linalg.norm(y)
