@@ -3,6 +3,7 @@ scheduler); and the daemons' own folders, checked to be theirs alone."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 
@@ -43,6 +44,57 @@ def private_dir(path: str, option: str = "--dest_path") -> str:
     if mode & 0o022:  # ours, but others could put (or swap) files in it: not any more
         os.chmod(path, mode & ~0o022)
     return path
+
+
+#: The file in a daemon's folder whose lock says the folder is in use (and by whom).
+LOCK_FILE = ".lock"
+
+
+def claim_dir(path: str, program: str, option: str = "--dest_path") -> int:
+    """Hold the folder ``path`` (see ``private_dir``) for this process alone while it
+    runs: an exclusive lock on its LOCK_FILE, which the system releases when the
+    process ends, however it ends (no stale lock after a kill -9).  Returns the
+    lock's descriptor (keep it open).
+
+    Two daemons in one folder would share its result store and computations'
+    folders (one closing a computation removed the other's files): the second
+    gets a ``DispyError`` naming the process that holds the folder.
+    """
+    lock = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
+        os.close(fd)
+        raise DispyError(
+            f"{option} {path} is in use by another {program} (pid {holder}): give each "
+            f"{program} on this machine a {option} of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def clear_dir(path: str) -> None:
+    """--clean: remove what earlier runs left in the daemon's folder ``path``, but
+    not its lock (``claim_dir``), which this run holds."""
+    import shutil
+
+    for entry in os.listdir(path):
+        if entry == LOCK_FILE:
+            continue
+        full = os.path.join(path, entry)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            try:
+                os.unlink(full)
+            except OSError:
+                pass
 
 
 def safe_relpath(path: str) -> str:

@@ -357,8 +357,6 @@ async def run(args: argparse.Namespace) -> int:
         scheduler_host=args.scheduler_host,
         service=args.service,
     )
-    if args.clean:
-        node.clean()
     hooks = {}
     if args.init:
         try:
@@ -368,7 +366,7 @@ async def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
     try:
-        await node.start()
+        await node.start(clean=args.clean)
     except DispyError as exc:
         print(f"dispynode: {exc}", file=sys.stderr)
         await node.shutdown()

@@ -35,7 +35,7 @@ import psutil
 
 from dispy import _data as data
 from dispy import config, transport
-from dispy._paths import private_dir
+from dispy._paths import claim_dir, clear_dir, private_dir
 from dispy._peer_guards import LogThrottle
 from dispy._version import __version__
 from dispy.errors import DispyError
@@ -115,6 +115,7 @@ class NodeServer(NodeJobs):
         self._local_waiting = 0  # job-process connections that have not shown a token yet
         self._local_refusals = LogThrottle(logger, "refused local connections")
         self.stopped = asyncio.Event()
+        self._lock_fd: int | None = None  # (claim_dir: the folder is this process's)
         #: results not acknowledged yet: cid -> jid -> (entry, segments); on disk too
         self.unacked: dict[str, dict[int, tuple[dict, list]]] = {}
         self.store: ResultStore | None = None
@@ -128,9 +129,13 @@ class NodeServer(NodeJobs):
         self.bound: list[tuple[str, int]] = []
         self.served = 0
 
-    async def start(self) -> None:
+    async def start(self, clean: bool = False) -> None:
+        """Take the folder (``clean``: emptied first, --clean) and start serving."""
         try:
             self.dest_path = private_dir(self.dest_path)
+            self._lock_fd = claim_dir(self.dest_path, "dispynode")
+            if clean:
+                await asyncio.to_thread(clear_dir, self.dest_path)
         except OSError as exc:
             raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
         try:
@@ -396,11 +401,9 @@ class NodeServer(NodeJobs):
             await asyncio.to_thread(self.store.close)
         if self.shm_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self.shm_dir, True)
-
-    def clean(self) -> None:
-        """--clean: remove what earlier runs left under dest_path."""
-        if os.path.isdir(self.dest_path):
-            shutil.rmtree(self.dest_path, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def install_signal_handlers(node: NodeServer) -> None:

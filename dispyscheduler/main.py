@@ -254,10 +254,6 @@ async def run(args: argparse.Namespace) -> int:
     except DispyError as exc:
         print(f"dispyscheduler: {exc}", file=sys.stderr)
         return 2
-    if args.clean:
-        import shutil
-
-        shutil.rmtree(args.dest_path, ignore_errors=True)
     server = SchedulerServer(
         cluster_key=derive_key(args.cluster_secret),
         node_key=derive_key(args.node_secret),
@@ -277,7 +273,7 @@ async def run(args: argparse.Namespace) -> int:
         multicast=args.ipv4_udp_multicast,
     )
     try:
-        await server.start()
+        await server.start(clean=args.clean)
     except DispyError as exc:
         print(f"dispyscheduler: {exc}", file=sys.stderr)
         await server.shutdown()

@@ -35,7 +35,7 @@ import socket
 import sqlite3
 
 from dispy import config, discovery, transport
-from dispy._paths import private_dir
+from dispy._paths import claim_dir, clear_dir, private_dir
 from dispy._tasks import spawn
 from dispy._version import __version__
 from dispy.core import jobstate
@@ -126,11 +126,16 @@ class SchedulerServer(Durable, JobRoute):
         self._servers: list[asyncio.Server] = []
         self._reaper: asyncio.Task | None = None
         self.stopped = asyncio.Event()
+        self._lock_fd: int | None = None  # (claim_dir: the folder is this process's)
 
     # -- start / stop ---------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, clean: bool = False) -> None:
+        """Take the folder (``clean``: emptied first, --clean) and start serving."""
         try:
             self.dest_path = private_dir(self.dest_path)
+            self._lock_fd = claim_dir(self.dest_path, "dispyscheduler")
+            if clean:
+                await asyncio.to_thread(clear_dir, self.dest_path)
         except OSError as exc:
             raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
         state = os.path.join(self.dest_path, STATE_FILE)
@@ -187,6 +192,9 @@ class SchedulerServer(Durable, JobRoute):
         await asyncio.gather(*(lk.close() for lk in self.links.values()))
         if self.state is not None:
             await asyncio.to_thread(self.state.close)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- nodes ----------------------------------------------------------------------------
     def add_link(self, host: str, port: int) -> None:

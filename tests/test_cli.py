@@ -263,3 +263,57 @@ def test_dispynode_reads_commands_from_a_file_on_its_standard_input(tmp_path):
                 proc.wait()
     assert proc.returncode == 0, err
     assert "1 CPUs, 0 running" in out and "Traceback" not in err, (out, err)
+
+
+def test_a_second_dispynode_in_the_same_folder_is_refused(tmp_path):
+    """Two nodes on one machine with one --dest_path would share their result
+    store and computations' folders (one closing a computation removed the
+    other's files).  The second is refused, naming the first; its --clean
+    removes nothing of the first's; the first serves on."""
+    _secret_file(tmp_path)
+    first, address = _start_foreground_node(tmp_path, subprocess.DEVNULL)
+    try:
+        marker = tmp_path / "node" / "kept-by-the-first"
+        marker.write_text("x")
+        second = _installed(
+            "dispynode", "-i", "127.0.0.1", "--node_port", "0", "--no_discovery", "--daemon",
+            "--clean", "--dest_path", str(tmp_path / "node"),
+            "--secret_file", str(tmp_path / "secret"),
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another dispynode (pid {first.pid})" in second.stderr, second.stderr
+        assert marker.exists()
+        with dispy.JobCluster(
+            jobs.double, nodes=[address], secret="a-secret-of-twenty-chars-or-more"
+        ) as cluster:
+            assert cluster.submit(4)(timeout=60) == 8
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    # the folder is free again once the first has gone: --clean empties it
+    again = subprocess.run(
+        [*program("dispynode"), "-i", "127.0.0.1", "--node_port", "0", "--no_discovery",
+         "--quit_on_eof", "--clean", "--dest_path", str(tmp_path / "node"),
+         "--secret_file", str(tmp_path / "secret")],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 0 and not marker.exists(), again.stderr
+
+
+def test_a_second_dispyscheduler_in_the_same_folder_is_refused(tmp_path):
+    """As for nodes: one scheduler per --dest_path (its state database is there)."""
+    cmd = [*program("dispyscheduler"), "--daemon", "-i", "127.0.0.1", "--port", "0",
+           "--httpd_port", "0", "--dest_path", str(tmp_path / "sched")]  # fmt: skip
+    first = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = first.stdout.readline()
+        assert line.startswith("dispyscheduler ready:"), (line, first.stderr.read())
+        second = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another dispyscheduler (pid {first.pid})" in second.stderr
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert first.returncode == 0
