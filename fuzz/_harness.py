@@ -312,6 +312,9 @@ class FakeChannel:
         if sent is not None:  # (the real channel: once it handed the message over)
             sent()
 
+    def flush(self) -> None:
+        pass  # (what is sent is checked and kept at once)
+
     def close(self) -> None:
         self._closed = True
 
