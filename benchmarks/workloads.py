@@ -302,6 +302,22 @@ def _rel_errors(s, exact) -> dict:
     }
 
 
+def _rounds(args, cpu_counts: list, label: str, run) -> tuple[dict, int]:
+    """``run(cpus)`` for every CPU count, ``--rounds`` times, the counts taking turns:
+    each count's best round (``_best``), and 0; with ``'error'`` (the traceback)
+    and 1 if a run failed."""
+    runs: dict = {}
+    try:
+        for rnd in range(args.rounds):
+            for c in cpu_counts:
+                log.warning("%s on %d CPU(s), round %d", label, c, rnd + 1)
+                runs[c] = _best(runs.get(c), run(c))
+    except Exception:
+        runs["error"] = traceback.format_exc()
+        return runs, 1
+    return runs, 0
+
+
 def _best(kept: dict | None, new: dict) -> dict:
     """The faster of two rounds of one CPU count (all rounds' seconds kept)."""
     rounds = (kept["wall_seconds_rounds"] if kept else []) + [new["wall_seconds"]]
@@ -343,18 +359,11 @@ def run_size(docs: int, terms: int, args, cpu_counts: list, which: set) -> tuple
         {"skipped": "--no-gensim"} if args.no_gensim else _gensim(train, heldout, args, which)
     )
     if "lsi" in which:
-        runs = {}
-        try:
-            for rnd in range(args.rounds):
-                for c in cpu_counts:
-                    log.warning(
-                        "%dx%d: LSI k=%d on %d CPU(s), round %d",
-                        docs, terms, args.lsi_topics, c, rnd + 1,
-                    )  # fmt: skip
-                    runs[c] = _best(runs.get(c), _run_lsi(train, c, args, lsi_chunksize))
-        except Exception:
-            status = 1
-            runs["error"] = traceback.format_exc()
+        runs, failed = _rounds(
+            args, cpu_counts, f"{docs}x{terms}: LSI k={args.lsi_topics}",
+            lambda c: _run_lsi(train, c, args, lsi_chunksize),
+        )  # fmt: skip
+        status = status or failed
         res = {
             "topics": args.lsi_topics,
             "oversample": args.oversample,
@@ -391,18 +400,11 @@ def run_size(docs: int, terms: int, args, cpu_counts: list, which: set) -> tuple
         _speedup(res, runs, "lsi", train, lsi_chunksize, args)
         out["lsi"] = res
     if "lda" in which:
-        runs = {}
-        try:
-            for rnd in range(args.rounds):
-                for c in cpu_counts:
-                    log.warning(
-                        "%dx%d: LDA k=%d on %d CPU(s), round %d",
-                        docs, terms, args.lda_topics, c, rnd + 1,
-                    )  # fmt: skip
-                    runs[c] = _best(runs.get(c), _run_lda(train, heldout, c, args))
-        except Exception:
-            status = 1
-            runs["error"] = traceback.format_exc()
+        runs, failed = _rounds(
+            args, cpu_counts, f"{docs}x{terms}: LDA k={args.lda_topics}",
+            lambda c: _run_lda(train, heldout, c, args),
+        )  # fmt: skip
+        status = status or failed
         res = {
             "topics": args.lda_topics,
             "passes": args.lda_passes,
