@@ -354,3 +354,36 @@ def test_close_node_moves_unstarted_jobs(node_factory):
         assert cluster.close_node(a.address) == 0  # its queued jobs go back to the queue
         for j in js:
             assert j(timeout=60) == 0.2 and j.status == DispyJob.Finished
+
+
+def test_a_cluster_without_a_ready_node_says_so_once(monkeypatch, node):
+    """A cluster whose nodes never become ready (here: nothing listens at the one
+    named) says, once, what it waits for and what to do; one with a node does not."""
+    from dispy.engine import engine
+
+    monkeypatch.setattr(engine, "NO_NODE_WARNING_S", 0.3)
+    said = []
+    heard = threading.Event()
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if "no node ready" in record.getMessage():
+                said.append(record.getMessage())
+                heard.set()
+
+    handler = Catch(logging.WARNING)
+    logging.getLogger("dispy").addHandler(handler)
+    try:
+        with dispy.JobCluster(jobs.double, nodes=[node.address], secret=node.secret) as ok:
+            assert ok.submit(1)(timeout=60) == 2
+            # a cluster with a node has been up past the delay, and said nothing
+            assert not heard.wait(1.0)
+        with dispy.JobCluster(jobs.double, nodes=["127.0.0.9:1"], secret="s" * 24) as lonely:
+            assert heard.wait(30), "no warning"
+            job = lonely.submit(3)
+            assert job.status == DispyJob.Created
+            lonely.cancel(job)  # (close() waits for the jobs submitted)
+    finally:
+        logging.getLogger("dispy").removeHandler(handler)
+    assert len(said) == 1, said
+    assert "127.0.0.9:1" in said[0] and "nodes='local'" in said[0], said[0]

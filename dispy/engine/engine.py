@@ -31,6 +31,7 @@ from ..protocol import field, result_entries, split_segments, started_jobs
 from ..runtime.finder import NodeFinder
 from ..runtime.link import NodeIds
 from .link import NodeLink
+from .specs import NO_NODE_WARNING_S, waiting_for
 
 if TYPE_CHECKING:  # (annotations only: no import cycle)
     from .._client import JobCluster
@@ -64,10 +65,12 @@ class Engine:
         #: put() data written to shared memory for nodes on this host: name -> (version, task)
         self.shm_files: dict[str, tuple[int, asyncio.Task]] = {}
         self.fatal: str | None = None
+        self._lonely: asyncio.TimerHandle | None = None  # (NO_NODE_WARNING_S after start)
         self.pulse_interval = cluster._pulse_interval
         self.ssl = cluster._ssl
 
     async def start(self) -> None:
+        self._lonely = asyncio.get_running_loop().call_later(NO_NODE_WARNING_S, self._no_node_yet)
         self.add_links(self.specs)
         if self.patterns:
             await self.discover(self.patterns, self.specs)
@@ -79,6 +82,13 @@ class Engine:
         if not self.links and not self.patterns:
             self.fatal = "no nodes to use: give nodes=[...] names or addresses, or nodes='local'"
             logger.error("%s", self.fatal)
+
+    def _no_node_yet(self) -> None:
+        if self.fatal is None and not any(lk.ready for lk in self.links.values()):
+            logger.warning(
+                "cluster %s: no node ready %g s after its start; %s",
+                self.cluster.name, NO_NODE_WARNING_S, waiting_for(self.specs, self.patterns),
+            )  # fmt: skip
 
     async def discover(self, patterns, specs) -> None:
         """Look for nodes matching ``patterns``; ask the named hosts in ``specs`` too
@@ -473,6 +483,8 @@ class Engine:
                 self._complete(job, None)
 
     async def close(self, terminate: bool) -> None:
+        if self._lonely is not None:
+            self._lonely.cancel()
         if self.finder is not None:
             self.finder.close()
         await asyncio.gather(*(lk.close(terminate) for lk in self.links.values()))

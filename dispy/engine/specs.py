@@ -11,6 +11,26 @@ from .._job import DispyNode, NodeAllocate
 logger = logging.getLogger("dispy")
 
 
+#: Seconds after a cluster's start with no node ready before it says so (once).
+NO_NODE_WARNING_S = 10.0
+
+
+def waiting_for(specs, patterns) -> str:
+    """What a cluster that has no node yet waits for, and what to do about it."""
+    parts = []
+    if specs:
+        named = ", ".join(f"{h}:{p}" for h, p, _ in specs[:5]) + (", ..." if len(specs) > 5 else "")
+        parts.append(f"the nodes named ({named}) have not answered, or refused its secret")
+    if patterns:
+        parts.append(f"discovery ({', '.join(h for h, _, _ in patterns[:5])}) found none")
+    return (
+        "; ".join(parts or ["no nodes were given"])
+        + ". Its jobs wait for one: check that dispynode runs there with the same secret, "
+        "name nodes with nodes=[...] (or DISPY_NODES), or use nodes='local' for a node "
+        "on this machine"
+    )
+
+
 def is_wildcard(host: str) -> bool:
     """Whether a node spec names nodes to discover (``'*'``, ``'10.0.0.?'``)."""
     return "*" in host or "?" in host or "[" in host
