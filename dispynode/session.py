@@ -236,15 +236,17 @@ class Session(SessionBase):
             comp = None
         await node.restore(cid)
         owed = node.unacked.get(cid, {})
-        jobs = []
+        jobs, running = [], []
         if comp is not None:
             jobs = [j.jid for j in node.queue if j.comp is comp]
-            jobs += [w.job.jid for w in comp.workers.values() if w.job is not None]
+            running = [w.job.jid for w in comp.workers.values() if w.job is not None]
+            # (and those sent ahead to a job process: queued there, not lost)
+            jobs += [j.jid for w in comp.workers.values() for j in w.jobs]
         logger.info(
             "client %s resumed computation %s: %s, %d job(s) on the node, %d result(s) owed",
             self.peer, cid, "known" if comp else "not known here", len(jobs), len(owed),
         )  # fmt: skip
-        self._resumed(cid, bool(comp is not None and comp.ready), jobs, owed)
+        self._resumed(cid, bool(comp is not None and comp.ready), jobs, owed, running)
 
     # -- results to the client ------------------------------------------------
     def send_result(self, cid: str, jid: int, info: dict, segs) -> None:

@@ -1,6 +1,7 @@
 """A large result's custody on the node: the node's result store takes it once it
 has been sent (its acknowledgment cannot come before), or once its client is gone
-before it could be; never lost in between.  Raw client connections to a real
+before it could be; never lost in between.  And what a client that comes back is
+told of its jobs there.  Raw client connections to a real
 ``dispynode``, so that the test decides when to read, acknowledge or hang up."""
 
 import os
@@ -124,3 +125,30 @@ def test_large_buffers_without_numpy_are_aligned_maps(monkeypatch):
         assert (addr + offset) % _framing.ALIGN == 0
         buf[-1:] = b"x"
         assert isinstance(buf.obj, __import__("mmap").mmap)
+
+
+def test_resume_says_which_of_the_jobs_there_started(node_factory):
+    """A client that comes back (RESUME) is told the jobs the node still has and,
+    in ``run``, which of them started: one that started while the client was away
+    is Running for it from then on, not only once it ends."""
+    node = node_factory(cpus=2)
+    sock, conn = authenticated(node)
+    with sock:
+        spec = serialize.package_computation(time.sleep).spec_bytes  # importable everywhere
+        _send(sock, conn, Kind.COMPUTE, {"c": "rs1", "n": "sleep", "sa": 0}, [spec])
+        [msg] = recv_messages(sock, conn)
+        assert msg.kind == Kind.COMPUTE_REPLY and msg.ctl["ok"] is True, msg.ctl
+        for jid in (1, 2, 3):  # two CPUs: 1 and 2 run, 3 waits
+            segs = serialize.dumps_args((60,), {})
+            _send(sock, conn, Kind.JOBS, {"c": "rs1", "j": [[jid, len(segs)]],
+                                          "s": [len(s) for s in segs]}, segs)  # fmt: skip
+        started: set = set()
+        while started != {1, 2}:
+            for m in recv_messages(sock, conn):
+                started.update(m.ctl.get("g", {}).get("rs1", []))
+    sock, conn = authenticated(node)  # (the first connection is gone; the jobs go on)
+    with sock:
+        _send(sock, conn, Kind.RESUME, {"c": "rs1"})
+        resumed = next(m for m in recv_messages(sock, conn) if m.kind == Kind.RESUMED)
+        assert sorted(resumed.ctl["jobs"]) == [1, 2, 3], resumed.ctl
+        assert sorted(resumed.ctl["run"]) == [1, 2], resumed.ctl

@@ -117,8 +117,14 @@ def callback(job):
     with lock:
         ends[job.id].append(job.status)
 
+ran = set()  # jobs the program saw Running
+
 def status(st, node, job):
-    if st == dispy.DispyNode.Initialized:
+    if job is not None and st == dispy.DispyJob.Running:
+        with lock:
+            ran.add(job.id)
+        say("running %s" % job.id)
+    elif st == dispy.DispyNode.Initialized:
         with cond:
             up[node.ip_addr] += 1
             cond.notify_all()
@@ -158,7 +164,8 @@ for ip in cfg.get("probe", []):
         probes[ip] = pj(timeout=30) if pj is not None else None
 with lock:
     snapshot = {str(j.id): {"uid": j._uid, "result": j.result, "status": j.status,
-                            "exception": j.exception, "ip": j.ip_addr} for j in jobs}
+                            "exception": j.exception, "ip": j.ip_addr, "ran": j.id in ran}
+                for j in jobs}
 with cond:  # close() below reports every node Closed too
     closed_before = dict(closed)  # (a Closed still queued for the callback thread is missed)
 cluster.close()
@@ -545,6 +552,10 @@ def test_dropped_connection_resumes_within_window(netns, tmp_path, fresh_dest):
                         reentrant=False)  # fmt: skip
     wait_for_line(proc, r"^submitted", timeout=30)
     wait_until(lambda: len(markers(proc.mdir, "started", node.ip)) >= 2, 15, "two jobs started")
+    wait_until(  # (the client saw them start: their starts are not what is cut off)
+        lambda: sum(ln.startswith("running ") for ln in read_lines(proc)) >= 2, 10,
+        "the client saw two jobs running",
+    )  # fmt: skip
     cut = time.monotonic()
     node.link_down()
     drop_connections(client, node.ip)
@@ -561,6 +572,9 @@ def test_dropped_connection_resumes_within_window(netns, tmp_path, fresh_dest):
                       r"(\d+) result\(s\) owed", timeout=5)  # fmt: skip
     running, owed = int(m.group(1)), int(m.group(2))
     assert owed >= 2 and running + owed == 4, m.group(0)
+    # the jobs that started while the client was cut off were Running once it was back
+    # (the node's RESUMED says which of its jobs started), before they ended
+    assert all(j["ran"] for j in out["jobs"].values()), out["jobs"]
     # no job ran twice
     assert all(len([n for n in os.listdir(proc.mdir) if n.startswith(f"started-{x}-")]) == 1
                for x in range(6)), sorted(os.listdir(proc.mdir))  # fmt: skip

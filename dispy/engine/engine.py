@@ -259,11 +259,15 @@ class Engine:
         node = link.node
         entries = list(result_entries(ctl, payload))
         # jobs that started there: Running after the ends that freed their CPUs, but
-        # before their own end if they ended too (a tiny job starts and ends at once)
+        # before their own end if they ended too (a tiny job starts and ends at once;
+        # a job that ran - its end has a start time - whose start was said on a
+        # connection that died, is Running before its end all the same)
         starts = started_jobs(ctl).get(self.cid)
-        if starts:
+        ran = [u for e, _ in entries if e.get("t0") and type(u := e.get("j")) is int]
+        if starts or ran:
             ended = {entry.get("j") for entry, _ in entries}
-            self._started_on(link, [uid for uid in starts if uid in ended])
+            early = [uid for uid in starts or () if uid in ended] + ran
+            self._started_on(link, list(dict.fromkeys(early)))
         for entry, part in entries:
             uid = field(entry, "j", int)
             link.ack(self.cid, uid)

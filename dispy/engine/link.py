@@ -223,6 +223,10 @@ class NodeLink(LinkBase):
                 engine.jobs_resend(self, lost)
             else:
                 engine.jobs_lost(self, lost, "its node restarted while running it")
+        # jobs that started while the connection was down: Running now
+        started = [u for u in field(reply, "run", list, default=[]) if type(u) is int]
+        if started and self.key in engine.sched.nodes:
+            engine._started_on(self, started)
         logger.info(
             "node %s:%s reconnected: %d job(s) there, computation %s",
             self.host, self.port, len(on_node), "kept" if reply.get("known") else "set up again",

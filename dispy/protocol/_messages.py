@@ -43,7 +43,7 @@ class Kind(IntEnum):
     DATA = 32  # client: an object for every job on the node (cluster.put)
     DATA_OK = 33  # node: stored (or why not)
     RESUME = 34  # client: take over a computation of an earlier connection (or a crashed client's)
-    RESUMED = 35  # node: known or not, its jobs queued/running and ended-but-unacked
+    RESUMED = 35  # node: known or not, its jobs queued/running/started, ended-but-unacked
 
     # node daemon <-> its computation process and job processes (local socket pairs)
     C_LOAD = 48  # daemon: load this computation and run setup

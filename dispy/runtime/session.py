@@ -121,12 +121,16 @@ class SessionBase:
         comp.detached_at = None
         self.comps[comp.cid] = comp
 
-    def _resumed(self, cid: str, known: bool, jobs: list, owed: dict) -> None:
-        """Answer a RESUME: whether the computation is set up, the jobs still here, the
-        results not acknowledged (``owed``: job id -> (entry, segments)), sent again now."""
+    def _resumed(self, cid: str, known: bool, jobs: list, owed: dict, running=()) -> None:
+        """Answer a RESUME: whether the computation is set up, the jobs still here
+        (``running``: those of them that started, ``run``), the results not
+        acknowledged (``owed``: job id -> (entry, segments)), sent again now."""
         if self.chan.is_closed:
             return
-        self.chan.send(Kind.RESUMED, {"c": cid, "known": known, "jobs": jobs, "done": list(owed)})
+        ctl = {"c": cid, "known": known, "jobs": jobs, "done": list(owed)}
+        if running:
+            ctl["run"] = list(running)
+        self.chan.send(Kind.RESUMED, ctl)
         for entry, segs in list(owed.values()):
             self.queue_result(entry, segs)
 
