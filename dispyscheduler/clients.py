@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from dispy import transport
 from dispy._paths import safe_relpath, write_chunk
+from dispy.core import jobstate
 from dispy.errors import ProtocolError
 from dispy.protocol import Kind, field, job_ids
 from dispy.runtime.session import SessionBase
@@ -167,7 +168,8 @@ class ClientSession(SessionBase):
             return
         self._take_over(comp)
         jobs = [jid for jid in comp.jobs if jid not in comp.owed]
-        self._resumed(cid, comp.spec is not None, jobs, comp.owed)
+        running = [jid for jid in jobs if comp.jobs[jid].status == jobstate.Running]
+        self._resumed(cid, comp.spec is not None, jobs, comp.owed, running)
 
     # -- to the client ----------------------------------------------------------------
     def forward(self, kind: Kind, ctl: dict, payload=()) -> None:
