@@ -226,7 +226,12 @@ def _start_foreground_node(tmp_path, stdin):
          str(tmp_path / "secret")],
         stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    line = proc.stdout.readline()  # (it prints this line first, or exits)
+    # its first line (it prints it first, or exits), byte by byte: a buffered
+    # readline could take the lines after it too, which communicate() then misses
+    raw = b""
+    while not raw.endswith(b"\n") and (byte := os.read(proc.stdout.fileno(), 1)):
+        raw += byte
+    line = raw.decode()
     assert line.startswith("dispynode ready:"), (line, proc.stderr.read())
     return proc, line.split("addr=")[1].strip()
 
