@@ -262,12 +262,16 @@ class Engine:
         # before their own end if they ended too (a tiny job starts and ends at once;
         # a job that ran - its end has a start time - whose start was said on a
         # connection that died, is Running before its end all the same)
-        starts = started_jobs(ctl).get(self.cid)
-        ran = [u for e, _ in entries if e.get("t0") and type(u := e.get("j")) is int]
-        if starts or ran:
+        starts = started_jobs(ctl).get(self.cid) or []
+        said = set(starts)
+        early = [
+            u for e, _ in entries if e.get("t0") and type(u := e.get("j")) is int and u not in said
+        ]
+        if starts:
             ended = {entry.get("j") for entry, _ in entries}
-            early = [uid for uid in starts or () if uid in ended] + ran
-            self._started_on(link, list(dict.fromkeys(early)))
+            early = [uid for uid in starts if uid in ended] + early
+        if early:
+            self._started_on(link, early)
         for entry, part in entries:
             uid = field(entry, "j", int)
             link.ack(self.cid, uid)
