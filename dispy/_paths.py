@@ -50,16 +50,18 @@ def private_dir(path: str, option: str = "--dest_path") -> str:
 LOCK_FILE = ".lock"
 
 
-def claim_dir(path: str, program: str, option: str = "--dest_path") -> int:
-    """Hold the folder ``path`` (see ``private_dir``) for this process alone while it
-    runs: an exclusive lock on its LOCK_FILE, which the system releases when the
-    process ends, however it ends (no stale lock after a kill -9).  Returns the
-    lock's descriptor (keep it open).
+def claim_dir(path: str, program: str, clean: bool = False) -> tuple[str, int]:
+    """A daemon's own folder ``path`` (``private_dir``), held for this process alone
+    while it runs, and emptied first with ``clean`` (--clean; see ``clear_dir``).
+    Returns its absolute path and the lock's descriptor (keep it open).  Blocks.
 
-    Two daemons in one folder would share its result store and computations'
+    The hold is an exclusive lock on its LOCK_FILE, which the system releases
+    when the process ends, however it ends (no stale lock after a kill -9).  Two
+    daemons in one folder would share its result store and computations'
     folders (one closing a computation removed the other's files): the second
     gets a ``DispyError`` naming the process that holds the folder.
     """
+    path = private_dir(path)
     lock = os.path.join(path, LOCK_FILE)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -71,12 +73,14 @@ def claim_dir(path: str, program: str, option: str = "--dest_path") -> int:
             holder = "?"
         os.close(fd)
         raise DispyError(
-            f"{option} {path} is in use by another {program} (pid {holder}): give each "
-            f"{program} on this machine a {option} of its own"
+            f"--dest_path {path} is in use by another {program} (pid {holder}): give each "
+            f"{program} on this machine a --dest_path of its own"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    if clean:
+        clear_dir(path)
+    return path, fd
 
 
 def clear_dir(path: str) -> None:

@@ -35,7 +35,7 @@ import psutil
 
 from dispy import _data as data
 from dispy import config, transport
-from dispy._paths import claim_dir, clear_dir, private_dir
+from dispy._paths import claim_dir
 from dispy._peer_guards import LogThrottle
 from dispy._version import __version__
 from dispy.errors import DispyError
@@ -132,10 +132,9 @@ class NodeServer(NodeJobs):
     async def start(self, clean: bool = False) -> None:
         """Take the folder (``clean``: emptied first, --clean) and start serving."""
         try:
-            self.dest_path = private_dir(self.dest_path)
-            self._lock_fd = claim_dir(self.dest_path, "dispynode")
-            if clean:
-                await asyncio.to_thread(clear_dir, self.dest_path)
+            self.dest_path, self._lock_fd = await asyncio.to_thread(
+                claim_dir, self.dest_path, "dispynode", clean
+            )
         except OSError as exc:
             raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
         try:

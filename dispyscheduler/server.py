@@ -35,7 +35,7 @@ import socket
 import sqlite3
 
 from dispy import config, discovery, transport
-from dispy._paths import claim_dir, clear_dir, private_dir
+from dispy._paths import claim_dir
 from dispy._tasks import spawn
 from dispy._version import __version__
 from dispy.core import jobstate
@@ -132,10 +132,9 @@ class SchedulerServer(Durable, JobRoute):
     async def start(self, clean: bool = False) -> None:
         """Take the folder (``clean``: emptied first, --clean) and start serving."""
         try:
-            self.dest_path = private_dir(self.dest_path)
-            self._lock_fd = claim_dir(self.dest_path, "dispyscheduler")
-            if clean:
-                await asyncio.to_thread(clear_dir, self.dest_path)
+            self.dest_path, self._lock_fd = await asyncio.to_thread(
+                claim_dir, self.dest_path, "dispyscheduler", clean
+            )
         except OSError as exc:
             raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
         state = os.path.join(self.dest_path, STATE_FILE)

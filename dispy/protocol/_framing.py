@@ -82,12 +82,12 @@ def aligned_buffer(size: int, offset: int) -> memoryview:
     ms longer).  Nothing in them is handed up before every byte has been
     received.
     """
-    numpy = sys.modules.get("numpy")  # (loaded already: its heap memory is reused)
-    if size >= EMPTY_MIN and numpy is not None:
-        arr = numpy.empty(size + ALIGN, dtype=numpy.uint8)
-        shift = (-(arr.ctypes.data + offset)) % ALIGN
-        return memoryview(arr)[shift : shift + size]
     if size >= EMPTY_MIN:
+        numpy = sys.modules.get("numpy")  # (loaded already: its heap memory is reused)
+        if numpy is not None:
+            arr = numpy.empty(size + ALIGN, dtype=numpy.uint8)
+            shift = (-(arr.ctypes.data + offset)) % ALIGN
+            return memoryview(arr)[shift : shift + size]
         shift = (-offset) % ALIGN  # (a map starts on a page boundary)
         # private: as malloc's memory (a shared anonymous map is shmem)
         mm = mmap.mmap(-1, shift + size, flags=mmap.MAP_PRIVATE)
