@@ -27,7 +27,6 @@ class Ends:
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.unfinished = 0  # jobs whose end is not published yet
         self.open = 0  # jobs not ended for the client (published or not)
         self.unpublished: dict = {}  # ended, waiting for the callbacks (uid -> job)
         self.n_submitted = self.n_ended = self.n_failed = 0
@@ -35,9 +34,13 @@ class Ends:
         self.recent_failures: collections.deque = collections.deque(maxlen=50)
         self.callbacks = None  # the cluster's Callbacks, if it has any
 
+    @property
+    def unfinished(self) -> int:
+        """Jobs whose end is not published yet (not ended, or waiting for the callbacks)."""
+        return self.open + len(self.unpublished)
+
     def added(self) -> None:
         with self.cond:
-            self.unfinished += 1
             self.open += 1
             self.n_submitted += 1
 
@@ -114,7 +117,6 @@ class Ends:
                 self.open -= 1
             elif self.unpublished.pop(job._uid, None) is None:
                 return  # published already, by a thread that waited for it
-            self.unfinished -= 1
             self.n_ended += 1
             if job._status != jobstate.Finished:
                 self.n_failed += 1
