@@ -223,7 +223,7 @@ class Computation:
                     w.skip(job)
 
     def worker_idle(self, worker: Worker) -> None:
-        if not worker.gone:
+        if not worker.gone and not worker.stopping:
             self._idle.append(worker)
 
     def worker_gone(self, worker: Worker) -> None:

@@ -107,6 +107,8 @@ class Worker:
         self.jobs: collections.deque[NodeJob] = collections.deque()
         self.exit_code: int | None = None
         self.gone = False
+        #: stop() signalled its process: it takes no new job, even if its job ends first
+        self.stopping = False
         chan.on_message = self._on_message
         chan.on_close = self._on_close
 
@@ -177,6 +179,9 @@ class Worker:
         ctl, segs = texts_in(ctl, split_segments(msg.payload, ctl["s"]))
         info = {k: ctl[k] for k in ("st", "t0", "t1", "o", "e", "x") if k in ctl}
         self.comp.observe(info.get("t0"), info.get("t1"))
+        ahead = []
+        if self.stopping:  # its end raced the signal: what was sent ahead runs elsewhere
+            ahead, self.jobs = list(self.jobs), collections.deque()
         nxt = self.job
         if nxt is None:
             self.comp.worker_idle(self)
@@ -184,6 +189,8 @@ class Worker:
             self._started(nxt)
         self.comp.node.job_ended(job, info, segs, freed=nxt is None)
         self.comp.job_left()
+        if ahead:
+            self.comp.node.requeue(ahead)
 
     def _on_close(self, exc) -> None:
         self.gone = True
@@ -228,6 +235,7 @@ class Worker:
 
     def stop(self) -> None:
         """SIGTERM now, SIGKILL after CLOSE_GRACE if it is still there."""
+        self.stopping = True
         self.kill(signal.SIGTERM)
         asyncio.get_running_loop().call_later(CLOSE_GRACE, self.kill, signal.SIGKILL)
 
@@ -297,6 +305,8 @@ class NodeJobs:
         depth = min(MAX_WORKER_DEPTH, 1 + math.ceil(AHEAD_WORK_S / max(comp.job_s, 1e-6)))
         best = None
         for w in comp.workers.values():
+            if w.stopping:
+                continue
             if 0 < len(w.jobs) < depth and (best is None or len(w.jobs) < len(best.jobs)):
                 best = w
         return best

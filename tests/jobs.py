@@ -256,3 +256,18 @@ def mark(folder, name, seconds=0.0, crash=False):
         os._exit(3)
     time.sleep(seconds)
     return os.getpid()
+
+
+def outlives_sigterm(folder, name, wait=True):
+    """Block SIGTERM, leave a file ``name`` in ``folder`` and (``wait``) wait at
+    most 20 s for a SIGTERM, then end normally: a job that ends just as its
+    node stops its process.  Its process id."""
+    import signal
+
+    if wait:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(str(os.getpid()))
+    if wait:
+        signal.sigtimedwait({signal.SIGTERM}, 20.0)
+    return os.getpid()

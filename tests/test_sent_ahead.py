@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import dispy
 from dispy import DispyJob
 
@@ -76,3 +78,33 @@ def test_a_job_sent_ahead_has_its_time_limit_from_its_start(node_factory, tmp_pa
         first(timeout=WAIT)
         limited(timeout=WAIT)
         assert limited.status == DispyJob.Finished, limited.exception
+
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["submitted-after", "sent-ahead"])
+def test_a_process_being_stopped_takes_no_new_job(node_factory, tmp_path, ahead):
+    """A cancel stops a job's process (SIGTERM, SIGKILL 3 s later); a job that ends
+    meanwhile (here it outlives the SIGTERM) must not leave its process to the
+    next job, which the SIGKILL would end, whether that job came after or was
+    sent ahead to the process: the next job runs in another process."""
+    node = node_factory(cpus=1)
+    folder = str(tmp_path)
+    with dispy.JobCluster(
+        jobs.outlives_sigterm, nodes=[node.address], secret=node.secret
+    ) as cluster:
+        if ahead:  # short jobs: the next one is sent to the stopped job's process
+            for i in range(30):
+                cluster.submit(folder, f"warm{i}", False)
+            assert cluster.wait(timeout=WAIT)
+        stopped = cluster.submit(folder, "stopped")
+        _until(lambda: (tmp_path / "stopped").exists(), "the job blocked SIGTERM")
+        _until(lambda: stopped.status == DispyJob.Running, "the node said the job started")
+        if ahead:
+            nxt = cluster.submit(folder, "next", False)
+        cluster.cancel(stopped)
+        if not ahead:
+            assert stopped.finish.wait(WAIT)
+            nxt = cluster.submit(folder, "next", False)
+        assert nxt(timeout=WAIT) is not None, nxt.exception
+        assert nxt.status == DispyJob.Finished
+        assert int((tmp_path / "next").read_text()) != int((tmp_path / "stopped").read_text())
