@@ -209,6 +209,84 @@ def test_runner_sum_merges_on_each_node(cluster, two_nodes):
     np.testing.assert_allclose(plain.sum(np.full, args), want, rtol=1e-12)
 
 
+def test_node_sum_then_files(tmp_path, monkeypatch):
+    """On the node: a sum with all its parts becomes a NodeArray file that jobs
+    read (read-only, shared map); one lacking parts comes back to the client
+    as it is; the array it replaces is removed; a missing one is named."""
+    monkeypatch.chdir(tmp_path)
+    parts = [np.full((3, 2), float(i + 1)) for i in range(3)]
+    for i in (1, 0, 2):
+        workloads.node_sum_add(np.asarray, "s1", i, parts[i])
+    assert workloads.node_sum_then("s1", 3, (3, 2), np.negative) == (True, (3, 2), None)
+    one = workloads.NodeArray("s1", (3, 2), "n1")
+    got = one.get()
+    assert got.tolist() == [[-6.0, -6.0]] * 3 and not got.flags.writeable
+    assert sorted(os.listdir(tmp_path)) == [".dispy-array-s1"]  # the sum's files are gone
+    for i in (0, 2):  # part 1 ran on another node
+        workloads.node_sum_add(np.asarray, "s2", i, parts[i])
+    done, total, added = workloads.node_sum_then("s2", 3, (3, 2), np.negative, drop="s1")
+    assert not done and added == [0, 2] and total.tolist() == [4.0] * 6
+    assert os.listdir(tmp_path) == []  # s1 dropped
+    assert workloads.node_array_get(one).tolist() == [[-6.0, -6.0]] * 3  # (this process's map)
+    with pytest.raises(workloads.NodeArrayMissing, match=r"not on this node: it was made on n2"):
+        workloads.NodeArray("s2", (3, 2), "n2").get()
+
+
+def test_runner_sum_then_keeps_the_result_on_a_single_node(two_nodes, cluster):
+    """One node: then(sum) is computed there and stays there (a NodeArray; the
+    client receives neither the sum nor the result until get()); two nodes:
+    the client applies then and puts the result on both."""
+    args = [((40_000,), (i + 1) / 7.0) for i in range(6)]
+    want = -workloads.ordered_sum(np.full(*a) for a in args)
+    with _cluster(two_nodes[:1]) as one_cluster:
+        runner = ClusterRunner(one_cluster)
+        before = one_cluster.stats()["nodes"]
+        handle = runner.sum_then(np.full, args, np.negative, name="neg")
+        after = one_cluster.stats()["nodes"]
+        received = sum(after[n]["bytes_received"] - before[n]["bytes_received"] for n in after)
+        assert isinstance(handle, workloads.NodeArray) and handle.shape == want.shape
+        assert received < want.nbytes // 4, received
+        np.testing.assert_allclose(runner.get(handle), want, rtol=1e-12)
+        a = np.arange(8.0).reshape(2, 4)  # a job reads it on the node: A^T (A Q)
+        q = want.reshape(4, -1)
+        node_view = workloads.NodeArray(handle.key, q.shape, handle.node)
+        got = one_cluster.submit(lsi.power_step, workloads.Inline(a), node_view)()
+        np.testing.assert_allclose(got, a.T @ (a @ q), rtol=1e-12)
+        again = runner.sum_then(np.full, args, np.negative, name="neg")  # replaces the first
+        assert again.key != handle.key
+        left = [f for _, _, fs in os.walk(two_nodes[0].dest_path) for f in fs]
+        assert sum(".dispy-array-" in f for f in left) == 1, left
+    both = ClusterRunner(cluster).sum_then(np.full, args, np.negative, name="neg")
+    assert isinstance(both, dispy.NodeData)
+    np.testing.assert_allclose(both.get(), want, rtol=1e-12)
+
+
+def test_lsi_starts_again_when_the_node_holding_q_is_lost(two_nodes, lsi_corpus):
+    """A NodeArray its node does not have (the node restarted): the next pass's
+    jobs fail with NodeArrayLost and lsi runs its passes again with Q on the client."""
+
+    class LosingRunner(ClusterRunner):
+        lost = 0
+
+        def sum_then(self, func, arglists, then, name=None, on_node=True):
+            handle = super().sum_then(func, arglists, then, name, on_node)
+            if isinstance(handle, workloads.NodeArray) and not self.lost:
+                self.lost += 1
+                return workloads.NodeArray(handle.key + "gone", handle.shape, handle.node)
+            return handle
+
+    kw = dict(oversample=30, power_iters=2, chunksize=400, seed=3)
+    serial = lsi.lsi(lsi_corpus, 10, **kw)
+    logged = []
+    with _cluster(two_nodes[:1]) as one_cluster:
+        runner = LosingRunner(one_cluster)
+        res = lsi.lsi(lsi_corpus, 10, runner, log=logged.append, **kw)
+    assert runner.lost == 1
+    assert any("NodeArrayMissing" in m and "starting the passes again" in m for m in logged)
+    np.testing.assert_allclose(res.s, serial.s, rtol=1e-10)
+    np.testing.assert_allclose(res.u, serial.u, atol=1e-9)
+
+
 def test_runner_falls_back_without_put():
     class OldCluster:  # a cluster API without put()
         def status(self):

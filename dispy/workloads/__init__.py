@@ -45,18 +45,31 @@ __all__ = [
     "ChunkRef",
     "ClusterRunner",
     "Inline",
+    "NodeArray",
+    "NodeArrayLost",
     "SerialRunner",
     "WorkloadError",
     "call",
     "local_cluster",
     "node_sum_add",
     "node_sum_take",
+    "node_sum_then",
     "preload",
 ]
 
 
 class WorkloadError(RuntimeError):
     """A workload's job failed on a node (the message has its traceback)."""
+
+
+class NodeArrayLost(WorkloadError):
+    """A job needed a ``NodeArray`` that its node does not have: the node that
+    made it was lost or restarted, or the job ran on another node.  What was
+    computed from it must be computed again (``lsi`` starts its passes again)."""
+
+
+class NodeArrayMissing(LookupError):
+    """Raised in a job by ``NodeArray.get()`` when the array is not on this node."""
 
 
 def call(func, *args, **kwargs):
@@ -93,6 +106,7 @@ def preload() -> None:
     per job process (a node runs a job per CPU: BLAS threads on top of that
     oversubscribe the CPUs, which made dense products 4x slower on 2 CPUs),
     as Dask's workers do, when threadpoolctl is installed."""
+    import scipy.linalg  # noqa: F401  (LSI's orthonormalisation runs on a node: 40 ms)
     import scipy.sparse  # noqa: F401
     import scipy.special  # noqa: F401
 
@@ -108,14 +122,68 @@ def preload() -> None:
 # -- sums merged on the nodes ---------------------------------------------------------
 
 
+def _check_key(key: str) -> str:
+    if not key or not all(c.isalnum() or c in "-_" for c in key):
+        raise ValueError(f"sum key {key!r}: use letters, digits, '-' and '_'")
+    return key
+
+
 def _sum_paths(key: str) -> tuple[str, str]:
     """Where this node's part of the sum ``key`` accumulates: in the computation's
     folder on the node (the job processes' working folder; the node removes it
     with the computation), beside the list of the parts added."""
-    if not key or not all(c.isalnum() or c in "-_" for c in key):
-        raise ValueError(f"sum key {key!r}: use letters, digits, '-' and '_'")
-    base = os.path.join(os.getcwd(), f".dispy-sum-{key}")
+    base = os.path.join(os.getcwd(), f".dispy-sum-{_check_key(key)}")
     return base, base + ".ids"
+
+
+def _array_path(key: str) -> str:
+    """Where a ``NodeArray`` lives on its node: in the computation's folder."""
+    return os.path.join(os.getcwd(), f".dispy-array-{_check_key(key)}")
+
+
+#: Per job process: the NodeArray last read (its key and a read-only view of its map).
+_array_cache: dict = {}
+
+
+class NodeArray:
+    """A float64 array that a job wrote into the computation's folder on one
+    node (``ClusterRunner.sum_then``): jobs on that node read it with ``get()``,
+    a read-only map of the file that the node's job processes share; it never
+    crosses the network.  ``ClusterRunner.get(handle)`` brings it to the client."""
+
+    __slots__ = ("key", "shape", "node")
+
+    def __init__(self, key: str, shape: tuple, node: str) -> None:
+        self.key, self.shape, self.node = key, tuple(shape), node
+
+    def __reduce__(self):
+        return (NodeArray, (self.key, self.shape, self.node))
+
+    def __repr__(self) -> str:
+        return f"NodeArray({self.key!r}, shape={self.shape}, node={self.node!r})"
+
+    def get(self) -> np.ndarray:
+        cached = _array_cache.get(self.key)
+        if cached is not None:
+            return cached.reshape(self.shape)
+        try:
+            with open(_array_path(self.key), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    arr = np.empty(0, dtype=np.float64)
+                else:
+                    arr = np.frombuffer(
+                        mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ), dtype=np.float64
+                    )
+        except FileNotFoundError:
+            raise NodeArrayMissing(
+                f"{self!r} is not on this node: it was made on {self.node}, "
+                "which was lost or restarted, or this job ran elsewhere"
+            ) from None
+        arr = arr.reshape(self.shape)
+        _array_cache.clear()
+        _array_cache[self.key] = arr
+        return arr
 
 
 def node_sum_add(func, key: str, index: int, *args) -> tuple:
@@ -165,6 +233,33 @@ def node_sum_take(key: str):
     finally:
         os.close(fd)
     return total, added
+
+
+def node_sum_then(key: str, parts: int, shape: tuple, then, drop: str | None = None) -> tuple:
+    """Job: take this node's sum ``key`` (as ``node_sum_take``) and, if it holds
+    all ``parts`` parts, write ``then(sum)`` (a float64 array) as the
+    ``NodeArray`` of the same key: returns ``(True, its shape, None)``.  If
+    parts are missing (they ran elsewhere), returns ``(False, sum, added)`` and
+    the client completes it.  ``drop``: the key of a NodeArray to remove (the
+    one this replaces)."""
+    if drop:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_array_path(drop))
+    total, added = node_sum_take(key)
+    if total is None or sorted(added) != list(range(parts)):
+        return False, total, added
+    value = np.ascontiguousarray(then(total.reshape(shape)), dtype=np.float64)
+    path = _array_path(key)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(memoryview(value).cast("B"))
+    os.replace(tmp, path)  # readers never see a part-written array
+    return True, value.shape, None
+
+
+def node_array_get(handle: NodeArray) -> np.ndarray:
+    """Job: a copy of the NodeArray ``handle`` (to send to the client)."""
+    return np.array(handle.get())
 
 
 def ordered_sum(results):
@@ -288,6 +383,13 @@ class SerialRunner:
         """The sum of the arrays ``func(*args)``, in order."""
         return ordered_sum(self.map(func, arglists))
 
+    def sum_then(self, func, arglists, then, name: str | None = None, on_node: bool = True):
+        """A handle to ``then(sum of func(*args))``."""
+        return Inline(then(self.sum(func, arglists)))
+
+    def get(self, handle):
+        return handle.get()
+
     def bytes_sent(self) -> int:
         return 0
 
@@ -314,6 +416,7 @@ class ClusterRunner:
         self.job_timeout = job_timeout
         self._prefix = "wl-" + uuid.uuid4().hex[:8]
         self._sums = 0
+        self._arrays: dict = {}  # name -> the last NodeArray of sum_then(name=...)
         # sums merged on each node need jobs pinned to the node that ran a part:
         # a JobCluster's own links (through dispyscheduler a job's node is not known)
         from dispy._client import JobCluster
@@ -358,14 +461,16 @@ class ClusterRunner:
 
     def _results(self, func, jobs):
         """Wait for ``jobs`` in order and yield their results; WorkloadError if one
-        failed (the others are cancelled)."""
+        failed (the others are cancelled), NodeArrayLost if because a NodeArray
+        was not on its node."""
         try:
             for job in jobs:
                 job.future.exception(self.job_timeout)  # waits; TimeoutError if too long
                 if job.status != job.Finished:
-                    raise WorkloadError(
-                        f"{getattr(func, '__name__', func)} job failed on "
-                        f"{job.ip_addr}: {job.exception or job.status}"
+                    why = f"{job.exception or job.status}"
+                    error = NodeArrayLost if "NodeArrayMissing" in why else WorkloadError
+                    raise error(
+                        f"{getattr(func, '__name__', func)} job failed on {job.ip_addr}: {why}"
                     )
                 yield job.result
         finally:
@@ -391,6 +496,55 @@ class ClusterRunner:
         arglists = [tuple(args) for args in arglists]
         if not self.merge or not arglists:
             return ordered_sum(self.map(func, arglists))
+        key, shapes, nodes = self._add(func, arglists)
+        total, seen = self._take(key, shapes, nodes)
+        return self._complete(func, arglists, total, seen)
+
+    def sum_then(self, func, arglists, then, name: str | None = None, on_node: bool = True):
+        """A handle for jobs to ``then(S)``, ``S`` the sum of the arrays
+        ``func(*args)`` (as ``sum``); ``then`` a module-level function.
+
+        When all the parts were added up on one node (a cluster of one node, and
+        ``on_node``), ``then`` runs there too and its result stays there: a
+        ``NodeArray`` that the next jobs read from that node's disk cache, so
+        neither the sum nor ``then``'s result crosses the network.  Otherwise
+        the client takes the sum, applies ``then`` and puts the result
+        (``put(then(S), name)``).  A job reading a NodeArray its node does not
+        have (the node was lost) fails with ``NodeArrayLost``."""
+        arglists = [tuple(args) for args in arglists]
+        if not (self.merge and on_node and arglists):
+            return self.put(then(self.sum(func, arglists)), name)
+        key, shapes, nodes = self._add(func, arglists)
+        if len(nodes) != 1:
+            total, seen = self._take(key, shapes, nodes)
+        else:
+            old = self._arrays.get(name)
+            drop = old.key if old is not None and old.node == nodes[0] else None
+            job = self.cluster.submit_node(
+                nodes[0], node_sum_then, key, len(arglists), shapes[0], then, drop
+            )
+            done, out, added = False, None, []  # (the node left: all parts again)
+            if job is not None:
+                ((done, out, added),) = self._results(node_sum_then, [job])
+            if done:
+                self._arrays[name] = handle = NodeArray(key, out, nodes[0])
+                return handle
+            total, seen = (None, []) if out is None else (out.reshape(shapes[added[0]]), added)
+        return self.put(then(self._complete(func, arglists, total, seen)), name)
+
+    def get(self, handle):
+        """The array or object behind ``handle`` (a NodeArray is fetched from its node)."""
+        if not isinstance(handle, NodeArray):
+            return handle.get()
+        job = self.cluster.submit_node(handle.node, node_array_get, handle)
+        if job is None:
+            raise NodeArrayLost(f"{handle!r}: its node is no longer in the cluster")
+        (arr,) = self._results(node_array_get, [job])
+        return arr
+
+    def _add(self, func, arglists) -> tuple[str, list, list]:
+        """Run the parts as ``node_sum_add`` jobs: the sum's key, the parts'
+        shapes and the nodes that hold parts of it."""
         self._sums += 1
         key = f"{self._prefix}-{self._sums}"
         jobs = [
@@ -399,6 +553,10 @@ class ClusterRunner:
         ]
         shapes = list(self._results(func, jobs))
         nodes = sorted({self.cluster.job_node(job) for job in jobs} - {None})
+        return key, shapes, nodes
+
+    def _take(self, key: str, shapes: list, nodes: list) -> tuple:
+        """Each node's sum ``key``, added up here: (the sum or None, the parts in it)."""
         takes = [self.cluster.submit_node(node, node_sum_take, key) for node in nodes]
         total, seen = None, []
         for flat, added in self._results(node_sum_take, [t for t in takes if t is not None]):
@@ -410,6 +568,10 @@ class ClusterRunner:
             else:
                 total += flat
             seen.extend(added)
+        return total, seen
+
+    def _complete(self, func, arglists, total, seen: list):
+        """``total`` (the parts ``seen``) plus the parts it lacks, computed again."""
         if sorted(seen) != list(range(len(arglists))):
             if len(seen) != len(set(seen)):  # a part in two nodes' sums: start again, plainly
                 return ordered_sum(self.map(func, arglists))

@@ -12,16 +12,18 @@ oversample`` columns:
    job computes its chunk's ``A_i^T (A_i Q)`` (terms x l) in one go (the
    products ``A_i Q`` and ``A_i^T Z`` of the two-pass method, fused: no
    per-document matrix ever leaves the node); each node adds up the parts
-   it computed and sends the client one terms x l matrix per pass
-   (``runner.sum``), which the client adds up and orthonormalises,
-   ``Q = qr(Y)``;
+   it computed, and the node sums are added up and orthonormalised,
+   ``Q = qr(Y)`` (``runner.sum_then``): on the node itself when the cluster
+   has one node (``Y`` and ``Q`` then never leave it), else on the client;
 3. one pass of ``G = sum_i (A_i Q)^T (A_i Q)`` (l x l per job): the Gram
    matrix of ``B = Q^T X``; its eigen-decomposition ``G = W S^2 W^T`` gives
    the singular values and ``U = Q W`` (as gensim's stochastic SVD does for
    corpora too large to hold ``B``).
 
-Each pass's ``Q`` goes to each node once (``ClusterRunner.put``); the corpus
-chunks were placed once before the first pass.
+Each pass's ``Q`` goes to each node once (``ClusterRunner.put``), or stays on
+the one node that made it; the corpus chunks were placed once before the
+first pass.  If the node holding ``Q`` is lost, the passes start again with
+``Q`` on the client.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import SerialRunner, one_blas_thread
+from . import NodeArrayLost, SerialRunner, one_blas_thread
 from .corpus import chunk_bounds
 
 #: Per job process: the seeded Gaussian start matrix, drawn once.
@@ -164,8 +166,6 @@ def lsi(
     bounds = chunk_bounds(n_docs, chunksize)
     chunks = runner.scatter(corpus, bounds, name="lsi-corpus")
     res = LsiResult(u=np.empty(0), s=np.empty(0), chunks=len(bounds))
-    q_handle = Gaussian(seed, n_terms, l_cols)
-    q = None
     mark, tmark = runner.bytes_sent(), time.perf_counter()
 
     def end_pass(what: str) -> None:
@@ -178,13 +178,23 @@ def lsi(
             log(f"lsi pass {res.passes} ({what}): {tnow - tmark:.2f} s, {now - mark} bytes sent")
         mark, tmark = now, tnow
 
-    for it in range(power_iters + 1):
-        y = runner.sum(power_step, [(c, q_handle) for c in chunks])
-        q = orthonormalize(y)
-        q_handle = runner.put(q, name="lsi-q")
-        end_pass(f"range, power iteration {it}")
-    g = runner.sum(gram_step, [(c, q_handle) for c in chunks])
-    end_pass("gram")
+    def passes(on_node: bool):
+        q_handle = Gaussian(seed, n_terms, l_cols)
+        for it in range(power_iters + 1):
+            q_handle = runner.sum_then(
+                power_step, [(c, q_handle) for c in chunks], orthonormalize, "lsi-q", on_node
+            )
+            end_pass(f"range, power iteration {it}")
+        g = runner.sum(gram_step, [(c, q_handle) for c in chunks])
+        end_pass("gram")
+        return g, runner.get(q_handle)
+
+    try:
+        g, q = passes(on_node=True)
+    except NodeArrayLost as exc:  # the node holding Q was lost: again, Q on the client
+        if log is not None:
+            log(f"lsi: {exc}; starting the passes again")
+        g, q = passes(on_node=False)
     evals, evecs = np.linalg.eigh((g + g.T) / 2)
     order = np.argsort(evals)[::-1][:k]
     res.s = np.sqrt(np.clip(evals[order], 0.0, None))
