@@ -383,7 +383,9 @@ class SerialRunner:
         """The sum of the arrays ``func(*args)``, in order."""
         return ordered_sum(self.map(func, arglists))
 
-    def sum_then(self, func, arglists, then, name: str | None = None, on_node: bool = True):
+    def sum_then(
+        self, func, arglists, then, name: str | None = None, on_node: bool = True, put: bool = True
+    ):
         """A handle to ``then(sum of func(*args))``."""
         return Inline(then(self.sum(func, arglists)))
 
@@ -500,20 +502,24 @@ class ClusterRunner:
         total, seen = self._take(key, shapes, nodes)
         return self._complete(func, arglists, total, seen)
 
-    def sum_then(self, func, arglists, then, name: str | None = None, on_node: bool = True):
+    def sum_then(
+        self, func, arglists, then, name: str | None = None, on_node: bool = True, put: bool = True
+    ):
         """A handle for jobs to ``then(S)``, ``S`` the sum of the arrays
-        ``func(*args)`` (as ``sum``); ``then`` a module-level function.
+        ``func(*args)`` (as ``sum``); ``then`` a module-level function (or a
+        picklable callable object).
 
         When all the parts were added up on one node (a cluster of one node, and
         ``on_node``), ``then`` runs there too and its result stays there: a
         ``NodeArray`` that the next jobs read from that node's disk cache, so
         neither the sum nor ``then``'s result crosses the network.  Otherwise
         the client takes the sum, applies ``then`` and puts the result
-        (``put(then(S), name)``).  A job reading a NodeArray its node does not
-        have (the node was lost) fails with ``NodeArrayLost``."""
+        (``put(then(S), name)``; with ``put=False`` it keeps it: an ``Inline``
+        handle, for a result only the client wants).  A job reading a NodeArray
+        its node does not have (the node was lost) fails with ``NodeArrayLost``."""
         arglists = [tuple(args) for args in arglists]
         if not (self.merge and on_node and arglists):
-            return self.put(then(self.sum(func, arglists)), name)
+            return self._keep(then(self.sum(func, arglists)), name, put)
         key, shapes, nodes = self._add(func, arglists)
         if len(nodes) != 1:
             total, seen = self._take(key, shapes, nodes)
@@ -530,7 +536,10 @@ class ClusterRunner:
                 self._arrays[name] = handle = NodeArray(key, out, nodes[0])
                 return handle
             total, seen = (None, []) if out is None else (out.reshape(shapes[added[0]]), added)
-        return self.put(then(self._complete(func, arglists, total, seen)), name)
+        return self._keep(then(self._complete(func, arglists, total, seen)), name, put)
+
+    def _keep(self, value, name: str | None, put: bool):
+        return self.put(value, name) if put else Inline(value)
 
     def get(self, handle):
         """The array or object behind ``handle`` (a NodeArray is fetched from its node)."""

@@ -18,7 +18,7 @@ oversample`` columns:
 3. one pass of ``G = sum_i (A_i Q)^T (A_i Q)`` (l x l per job): the Gram
    matrix of ``B = Q^T X``; its eigen-decomposition ``G = W S^2 W^T`` gives
    the singular values and ``U = Q W`` (as gensim's stochastic SVD does for
-   corpora too large to hold ``B``).
+   corpora too large to hold ``B``), where ``Q`` is (``Rotate``).
 
 Each pass's ``Q`` goes to each node once (``ClusterRunner.put``), or stays on
 the one node that made it; the corpus chunks were placed once before the
@@ -75,6 +75,32 @@ def gram_step(chunk, q) -> np.ndarray:
     """Job: ``(A_i Q)^T (A_i Q)`` (l x l)."""
     c = np.asarray(chunk.get() @ q.get())
     return c.T @ c
+
+
+class Rotate:
+    """The Gram pass's last step, ``then(G)`` of ``runner.sum_then``: from the
+    Gram matrix ``G`` and ``Q`` (``q.get()``), the top ``k`` singular values and
+    ``U = Q W`` (``G = W S^2 W^T``), each column's largest entry positive;
+    returned packed, the values on the first row.  It runs where ``G`` was
+    added up: on a single node, ``Q`` never travels and ``U`` (k columns,
+    not l) is what the client fetches."""
+
+    __slots__ = ("q", "k")
+
+    def __init__(self, q, k: int) -> None:
+        self.q, self.k = q, k
+
+    def __reduce__(self):
+        return (Rotate, (self.q, self.k))
+
+    def __call__(self, g: np.ndarray) -> np.ndarray:
+        evals, evecs = np.linalg.eigh((g + g.T) / 2)
+        order = np.argsort(evals)[::-1][: self.k]
+        s = np.sqrt(np.clip(evals[order], 0.0, None))
+        u = self.q.get() @ evecs[:, order]
+        signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
+        signs[signs == 0] = 1.0
+        return np.vstack([s[None, :], u * signs])
 
 
 # -- on the client --------------------------------------------------------------------
@@ -185,24 +211,19 @@ def lsi(
                 power_step, [(c, q_handle) for c in chunks], orthonormalize, "lsi-q", on_node
             )
             end_pass(f"range, power iteration {it}")
-        g = runner.sum(gram_step, [(c, q_handle) for c in chunks])
+        su = runner.sum_then(
+            gram_step, [(c, q_handle) for c in chunks], Rotate(q_handle, k), "lsi-u", on_node, False
+        )
         end_pass("gram")
-        return g, runner.get(q_handle)
+        return runner.get(su)
 
     try:
-        g, q = passes(on_node=True)
+        su = passes(on_node=True)
     except NodeArrayLost as exc:  # the node holding Q was lost: again, Q on the client
         if log is not None:
             log(f"lsi: {exc}; starting the passes again")
-        g, q = passes(on_node=False)
-    evals, evecs = np.linalg.eigh((g + g.T) / 2)
-    order = np.argsort(evals)[::-1][:k]
-    res.s = np.sqrt(np.clip(evals[order], 0.0, None))
-    u = q @ evecs[:, order]
-    # a deterministic sign: each column's largest entry positive
-    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
-    signs[signs == 0] = 1.0
-    res.u = u * signs
+        su = passes(on_node=False)
+    res.s, res.u = np.array(su[0]), np.array(su[1:])
     res.seconds = time.perf_counter() - t0
     res.bytes_sent = runner.bytes_sent() - sent0
     return res
