@@ -232,6 +232,25 @@ def test_node_sum_then_files(tmp_path, monkeypatch):
         workloads.NodeArray("s2", (3, 2), "n2").get()
 
 
+def test_node_sum_then_orthonormalises_the_sum_file_in_place(tmp_path, monkeypatch):
+    """LSI's then(): Q is computed in the shared map of the sum's file, which
+    becomes the NodeArray itself (the same file: nothing copied)."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal((50, 4)) for _ in range(2)]
+    for i, part in enumerate(parts):
+        workloads.node_sum_add(np.asarray, "q1", i, part)
+    inode = os.stat(tmp_path / ".dispy-sum-q1").st_ino
+    done, shape, _ = workloads.node_sum_then("q1", 2, (50, 4), lsi._ORTH_IN_PLACE)
+    assert done and shape == (50, 4)
+    assert os.stat(tmp_path / ".dispy-array-q1").st_ino == inode
+    assert os.listdir(tmp_path) == [".dispy-array-q1"]
+    q = workloads.NodeArray("q1", shape, "n1").get()
+    np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-12)
+    y = parts[0] + parts[1]
+    np.testing.assert_allclose(lsi.principal_angles(q, y), 0.0, atol=1e-7)
+
+
 def test_runner_sum_then_keeps_the_result_on_a_single_node(two_nodes, cluster):
     """One node: then(sum) is computed there and stays there (a NodeArray; the
     client receives neither the sum nor the result until get()); two nodes:

@@ -236,25 +236,59 @@ def node_sum_take(key: str):
 
 
 def node_sum_then(key: str, parts: int, shape: tuple, then, drop: str | None = None) -> tuple:
-    """Job: take this node's sum ``key`` (as ``node_sum_take``) and, if it holds
-    all ``parts`` parts, write ``then(sum)`` (a float64 array) as the
-    ``NodeArray`` of the same key: returns ``(True, its shape, None)``.  If
-    parts are missing (they ran elsewhere), returns ``(False, sum, added)`` and
-    the client completes it.  ``drop``: the key of a NodeArray to remove (the
-    one this replaces)."""
+    """Job: take this node's sum ``key`` and, if it holds all ``parts`` parts,
+    make ``then(sum)`` (a float64 array) the ``NodeArray`` of the same key:
+    returns ``(True, its shape, None)``.  ``then`` gets the sum as a writable
+    map of its file; if it returns that array (computed in place), the file
+    becomes the NodeArray as it is: no copy, no new memory.  If parts are
+    missing (they ran elsewhere), returns ``(False, sum, added)`` (as
+    ``node_sum_take``) and the client completes it.  ``drop``: the key of a
+    NodeArray to remove (the one this replaces)."""
     if drop:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_array_path(drop))
-    total, added = node_sum_take(key)
-    if total is None or sorted(added) != list(range(parts)):
-        return False, total, added
-    value = np.ascontiguousarray(then(total.reshape(shape)), dtype=np.float64)
-    path = _array_path(key)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(memoryview(value).cast("B"))
-    os.replace(tmp, path)  # readers never see a part-written array
-    return True, value.shape, None
+    path, ids = _sum_paths(key)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False, None, []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(ids) as f:
+            added = [int(line) for line in f if line.strip()]
+        size = os.fstat(fd).st_size
+        if sorted(added) != list(range(parts)) or size != 8 * int(np.prod(shape)) or size == 0:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return (False, *node_sum_take(key))
+        mm = mmap.mmap(fd, size)  # shared: what then() writes in place is the file
+        total = np.frombuffer(mm, dtype=np.float64).reshape(shape)
+        value = then(total)
+        in_place = (
+            isinstance(value, np.ndarray)
+            and value.dtype == np.float64
+            and value.flags.c_contiguous
+            and value.nbytes == size
+            and value.ctypes.data == total.ctypes.data
+        )
+        out_shape = value.shape
+        if not in_place:
+            value = np.ascontiguousarray(value, dtype=np.float64)
+            out_shape = value.shape
+            tmp = f"{_array_path(key)}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(memoryview(value).cast("B"))
+            os.replace(tmp, _array_path(key))  # readers never see a part-written array
+        del value, total
+        with contextlib.suppress(BufferError):  # (then() kept a view: the GC unmaps it)
+            mm.close()
+        if in_place:
+            os.replace(path, _array_path(key))
+        else:
+            os.unlink(path)
+        os.unlink(ids)
+    finally:
+        os.close(fd)  # (releases the lock)
+    return True, out_shape, None
 
 
 def node_array_get(handle: NodeArray) -> np.ndarray:
