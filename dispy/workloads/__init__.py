@@ -569,7 +569,7 @@ class ClusterRunner:
             if done:
                 self._arrays[name] = handle = NodeArray(key, out, nodes[0])
                 return handle
-            total, seen = (None, []) if out is None else (out.reshape(shapes[added[0]]), added)
+            total, seen = (out.reshape(shapes[added[0]]), added) if added else (None, [])
         return self._keep(then(self._complete(func, arglists, total, seen)), name, put)
 
     def _keep(self, value, name: str | None, put: bool):
