@@ -59,8 +59,16 @@ def claim_dir(path: str, program: str, clean: bool = False) -> tuple[str, int]:
     when the process ends, however it ends (no stale lock after a kill -9).  Two
     daemons in one folder would share its result store and computations'
     folders (one closing a computation removed the other's files): the second
-    gets a ``DispyError`` naming the process that holds the folder.
+    gets a ``DispyError`` naming the process that holds the folder, as does any
+    system error on the folder.
     """
+    try:
+        return _claim_dir(path, program, clean)
+    except OSError as exc:
+        raise DispyError(f"cannot use --dest_path {path}: {exc}") from None
+
+
+def _claim_dir(path: str, program: str, clean: bool) -> tuple[str, int]:
     path = private_dir(path)
     lock = os.path.join(path, LOCK_FILE)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

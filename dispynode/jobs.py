@@ -305,9 +305,9 @@ class NodeJobs:
         depth = min(MAX_WORKER_DEPTH, 1 + math.ceil(AHEAD_WORK_S / max(comp.job_s, 1e-6)))
         best = None
         for w in comp.workers.values():
-            if w.stopping:
+            if w.stopping or not 0 < len(w.jobs) < depth:
                 continue
-            if 0 < len(w.jobs) < depth and (best is None or len(w.jobs) < len(best.jobs)):
+            if best is None or len(w.jobs) < len(best.jobs):
                 best = w
         return best
 

@@ -131,12 +131,9 @@ class NodeServer(NodeJobs):
 
     async def start(self, clean: bool = False) -> None:
         """Take the folder (``clean``: emptied first, --clean) and start serving."""
-        try:
-            self.dest_path, self._lock_fd = await asyncio.to_thread(
-                claim_dir, self.dest_path, "dispynode", clean
-            )
-        except OSError as exc:
-            raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
+        self.dest_path, self._lock_fd = await asyncio.to_thread(
+            claim_dir, self.dest_path, "dispynode", clean
+        )
         try:
             self.shm_dir = await asyncio.to_thread(data.shared_memory_folder, "node")
         except OSError as exc:  # never a reason not to serve: put() data goes to disk

@@ -131,12 +131,9 @@ class SchedulerServer(Durable, JobRoute):
     # -- start / stop ---------------------------------------------------------------------
     async def start(self, clean: bool = False) -> None:
         """Take the folder (``clean``: emptied first, --clean) and start serving."""
-        try:
-            self.dest_path, self._lock_fd = await asyncio.to_thread(
-                claim_dir, self.dest_path, "dispyscheduler", clean
-            )
-        except OSError as exc:
-            raise DispyError(f"cannot use --dest_path {self.dest_path}: {exc}") from None
+        self.dest_path, self._lock_fd = await asyncio.to_thread(
+            claim_dir, self.dest_path, "dispyscheduler", clean
+        )
         state = os.path.join(self.dest_path, STATE_FILE)
         try:
             self.state = SchedulerState(state)

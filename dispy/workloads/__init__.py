@@ -212,27 +212,46 @@ def node_sum_add(func, key: str, index: int, *args) -> tuple:
     return value.shape
 
 
-def node_sum_take(key: str):
-    """Job: this node's sum ``key`` and the indexes added into it, as
-    ``(flat float64 array, [index, ...])``, and remove it from the node;
-    ``(None, [])`` if nothing was added here."""
+def _held_sum(key: str):
+    """This node's sum ``key``, locked against the adders: ``(fd, path, ids path,
+    the indexes added)``, or None if nothing was added here.  Close ``fd`` to unlock."""
     path, ids = _sum_paths(key)
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        return None, []
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        total = np.empty(os.fstat(fd).st_size // 8, dtype=np.float64)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            f.readinto(memoryview(total).cast("B"))
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the node's other job processes add too
         with open(ids) as f:
             added = [int(line) for line in f if line.strip()]
-        os.unlink(path)
-        os.unlink(ids)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path, ids, added
+
+
+def _take_held(fd: int, path: str, ids: str) -> np.ndarray:
+    """The held sum's values (a flat float64 copy); its files removed."""
+    total = np.empty(os.fstat(fd).st_size // 8, dtype=np.float64)
+    with os.fdopen(os.dup(fd), "rb") as f:
+        f.readinto(memoryview(total).cast("B"))
+    os.unlink(path)
+    os.unlink(ids)
+    return total
+
+
+def node_sum_take(key: str):
+    """Job: this node's sum ``key`` and the indexes added into it, as
+    ``(flat float64 array, [index, ...])``, and remove it from the node;
+    ``(None, [])`` if nothing was added here."""
+    held = _held_sum(key)
+    if held is None:
+        return None, []
+    fd, path, ids, added = held
+    try:
+        return _take_held(fd, path, ids), added
     finally:
         os.close(fd)
-    return total, added
 
 
 def node_sum_then(key: str, parts: int, shape: tuple, then, drop: str | None = None) -> tuple:
@@ -247,19 +266,14 @@ def node_sum_then(key: str, parts: int, shape: tuple, then, drop: str | None = N
     if drop:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_array_path(drop))
-    path, ids = _sum_paths(key)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
+    held = _held_sum(key)
+    if held is None:
         return False, None, []
+    fd, path, ids, added = held
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with open(ids) as f:
-            added = [int(line) for line in f if line.strip()]
         size = os.fstat(fd).st_size
         if sorted(added) != list(range(parts)) or size != 8 * int(np.prod(shape)) or size == 0:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return (False, *node_sum_take(key))
+            return False, _take_held(fd, path, ids), added
         mm = mmap.mmap(fd, size)  # shared: what then() writes in place is the file
         total = np.frombuffer(mm, dtype=np.float64).reshape(shape)
         value = then(total)
@@ -270,14 +284,13 @@ def node_sum_then(key: str, parts: int, shape: tuple, then, drop: str | None = N
             and value.nbytes == size
             and value.ctypes.data == total.ctypes.data
         )
-        out_shape = value.shape
         if not in_place:
             value = np.ascontiguousarray(value, dtype=np.float64)
-            out_shape = value.shape
             tmp = f"{_array_path(key)}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
                 f.write(memoryview(value).cast("B"))
             os.replace(tmp, _array_path(key))  # readers never see a part-written array
+        out_shape = value.shape
         del value, total
         with contextlib.suppress(BufferError):  # (then() kept a view: the GC unmaps it)
             mm.close()

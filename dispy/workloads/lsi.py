@@ -131,9 +131,9 @@ def orthonormalize(y: np.ndarray, overwrite: bool = False) -> np.ndarray:
     Cholesky QR: the Gram matrix ``Y^T Y`` (syrk), its Cholesky factor ``R``,
     then ``Q = Y R^-1`` with ``R`` inverted (l x l) and applied by a triangular
     product, three times faster here than a triangular solve; all on the
-    Fortran-ordered view of ``y``'s transpose, so BLAS copies nothing.  The
-    client does this between passes while the nodes wait (5,000 x 200: 11 ms,
-    against 32 ms for two passes with solves).  A second pass follows when ``R``
+    Fortran-ordered view of ``y``'s transpose, so BLAS copies nothing.  It
+    runs between passes while the nodes wait, on the node when there is one
+    (5,000 x 200: 7-11 ms, against 32 ms for two passes with solves).  A second pass follows when ``R``
     is ill-conditioned (``COND_ONE_PASS``); when the second pass's factor is far
     from the identity, or a factorisation fails, Householder QR instead.
     ``overwrite``: the basis may be computed in ``y``'s memory (a C-ordered
