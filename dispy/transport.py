@@ -44,12 +44,17 @@ CHUNK = 1 << 20
 class ChannelProtocol(asyncio.BufferedProtocol):
     """asyncio glue: moves bytes between the socket and the sans-IO connection."""
 
-    def __init__(self, conn: Connection, peer_hint: str = "", on_made=None, admit=None) -> None:
+    def __init__(
+        self, conn: Connection, peer_hint: str = "", on_made=None, admit=None, refused=None
+    ) -> None:
         self.conn = conn
         self._on_made = on_made
         # admit(protocol) -> seconds: told of the peer before anything is sent; says how
         # long to wait before the first frame
         self._admit = admit
+        # refused(protocol): the peer failed authentication; told at once, before any
+        # other event (its next connection) can be handled
+        self._refused = refused
         self.peer_host = ""
         self.channel: Channel | None = None
         self.transport: asyncio.Transport | None = None
@@ -133,6 +138,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def _fail(self, exc: Exception) -> None:
         logger.warning("closing connection with %s: %s", self.peer or "peer", exc)
+        if isinstance(exc, AuthenticationFailed) and self._refused is not None:
+            self._refused(self)
         if not self.handshake.done():
             self.handshake.set_exception(exc)
         if self.channel is not None:
@@ -421,7 +428,9 @@ async def serve(
     def factory():
         if len(waiting) >= max_unauth:
             evict(next(iter(waiting)), f"{max_unauth} connections authenticating (limit)")
-        proto = ChannelProtocol(Connection("server", key, max_frame=max_frame), admit=admit)
+        proto = ChannelProtocol(
+            Connection("server", key, max_frame=max_frame), admit=admit, refused=refused
+        )
         waiting[proto] = None
         spawn(_await_handshake(proto), "a handshake", logger)
         return proto
@@ -434,6 +443,11 @@ async def serve(
         q.append(proto)
         return guesses.delay(proto.peer_host)
 
+    def refused(proto: ChannelProtocol) -> None:
+        # counted here, not when _await_handshake wakes: the peer, told at once, may
+        # connect again before that task runs, and its next guess must wait
+        guesses.failed(proto.peer_host)
+
     async def _await_handshake(proto: ChannelProtocol) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(proto.handshake), timeout)
@@ -445,8 +459,6 @@ async def serve(
                 proto.transport.abort()
             return
         except Exception as exc:
-            if isinstance(exc, AuthenticationFailed):
-                guesses.failed(proto.peer_host)
             failures.note(logging.INFO, "connection from %s rejected: %s", proto.peer, exc)
             return
         finally:
