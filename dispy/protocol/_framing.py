@@ -173,12 +173,19 @@ class Frame:
 POLY_BODY = 1 << 20
 
 
-def _new_mac(key: bytes, seq: int, header: bytes, body_len: int):
-    mac = hmac.new(key, _SEQ.pack(seq), sha256)
+def _new_mac(key: bytes, seq: int, header, body_len: int, base=None):
+    """The tag of frame ``seq`` so far (its header in); ``base``: ``_mac_base(key)``,
+    kept by the caller (a copy of it skips HMAC's key setup)."""
+    mac = base.copy() if base is not None else hmac.new(key, digestmod=sha256)
+    mac.update(_SEQ.pack(seq))
     mac.update(header)
     if body_len >= POLY_BODY:
         return _BodyHashedMac(mac, key, seq)
     return mac
+
+
+def _mac_base(key: bytes | None):
+    return None if key is None else hmac.new(key, digestmod=sha256)
 
 
 class _BodyHashedMac:
@@ -226,16 +233,25 @@ class FrameEncoder:
     """Builds outgoing frames and counts their sequence numbers."""
 
     def __init__(self) -> None:
-        self.key: bytes | None = None
+        self._key: bytes | None = None
+        self._base = None
         self.seq = 0
+
+    @property
+    def key(self) -> bytes | None:
+        return self._key
+
+    @key.setter
+    def key(self, key: bytes | None) -> None:
+        self._key, self._base = key, _mac_base(key)
 
     def start(self, kind: int, ctl: bytes, payload_len: int) -> FrameWriter:
         if not 0 <= kind <= 255:
             raise ValueError(f"frame kind {kind} out of range 0..255")
         header = HEADER.pack(MAGIC, LAYOUT_VERSION, kind, 0, len(ctl), len(ctl) + payload_len)
         mac = None
-        if self.key is not None:
-            mac = _new_mac(self.key, self.seq, header, len(ctl) + payload_len)
+        if self._key is not None:
+            mac = _new_mac(self._key, self.seq, header, len(ctl) + payload_len, self._base)
             mac.update(ctl)
             self.seq += 1
         return FrameWriter(header + ctl, mac)
@@ -284,6 +300,7 @@ class FrameDecoder:
         self.max_body_unauth = max_body_unauth
         self.trusted = trusted
         self._key: bytes | None = None
+        self._base = None
         self.seq = 0
         # small until the peer authenticates: an unauthenticated connection costs little
         first = max(UNAUTH_STAGING_SIZE, max_body_unauth + HEADER_SIZE + TAG_SIZE)
@@ -308,7 +325,7 @@ class FrameDecoder:
     @key.setter
     def key(self, key: bytes | None) -> None:
         """Set when the handshake completes: tags are expected from now on."""
-        self._key = key
+        self._key, self._base = key, _mac_base(key)
         self._grow(min(AUTH_STAGING_SIZE, STAGING_SIZE))
 
     def lift_limit(self) -> None:
@@ -395,27 +412,33 @@ class FrameDecoder:
                 return None
             frame = self._finish_big(tag_size)
             return frame
-        avail = self._end - self._start
+        start = self._start
+        avail = self._end - start
         if avail < HEADER_SIZE:
             self._maybe_reset()
             return None
-        header = bytes(self._view[self._start : self._start + HEADER_SIZE])
+        view = self._view
+        header = view[start : start + HEADER_SIZE]
         kind, ctl_len, body_len = self._check_header(header)
         total = HEADER_SIZE + body_len + tag_size
         if avail >= total:
-            b0 = self._start + HEADER_SIZE
-            if body_len - ctl_len >= ALIGN_MIN:  # may hold an array: align its payload
-                body = aligned_buffer(body_len, ctl_len)
-                body[:] = self._view[b0 : b0 + body_len]
-            else:
-                body = memoryview(bytes(self._view[b0 : b0 + body_len]))
+            b0 = start + HEADER_SIZE
+            b1 = b0 + ctl_len
+            b2 = b0 + body_len
             if tag_size:
-                mac = _new_mac(self.key, self.seq, header, body_len)
-                mac.update(body)
-                self._verify(mac, self._view[b0 + body_len : b0 + body_len + tag_size])
-            self._start += total
-            self._maybe_reset()
-            return Frame(kind, bytes(body[:ctl_len]), body[ctl_len:])
+                mac = _new_mac(self._key, self.seq, header, body_len, self._base)
+                mac.update(view[b0:b2])
+                self._verify(mac, view[b2 : b2 + tag_size])
+            ctl = bytes(view[b0:b1])
+            if body_len - ctl_len >= ALIGN_MIN:  # may hold an array: align its payload
+                payload = aligned_buffer(body_len - ctl_len, 0)
+                payload[:] = view[b1:b2]
+            else:
+                payload = memoryview(bytes(view[b1:b2]))
+            self._start = start = start + total
+            if start == self._end:
+                self._start = self._end = 0
+            return Frame(kind, ctl, payload)
         if body_len > BIG_BODY:
             self._begin_big(header, kind, ctl_len, body_len)
             return None
@@ -466,7 +489,7 @@ class FrameDecoder:
             big[:have] = received
         mac = None
         if self._tag_size():
-            mac = _new_mac(self.key, self.seq, header, body_len)
+            mac = _new_mac(self._key, self.seq, header, body_len, self._base)
             mac.update(received)
         self._big, self._big_pos, self._big_head, self._big_mac = big, have, (kind, ctl_len), mac
         self._awaiting_tag = have == body_len

@@ -102,28 +102,21 @@ def unpack_map(data: bytes, what: str) -> dict:
     to its size (at most about 20 bytes per byte, on top of the containers).
     """
     n = len(data)
-    # each map or array takes a byte at least: data this short cannot hold too many,
-    # and is decoded without counting them (a Python call per container)
-    hooks = {} if n <= MAX_CONTAINERS else dict.fromkeys(("object_hook", "list_hook"),
-                                                          _Budget(MAX_CONTAINERS))  # fmt: skip
+    limits = {"max_str_len": n, "max_bin_len": n, "max_array_len": n, "max_map_len": n // 2,
+              "max_ext_len": n}  # fmt: skip
+    if n > MAX_CONTAINERS:
+        # each map or array takes a byte at least: shorter data cannot hold too many,
+        # and is decoded without counting them (a Python call per container)
+        limits["object_hook"] = limits["list_hook"] = _Budget(MAX_CONTAINERS)
     try:
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            **hooks,
-            max_str_len=n,
-            max_bin_len=n,
-            max_array_len=n,
-            max_map_len=n // 2,
-            max_ext_len=n,
-        )
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, **limits)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"{what} is not valid msgpack: {exc}") from None
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise ProtocolError(f"{what} is a {type(value).__name__}, expected a map")
-    if not all(isinstance(k, str) for k in value):
-        raise ProtocolError(f"{what} has a key that is not a string")
+    for k in value:
+        if type(k) is not str:
+            raise ProtocolError(f"{what} has a key that is not a string")
     return value
 
 
