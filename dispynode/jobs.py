@@ -364,8 +364,9 @@ class NodeJobs:
         if session is None:
             self._keep(cid, jid)
         elif sum(memoryview(s).nbytes for s in segs) < LARGE_RESULT:
+            # nothing else runs here: no other end can join this one's frame, it goes now
+            session.queue_result(entry, segs, now=self.running == 0 and not self.queue)
             self._keep(cid, jid)
-            session.queue_result(entry, segs)
         else:
             # its acknowledgment cannot come before its last byte went out: the
             # store's wait for it starts then (writing it meanwhile slowed the

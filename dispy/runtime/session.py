@@ -174,15 +174,18 @@ class SessionBase:
             self.chan.send(Kind.ERROR, error)
 
     # -- results to the client --------------------------------------------------------
-    def queue_result(self, entry: dict, segs, sent=None) -> None:
-        """Send a job's end in this loop turn's RESULTS frame; ``sent()`` (if given)
-        once that frame is handed to the connection, or it ended first."""
+    def queue_result(self, entry: dict, segs, sent=None, now: bool = False) -> None:
+        """Send a job's end in this loop turn's RESULTS frame (``now``: at once, with
+        those queued before it); ``sent()`` (if given) once that frame is handed to
+        the connection, or it ended first."""
         if self.chan.is_closed:
             if sent is not None:
                 sent()
             return
         self._out.append((entry, segs, sent))
-        if not self._flush_scheduled:
+        if now:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
