@@ -51,6 +51,10 @@ MISSED_PULSES = 5
 #: Longest wait between two attempts to connect to a node that does not answer;
 #: a node's announcement (it started) ends the wait at once.
 MAX_BACK_OFF = 10.0
+#: Seconds from a result's arrival to its ACK (with the others that came meanwhile):
+#: well under the node store's wait before writing a result (0.1 s), so an
+#: acknowledged result is still never written there.
+ACK_DELAY = 0.005
 
 
 class Phase(enum.Enum):
@@ -298,12 +302,14 @@ class LinkBase:
     # -- acknowledgements ----------------------------------------------------------------
     def ack(self, cid: str, jid: int) -> None:
         """The result of job ``jid`` of ``cid`` is safe here: the node may forget it.
-        Every ack of one loop turn goes out together (ACK frames of at most
-        IDS_PER_FRAME ids)."""
+        Acks go out ACK_DELAY after the first, together (ACK frames of at most
+        IDS_PER_FRAME ids): an ACK sent at once lay on the way of the next job
+        (the node read it just before that job, or the client's loop sent it
+        before the program's thread saw the result)."""
         self._acks.setdefault(cid, []).append(jid)
         if not self._ack_scheduled:
             self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_acks)
+            asyncio.get_running_loop().call_later(ACK_DELAY, self._send_acks)
 
     def _send_acks(self) -> None:
         self._ack_scheduled = False

@@ -1,8 +1,13 @@
 """The node link's phases (``dispy.runtime.link``): one transition table, as
 ``jobstate`` is for jobs."""
 
+import asyncio
+import logging
+import time
+
 import pytest
 
+from dispy.protocol import Kind
 from dispy.runtime import link
 from dispy.runtime.link import Phase, next_phase
 
@@ -66,3 +71,46 @@ def test_one_link_per_node_by_its_run_id():
         a.phase, a._closing = phase, closing  # failed for good, or closing: b may take it
         assert ids.claim("run-1", b)
         ids.nids["run-1"] = a.key
+
+
+class _RecordingChannel:
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.sent = []
+        self.arrived = asyncio.Event()
+
+    def send(self, kind, ctl, payload=()) -> None:
+        self.sent.append((kind, ctl))
+        self.arrived.set()
+
+
+def test_acks_wait_ack_delay_then_go_out_together():
+    """A result's ACK is not sent in the loop turn after it came (the node read it
+    just before the next job, or the client's loop wrote it before the program saw
+    the result): the acks of ACK_DELAY go out in one message.  Also: ACK_DELAY
+    stays well under the node store's wait, so an acknowledged result is never
+    written there."""
+    from dispynode.store import WRITE_DELAY
+
+    assert link.ACK_DELAY * 10 <= WRITE_DELAY
+
+    async def main():
+        lk = link.LinkBase()
+        lk._init_link(logging.getLogger("test"))
+        lk.chan = chan = _RecordingChannel()
+        start = time.monotonic()
+        for jid in (1, 2, 3):
+            lk.ack("c1", jid)
+        await asyncio.sleep(0)  # one loop turn
+        await asyncio.sleep(0)
+        assert chan.sent == []
+        await asyncio.wait_for(chan.arrived.wait(), 10)
+        assert time.monotonic() - start >= link.ACK_DELAY * 0.9
+        lk.ack("c1", 4)  # a later result: its own ACK_DELAY
+        chan.arrived.clear()
+        await asyncio.wait_for(chan.arrived.wait(), 10)
+        return chan.sent
+
+    assert asyncio.run(main()) == [(Kind.ACK, {"c": "c1", "j": [1, 2, 3]}),
+                                   (Kind.ACK, {"c": "c1", "j": [4]})]  # fmt: skip
