@@ -6,6 +6,7 @@ those processes (every job process of a node is a fork of one) import no asyncio
 from __future__ import annotations
 
 import collections
+import select
 import socket
 
 from .errors import ConnectionClosed
@@ -24,6 +25,10 @@ class BlockingChannel:
         self.sock = sock
         self.conn = Connection("client", None, trusted=True)
         self._events: collections.deque = collections.deque()
+        # whether the socket holds anything, without a failed read (recv_nowait runs
+        # after every job: the failed read cost a raised exception each time)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
 
     def send(self, kind: int, ctl: dict, payload=()) -> None:
         self.conn.send(kind, ctl, payload)
@@ -67,7 +72,7 @@ class BlockingChannel:
         now without waiting for more (maybe none)."""
         events = list(self._events)
         self._events.clear()
-        while True:
+        while self._poll.poll(0):
             buf = self.conn.get_buffer()
             try:
                 n = self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
@@ -78,6 +83,7 @@ class BlockingChannel:
             if n == 0:
                 raise ConnectionClosed("local channel closed")
             events.extend(self.conn.buffer_updated(n))
+        return events
 
     def close(self) -> None:
         self.sock.close()
