@@ -210,7 +210,12 @@ class Engine:
             link = self.links[node.key]
             for job in batch:
                 job.ip_addr = link.node.ip_addr
+            link.send_jobs(batch)
+            if link.chan is not None:
+                link.chan.flush()  # (the batch is whole: no need to wait for the turn's end)
             if self.recover is not None:
+                # (after the jobs went out, not on their way: the recover file's writer
+                # commits only WRITE_DELAY later, either way)
                 where = f"{link.node.ip_addr}:{link.port}"
                 try:
                     self.recover.add_jobs(
@@ -218,9 +223,6 @@ class Engine:
                     )
                 except DispyError as exc:
                     logger.error("recover file: %s", exc)
-            link.send_jobs(batch)
-            if link.chan is not None:
-                link.chan.flush()  # (the batch is whole: no need to wait for the turn's end)
         self._report_started()
 
     def _report_started(self) -> None:
