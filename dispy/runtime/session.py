@@ -197,8 +197,15 @@ class SessionBase:
         self._starts.setdefault(cid, []).append(jid)
         if not self._flush_scheduled and self._start_timer is None:
             self._start_timer = asyncio.get_running_loop().call_later(
-                START_REPORT_DELAY, self._flush
+                START_REPORT_DELAY, self._starts_due
             )
+
+    def _starts_due(self) -> None:
+        # (not cancelled by the flushes before it: a job's end usually says its start
+        # first; one timer then serves the starts of many short jobs)
+        self._start_timer = None
+        if self._starts:
+            self._flush()
 
     def say_starts(self) -> None:
         """Send the starts not said yet, now: before what shows a job started (its
@@ -208,9 +215,6 @@ class SessionBase:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._start_timer is not None:
-            self._start_timer.cancel()
-            self._start_timer = None
         out, self._out = self._out, []
         starts, self._starts = self._starts, {}
         frames = list(_result_frames(out))
