@@ -125,15 +125,17 @@ def unpack_ctl(data: bytes) -> dict:
     return unpack_map(data, "control part") if data else {}
 
 
+_ABSENT = object()
+
+
 def field(ctl: dict, name: str, types, *, default=...):
     """Read one field of a control map, checking its type."""
-    try:
-        value = ctl[name]
-    except KeyError:
+    value = ctl.get(name, _ABSENT)  # (not ctl[name]: a raised KeyError cost more)
+    if value is _ABSENT:
         if default is not ...:
             return default
-        raise ProtocolError(f"message lacks field {name!r}") from None
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        raise ProtocolError(f"message lacks field {name!r}")
+    if not isinstance(value, types) or (type(value) is bool and bool not in _tuple(types)):
         raise ProtocolError(f"field {name!r} has type {type(value).__name__}")
     return value
 
