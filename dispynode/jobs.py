@@ -364,7 +364,8 @@ class NodeJobs:
         if session is None:
             self._keep(cid, jid)
         elif sum(memoryview(s).nbytes for s in segs) < LARGE_RESULT:
-            # nothing else runs here: no other end can join this one's frame, it goes now
+            # with no other job running or waiting here, no other end can join this
+            # one's frame: it goes now, not at the end of the loop turn
             session.queue_result(entry, segs, now=self.running == 0 and not self.queue)
             self._keep(cid, jid)
         else:

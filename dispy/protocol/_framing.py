@@ -229,13 +229,12 @@ class FrameWriter:
         return self._mac.digest() if self._mac is not None else b""
 
 
-class FrameEncoder:
-    """Builds outgoing frames and counts their sequence numbers."""
+class _Keyed:
+    """The direction key of an encoder or a decoder (None: no tags), and an HMAC
+    keyed with it once, which each frame's tag starts from (a copy)."""
 
-    def __init__(self) -> None:
-        self._key: bytes | None = None
-        self._base = None
-        self.seq = 0
+    _key: bytes | None = None
+    _base = None
 
     @property
     def key(self) -> bytes | None:
@@ -243,7 +242,19 @@ class FrameEncoder:
 
     @key.setter
     def key(self, key: bytes | None) -> None:
+        """Set when the handshake completes: frames carry tags from now on."""
         self._key, self._base = key, _mac_base(key)
+        self._keyed()
+
+    def _keyed(self) -> None:
+        pass
+
+
+class FrameEncoder(_Keyed):
+    """Builds outgoing frames and counts their sequence numbers."""
+
+    def __init__(self) -> None:
+        self.seq = 0
 
     def start(self, kind: int, ctl: bytes, payload_len: int) -> FrameWriter:
         if not 0 <= kind <= 255:
@@ -274,7 +285,7 @@ def _nbytes(buf) -> int:
     return memoryview(buf).nbytes
 
 
-class FrameDecoder:
+class FrameDecoder(_Keyed):
     """Turns received bytes into ``Frame`` objects, checking sizes and tags.
 
     ``key`` is None before authentication (then only ``max_body_unauth``-sized
@@ -299,8 +310,6 @@ class FrameDecoder:
         self.max_ctl = max_ctl
         self.max_body_unauth = max_body_unauth
         self.trusted = trusted
-        self._key: bytes | None = None
-        self._base = None
         self.seq = 0
         # small until the peer authenticates: an unauthenticated connection costs little
         first = max(UNAUTH_STAGING_SIZE, max_body_unauth + HEADER_SIZE + TAG_SIZE)
@@ -318,15 +327,8 @@ class FrameDecoder:
         self._awaiting_tag = False
         self.bytes_received = 0
 
-    @property
-    def key(self) -> bytes | None:
-        return self._key
-
-    @key.setter
-    def key(self, key: bytes | None) -> None:
-        """Set when the handshake completes: tags are expected from now on."""
-        self._key, self._base = key, _mac_base(key)
-        self._grow(min(AUTH_STAGING_SIZE, STAGING_SIZE))
+    def _keyed(self) -> None:
+        self._grow(min(AUTH_STAGING_SIZE, STAGING_SIZE))  # authenticated: full-size frames
 
     def lift_limit(self) -> None:
         """The local peer proved itself (its token): full-size frames from now on."""
