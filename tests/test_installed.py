@@ -137,8 +137,7 @@ class Hosts:
              "--dest_path", str(self.base / f"dest-{host.name}")],
             env=self.env(), stderr=subprocess.STDOUT,
         )  # fmt: skip
-        # on uvloop, a dependency on Linux (the installed wheel must bring it)
-        wait_for_line(proc, r"^dispynode ready: .*cpus=2 loop=uvloop ", timeout=60)
+        wait_for_line(proc, r"^dispynode ready: .*cpus=2", timeout=60)
         return proc
 
     def daemon(self, host, argv, ready: str):
