@@ -173,21 +173,6 @@ class Frame:
 POLY_BODY = 1 << 20
 
 
-def _new_mac(key: bytes, seq: int, header, body_len: int, base=None):
-    """The tag of frame ``seq`` so far (its header in); ``base``: ``_mac_base(key)``,
-    kept by the caller (a copy of it skips HMAC's key setup)."""
-    mac = base.copy() if base is not None else hmac.new(key, digestmod=sha256)
-    mac.update(_SEQ.pack(seq))
-    mac.update(header)
-    if body_len >= POLY_BODY:
-        return _BodyHashedMac(mac, key, seq)
-    return mac
-
-
-def _mac_base(key: bytes | None):
-    return None if key is None else hmac.new(key, digestmod=sha256)
-
-
 class _BodyHashedMac:
     """The tag of a large frame: the body goes through Poly1305 under a one-time
     key, and its 16-byte tag into the frame's HMAC (``digest`` once only)."""
@@ -243,11 +228,22 @@ class _Keyed:
     @key.setter
     def key(self, key: bytes | None) -> None:
         """Set when the handshake completes: frames carry tags from now on."""
-        self._key, self._base = key, _mac_base(key)
+        self._key = key
+        self._base = None if key is None else hmac.new(key, digestmod=sha256)
         self._keyed()
 
     def _keyed(self) -> None:
         pass
+
+    def _start_mac(self, header, body_len: int):
+        """The tag of frame ``seq`` so far, its header in (a copy of the keyed HMAC:
+        no key setup per frame)."""
+        mac = self._base.copy()
+        mac.update(_SEQ.pack(self.seq))
+        mac.update(header)
+        if body_len >= POLY_BODY:
+            return _BodyHashedMac(mac, self._key, self.seq)
+        return mac
 
 
 class FrameEncoder(_Keyed):
@@ -262,7 +258,7 @@ class FrameEncoder(_Keyed):
         header = HEADER.pack(MAGIC, LAYOUT_VERSION, kind, 0, len(ctl), len(ctl) + payload_len)
         mac = None
         if self._key is not None:
-            mac = _new_mac(self._key, self.seq, header, len(ctl) + payload_len, self._base)
+            mac = self._start_mac(header, len(ctl) + payload_len)
             mac.update(ctl)
             self.seq += 1
         return FrameWriter(header + ctl, mac)
@@ -428,7 +424,7 @@ class FrameDecoder(_Keyed):
             b1 = b0 + ctl_len
             b2 = b0 + body_len
             if tag_size:
-                mac = _new_mac(self._key, self.seq, header, body_len, self._base)
+                mac = self._start_mac(header, body_len)
                 mac.update(view[b0:b2])
                 self._verify(mac, view[b2 : b2 + tag_size])
             ctl = bytes(view[b0:b1])
@@ -437,9 +433,8 @@ class FrameDecoder(_Keyed):
                 payload[:] = view[b1:b2]
             else:
                 payload = memoryview(bytes(view[b1:b2]))
-            self._start = start = start + total
-            if start == self._end:
-                self._start = self._end = 0
+            self._start += total
+            self._maybe_reset()
             return Frame(kind, ctl, payload)
         if body_len > BIG_BODY:
             self._begin_big(header, kind, ctl_len, body_len)
@@ -491,7 +486,7 @@ class FrameDecoder(_Keyed):
             big[:have] = received
         mac = None
         if self._tag_size():
-            mac = _new_mac(self._key, self.seq, header, body_len, self._base)
+            mac = self._start_mac(header, body_len)
             mac.update(received)
         self._big, self._big_pos, self._big_head, self._big_mac = big, have, (kind, ctl_len), mac
         self._awaiting_tag = have == body_len
